@@ -1,0 +1,195 @@
+"""Run a study: Optuna samples, each trial trains and evaluates, MLflow records it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import mlflow
+import optuna
+
+from data.images import AnnotatedImages
+from data.synthetic import write_dataset
+from evaluate.report import build_report
+from evaluate.segmentation import REPORT_FILE, evaluate_model, load_test_annotations
+from search.study_file import StudyConfig
+from search.tracking import RUN_ID_ATTR, ui_command
+from train.checkpoint import CHECKPOINT_FILE, write_json
+from train.config import TrainConfig
+from train.loop import train
+from train.model import ContentTransferModel
+from train.tracking import resolve_tracking_uri, train_params
+
+OBJECTIVE_KEY = "val/iou_best"
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@dataclass
+class StudySummary:
+    study_name: str
+    storage: str
+    tracking_uri: str
+    states: dict[str, int]  # trial count by state
+    best_params: dict[str, float] = field(default_factory=dict)
+    best_number: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)  # the best trial's report metrics
+    wall_seconds: float = 0.0
+
+    def format(self) -> str:
+        lines = [f"study {self.study_name}: " + ", ".join(f"{n} {s}" for s, n in sorted(self.states.items()))]
+        if self.best_number is None:
+            lines.append("no trial has completed yet")
+        else:
+            lines.append(f"best trial: #{self.best_number}")
+            width = max(len(k) for k in [*self.best_params, *self.best_metrics])
+            for key, value in sorted(self.best_params.items()):
+                lines.append(f"  {key:<{width}}  {value:.6g}")
+            for key in ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones"):
+                if key in self.best_metrics:
+                    lines.append(f"  {key:<{width}}  {self.best_metrics[key]:.4f}")
+        lines.append(f"optuna storage: {self.storage}")
+        lines.append(f"compare trials: {ui_command(self.tracking_uri)}")
+        if self.wall_seconds:
+            lines.append(f"wall time: {self.wall_seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def _sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    if config.study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=config.study.seed)
+    return optuna.samplers.TPESampler(seed=config.study.seed)
+
+
+def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    if config.study.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def prepare_data(config: StudyConfig, progress: bool = True) -> Path:
+    """The data root of the study, generating the synthetic set on first use."""
+    root = config.resolved_data_root()
+    if config.synthetic is not None:
+        write_dataset(config.synthetic, root, progress)
+    return root
+
+
+def make_objective(
+    config: StudyConfig, annotated: AnnotatedImages, progress: bool = True
+) -> Callable[[optuna.Trial], float]:
+    """The function Optuna calls per trial: sample, train, evaluate, record."""
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {name: trial.suggest_float(name, rng.low, rng.high, log=rng.log) for name, rng in config.space.items()}
+        run_dir = config.study_dir / f"trial-{trial.number}"
+        cfg = config.trial_config(params, run_dir)
+        # Not a context manager: its exit would end the parent run after ours is ended.
+        run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        mlflow.set_tags({"trial_number": trial.number, "study": config.study.name, "state": "RUNNING"})
+        mlflow.log_params(train_params(cfg))
+        try:
+            value = _train_and_score(trial, cfg, annotated, progress)
+        except optuna.TrialPruned:
+            mlflow.set_tag("state", "PRUNED")
+            mlflow.end_run(status="KILLED")
+            raise
+        except BaseException as err:  # Ctrl-C included: never leave a run RUNNING
+            mlflow.set_tags({"state": "FAIL", "error": f"{type(err).__name__}: {err}"[:5000]})
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.set_tag("state", "COMPLETE")
+        mlflow.end_run()
+        return value
+
+    return objective
+
+
+def _train_and_score(trial: optuna.Trial, cfg: TrainConfig, annotated: AnnotatedImages, progress: bool) -> float:
+    def on_eval(iteration: int, model: ContentTransferModel) -> dict[str, float]:
+        scores = evaluate_model(model, annotated)
+        value = scores.metrics[OBJECTIVE_KEY]
+        trial.report(value, iteration)
+        if trial.should_prune():
+            mlflow.log_metrics({OBJECTIVE_KEY: value}, step=iteration)
+            raise optuna.TrialPruned(f"pruned at iteration {iteration} (val IoU {value:.4f})")
+        return {OBJECTIVE_KEY: value, "val/threshold_best": scores.metrics["val/threshold_best"]}
+
+    result = train(cfg, on_eval=on_eval, progress=progress)
+    scores = evaluate_model(result.model, annotated)
+    report = build_report(scores, cfg, Path(cfg.out) / CHECKPOINT_FILE, result.iterations)
+    write_json(Path(cfg.out) / REPORT_FILE, report)
+    mlflow.log_metrics(scores.metrics, step=result.iterations)
+    mlflow.log_artifact(str(Path(cfg.out) / REPORT_FILE))
+    for key, value in scores.metrics.items():
+        trial.set_user_attr(key, value)
+    return scores.metrics[OBJECTIVE_KEY]
+
+
+def summarize(study: optuna.Study, storage: str, tracking_uri: str) -> StudySummary:
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    summary = StudySummary(study.study_name, storage, tracking_uri, states)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        summary.best_number = best.number
+        summary.best_params = dict(best.params)
+        summary.best_metrics = {k: v for k, v in best.user_attrs.items() if isinstance(v, float)}
+    return summary
+
+
+def run_study(
+    config: StudyConfig,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    n_trials: int | None = None,
+    progress: bool = True,
+) -> StudySummary:
+    """Create or resume the study and run trials until it has ``n_trials`` finished ones."""
+    started = time.monotonic()
+    study_settings = replace(
+        config.study,
+        storage=storage or config.study.storage,
+        tracking_uri=resolve_tracking_uri(tracking_uri or config.study.tracking_uri),
+        n_trials=n_trials or config.study.n_trials,
+    )
+    config = replace(config, study=study_settings)
+
+    # Data first: a bad data root fails before any study or run is created.
+    root = prepare_data(config, progress)
+    resize = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir).resize
+    annotated = load_test_annotations(root, resize, progress)
+
+    study = optuna.create_study(
+        study_name=study_settings.name,
+        storage=study_settings.storage,
+        direction=study_settings.direction,
+        sampler=_sampler(config),
+        pruner=_pruner(config),
+        load_if_exists=True,
+    )
+    for point in config.enqueue:
+        study.enqueue_trial(point, skip_if_exists=True)
+
+    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    remaining = study_settings.n_trials - finished
+    if remaining > 0:
+        mlflow.set_tracking_uri(study_settings.tracking_uri)
+        mlflow.set_experiment(study_settings.name)
+        with mlflow.start_run(run_name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}"):
+            mlflow.set_tags({"study": study_settings.name, "role": "study-launch"})
+            mlflow.log_params({"study_file": str(config.path), "n_trials": study_settings.n_trials})
+            study.optimize(
+                make_objective(config, annotated, progress),
+                n_trials=remaining,
+                catch=(Exception,),
+                callbacks=[optuna.study.MaxTrialsCallback(study_settings.n_trials, states=FINISHED)],
+            )
+    summary = summarize(study, study_settings.storage, study_settings.tracking_uri)
+    summary.wall_seconds = time.monotonic() - started
+    return summary

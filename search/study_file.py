@@ -1,0 +1,174 @@
+"""Study files (TOML): parsed into typed configs and checked before anything runs.
+
+Layout::
+
+    [study]            name, direction, n_trials, sampler, seed, pruner, storage, tracking_uri, runs_dir
+    [data]             root = "DIR"   or   [data.synthetic] size, n_train, n_test, seed
+    [train]            fixed training settings (the ``mbu train`` flag names)
+    [space.NAME]       low, high, log: one table per sampled parameter
+    [[enqueue]]        parameter values to try first (e.g. the published presets)
+
+Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from data.synthetic import SynthConfig
+from train.config import WEIGHT_NAMES, TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("none", "median")
+DIRECTIONS = ("maximize", "minimize")
+# Set by the study for each trial; a study file may not fix or sample them.
+MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu", "device"}
+TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(WEIGHT_NAMES)
+FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
+
+
+class StudyFileError(ValueError):
+    """A study file that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class StudySettings:
+    name: str  # Optuna study name, MLflow experiment name, runs/<name>/ folder
+    direction: str = "maximize"  # of the objective, validation best-threshold IoU
+    n_trials: int = 10  # finished trials (complete or pruned) the study should reach
+    sampler: str = "tpe"  # tpe (seeded) or random
+    seed: int = 0  # sampler seed
+    pruner: str = "none"  # none or median (on validation IoU every eval_every iterations)
+    storage: str = "sqlite:///optuna.db"  # Optuna storage URL
+    tracking_uri: str = ""  # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    runs_dir: str = "runs"  # trial folders go to runs_dir/<name>/trial-<n>/
+
+
+@dataclass
+class ParamRange:
+    low: float  # smallest value sampled
+    high: float  # largest value sampled
+    log: bool = False  # sample uniformly in log space
+
+
+@dataclass
+class StudyConfig:
+    path: Path
+    study: StudySettings
+    data_root: str | None  # a prepared data root, or None for synthetic data
+    synthetic: SynthConfig | None  # the synthetic data to generate, or None
+    train: dict[str, Any] = field(default_factory=dict)  # fixed training settings
+    space: dict[str, ParamRange] = field(default_factory=dict)  # sampled parameters
+    enqueue: list[dict[str, float]] = field(default_factory=list)  # first trials
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.study.runs_dir) / self.study.name
+
+    def resolved_data_root(self) -> Path:
+        if self.data_root is not None:
+            return Path(self.data_root)
+        return self.study_dir / f"synthetic-{self.synthetic.size}px-seed{self.synthetic.seed}"
+
+    def trial_config(self, params: dict[str, float], out: Path) -> TrainConfig:
+        """Fixed settings plus one trial's sampled values, as a training config."""
+        values = {**self.train, **params}
+        weights = {k: values.pop(k) for k in list(values) if k in WEIGHT_NAMES}
+        base_weights = TrainConfig().weights
+        merged = {f.name: weights.get(f.name, getattr(base_weights, f.name)) for f in fields(base_weights)}
+        return TrainConfig(root=str(self.resolved_data_root()), out=str(out), weights=merged, **values)
+
+
+def _check_keys(where: str, table: dict[str, Any], allowed: set[str], path: Path) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise StudyFileError(f"{path}: unknown key {where}.{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _typed(cls: type, where: str, table: dict[str, Any], path: Path) -> Any:
+    _check_keys(where, table, {f.name for f in fields(cls)}, path)
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as err:
+        raise StudyFileError(f"{path}: {where}: {err}") from err
+
+
+def load_study_file(path: Path | str) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyFileError(f"study file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise StudyFileError(f"{path}: not valid TOML: {err}") from err
+    _check_keys("", raw, {"study", "data", "train", "space", "enqueue"}, path)
+
+    if "study" not in raw or "name" not in raw["study"]:
+        raise StudyFileError(f"{path}: missing key [study].name")
+    study = _typed(StudySettings, "[study]", raw["study"], path)
+    for key, value, allowed in (
+        ("direction", study.direction, DIRECTIONS),
+        ("sampler", study.sampler, SAMPLERS),
+        ("pruner", study.pruner, PRUNERS),
+    ):
+        if value not in allowed:
+            raise StudyFileError(f"{path}: [study].{key} must be one of {allowed}, got {value!r}")
+    if not isinstance(study.n_trials, int) or study.n_trials < 1:
+        raise StudyFileError(f"{path}: [study].n_trials must be a positive integer, got {study.n_trials!r}")
+
+    data = raw.get("data", {})
+    _check_keys("[data]", data, {"root", "synthetic"}, path)
+    if ("root" in data) == ("synthetic" in data):
+        raise StudyFileError(f"{path}: [data] needs exactly one of root or synthetic")
+    data_root, synthetic = None, None
+    if "root" in data:
+        data_root = str(data["root"])
+        if not Path(data_root).is_dir():
+            raise StudyFileError(f"{path}: [data].root {data_root} is not a folder")
+    else:
+        synthetic = _typed(SynthConfig, "[data.synthetic]", data["synthetic"], path)
+
+    train = dict(raw.get("train", {}))
+    _check_keys("[train]", train, TRAIN_KEYS, path)
+
+    space: dict[str, ParamRange] = {}
+    for name, spec in raw.get("space", {}).items():
+        if name not in FLOAT_PARAMS:
+            raise StudyFileError(
+                f"{path}: [space.{name}] is not a searchable parameter (searchable: {', '.join(sorted(FLOAT_PARAMS))})"
+            )
+        if name in train:
+            raise StudyFileError(f"{path}: {name} is both fixed in [train] and sampled in [space.{name}]")
+        if not isinstance(spec, dict):
+            raise StudyFileError(f"{path}: [space.{name}] must be a table with low, high and log")
+        rng = _typed(ParamRange, f"[space.{name}]", spec, path)
+        if not rng.low < rng.high:
+            raise StudyFileError(f"{path}: [space.{name}] needs low < high, got low={rng.low}, high={rng.high}")
+        if rng.log and rng.low <= 0:
+            raise StudyFileError(f"{path}: [space.{name}] is log scale, so low must be > 0, got {rng.low}")
+        space[name] = rng
+
+    enqueue = []
+    for i, point in enumerate(raw.get("enqueue", [])):
+        where = f"[[enqueue]] #{i + 1}"
+        _check_keys(where, point, set(space), path)
+        for name, value in point.items():
+            if not space[name].low <= value <= space[name].high:
+                raise StudyFileError(f"{path}: {where}: {name}={value} is outside [space.{name}]")
+        enqueue.append({k: float(v) for k, v in point.items()})
+
+    config = StudyConfig(path, study, data_root, synthetic, train, space, enqueue)
+    # Build one trial's config now so a bad fixed value fails here, not after data generation.
+    try:
+        config.trial_config({name: rng.low for name, rng in space.items()}, config.study_dir / "check")
+    except (TypeError, ValueError) as err:
+        raise StudyFileError(f"{path}: [train]: {err}") from err
+    return config

@@ -1,0 +1,18 @@
+"""The MLflow side of a study.
+
+One experiment per study, one parent run per launch, one nested child run per
+trial. Tags on a child: ``trial_number``, ``study``, ``state`` (RUNNING while it
+trains, then COMPLETE / PRUNED / FAIL). The Optuna trial stores the child's run
+id as the user attribute ``mlflow_run_id``.
+"""
+
+from __future__ import annotations
+
+RUN_ID_ATTR = "mlflow_run_id"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store, bound to loopback only."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"

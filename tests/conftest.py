@@ -1,0 +1,33 @@
+"""Shared fixtures: real configs shrunk to seconds (64 px, a handful of images, few iterations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.synthetic import SynthConfig, write_dataset
+from train.config import TrainConfig
+
+TINY_SYNTH = SynthConfig(size=64, n_train=8, n_test=6, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own folder with MLflow pointed there, never at the user's store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic data root, written once per test session."""
+    return write_dataset(TINY_SYNTH, tmp_path_factory.mktemp("synth") / "data", progress=False)
+
+
+def tiny_train_config(root: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(root=str(root), out=str(out), resize=64, bs=4, iters=4, progress_iter=2, save_iter=100, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)

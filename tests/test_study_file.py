@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.study_file import StudyFileError, load_study_file
+
+VALID = """
+[study]
+name = "s"
+n_trials = 2
+
+[data.synthetic]
+size = 64
+n_train = 8
+n_test = 4
+
+[train]
+resize = 64
+bs = 4
+iters = 2
+
+[space.lr]
+low = 1e-4
+high = 1e-3
+log = true
+
+[[enqueue]]
+lr = 2e-4
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_file_parses_into_typed_config(tmp_path: Path) -> None:
+    config = load_study_file(_write(tmp_path, VALID))
+    assert config.study.name == "s" and config.study.n_trials == 2
+    assert config.synthetic.size == 64 and config.data_root is None
+    assert config.space["lr"].log and config.enqueue == [{"lr": 2e-4}]
+    trial = config.trial_config({"lr": 3e-4, "gama": 2.0}, tmp_path / "t")
+    assert trial.lr == 3e-4 and trial.weights.gama == 2.0 and trial.bs == 4
+    assert trial.weights.alpha1 == 0.7  # unset weights keep the reference defaults
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('name = "s"', 'name = "s"\ncolour = 1', r"unknown key \[study\].colour"),
+        ("bs = 4", "bs = 4\nbatch = 4", r"unknown key \[train\].batch"),
+        ("bs = 4", "bs = 4\nlr = 1e-4", r"lr is both fixed in \[train\] and sampled"),
+        ("low = 1e-4", "low = 1e-2", r"\[space.lr\] needs low < high"),
+        ("low = 1e-4", "low = 0.0", r"\[space.lr\] is log scale, so low must be > 0"),
+        ("[space.lr]", "[space.depth]", r"\[space.depth\] is not a searchable parameter"),
+        ("n_trials = 2", "n_trials = 0", r"n_trials must be a positive integer"),
+        ("n_trials = 2", 'n_trials = 2\nsampler = "grid"', r"sampler must be one of"),
+        ("lr = 2e-4\n", "lr = 5e-2\n", r"lr=0.05 is outside \[space.lr\]"),
+        ("resize = 64", "resize = 96", r"resize must be one of"),
+        (
+            "[data.synthetic]\nsize = 64\nn_train = 8\nn_test = 4",
+            '[data]\nroot = "/nonexistent/data"',
+            r"\[data\].root /nonexistent/data is not a folder",
+        ),
+    ],
+)
+def test_bad_study_files_name_the_key(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert old in VALID
+    with pytest.raises(StudyFileError, match=message):
+        load_study_file(_write(tmp_path, VALID.replace(old, new, 1)))
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(StudyFileError, match="does not exist"):
+        load_study_file(tmp_path / "nope.toml")
+    with pytest.raises(StudyFileError, match="not valid TOML"):
+        load_study_file(_write(tmp_path, "[study\nname="))
+
+
+def test_shipped_study_files_are_valid() -> None:
+    studies = sorted((Path(__file__).parents[1] / "studies").glob("*.toml"))
+    assert studies, "no study files shipped"
+    for path in studies:
+        if "root" in path.read_text() and "synthetic" not in path.name:
+            continue  # CelebA studies need their prepared data root
+        load_study_file(path)

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_train_config
+
+from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from train.loop import NonFiniteLossError, train
+
+
+def test_training_writes_checkpoint_and_changes_weights(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_train_config(tiny_root, tmp_path / "run")
+    result = train(cfg, progress=False)
+    state = load_checkpoint(tmp_path / "run")
+    assert state["iteration"] == 4 == result.iterations
+    assert state["config"]["bs"] == 4
+    fresh = type(result.model)(cfg.model_config()).state_dict()
+    changed = [k for k, v in state["model"].items() if v.dtype.is_floating_point and not torch.equal(v, fresh[k])]
+    assert changed, "training did not change any weight"
+    assert set(result.metrics) >= {"train/loss_total", "train/loss_recon1_a", "train/loss_disc"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
+
+
+def test_eval_callback_runs_every_n_iterations(tiny_root: Path, tmp_path: Path) -> None:
+    seen = []
+    cfg = tiny_train_config(tiny_root, tmp_path / "run", iters=6, eval_every=2)
+    train(cfg, on_eval=lambda it, model: seen.append((it, model.training)) or None, progress=False)
+    assert seen == [(2, False), (4, False), (6, False)]  # evaluated in eval mode
+
+
+def test_non_finite_loss_stops_within_one_progress_interval(tiny_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_train_config(tiny_root, tmp_path / "run", lr=1e12, disclr=1e12, iters=40, progress_iter=2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration \d+"):
+        train(cfg, progress=False)
+
+
+def test_resume_continues_exactly(tiny_root: Path, tmp_path: Path) -> None:
+    """N iterations straight equal N/2, a checkpoint, and N/2 more from it."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        straight = train(tiny_train_config(tiny_root, tmp_path / "straight", iters=4), progress=False)
+        train(tiny_train_config(tiny_root, tmp_path / "half", iters=2), progress=False)
+        resumed = train(
+            tiny_train_config(tiny_root, tmp_path / "resumed", iters=4, load=str(tmp_path / "half")), progress=False
+        )
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert resumed.iterations == 4
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_root: Path, tmp_path: Path) -> None:
+    train(tiny_train_config(tiny_root, tmp_path / "run", iters=1), progress=False)
+    with pytest.raises(CheckpointError, match="sep: checkpoint 25, requested 30"):
+        train(tiny_train_config(tiny_root, tmp_path / "other", sep=30, load=str(tmp_path / "run")), progress=False)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path)

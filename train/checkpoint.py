@@ -1,0 +1,69 @@
+"""Checkpoints: written atomically, read without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, unreadable, or for another model."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, then rename over ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Tensors, numbers, strings and containers only (``weights_only=True``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, ...: all mean "unusable"
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    missing = {"model", "config", "iteration"} - set(state)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
+    return state
+
+
+def check_architecture(state: dict[str, Any], resize: int, sep: int, source: Path) -> None:
+    """Refuse a checkpoint of another architecture, naming what differs."""
+    saved = state["config"]
+    diffs = [
+        f"{name}: checkpoint {saved.get(name)}, requested {want}"
+        for name, want in (("resize", resize), ("sep", sep))
+        if saved.get(name) != want
+    ]
+    if diffs:
+        raise CheckpointError(f"checkpoint {source} is for another architecture ({'; '.join(diffs)})")

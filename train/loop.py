@@ -1,0 +1,186 @@
+"""One training loop: the reference's alternating autoencoder / discriminator updates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import torch
+from tqdm import tqdm
+
+from data.batches import DomainBatches
+from data.images import load_domain_cached
+from train.checkpoint import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    check_architecture,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from train.config import TrainConfig
+from train.losses import LossWeights, autoencoder_losses, discriminator_loss
+from train.model import ContentTransferModel
+
+GRAD_CLIP = 5.0  # gradient-norm clip on both optimizers, as the reference meant
+ADAM_BETAS = (0.5, 0.999)
+
+# Called every ``eval_every`` iterations with (iteration, model in eval mode); may
+# return metrics to log, and may raise (e.g. optuna.TrialPruned) to stop training.
+EvalCallback = Callable[[int, ContentTransferModel], "dict[str, float] | None"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the iteration."""
+
+
+@dataclass
+class TrainResult:
+    model: ContentTransferModel
+    iterations: int  # iterations completed in total (including any resumed ones)
+    metrics: dict[str, float] = field(default_factory=dict)  # last logged train/... values
+    run_dir: Path = Path(".")
+
+
+def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device:
+    """``--gpu N`` wins; ``auto`` means CUDA when present, else CPU."""
+    if gpu is not None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--gpu {gpu} was given but CUDA is not available")
+        return torch.device(f"cuda:{gpu}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Optimizers:
+    autoencoder: torch.optim.Adam
+    disc: torch.optim.Adam
+
+    @classmethod
+    def create(cls, model: ContentTransferModel, lr: float, disclr: float) -> Optimizers:
+        return cls(
+            torch.optim.Adam(model.autoencoder_parameters(), lr=lr, betas=ADAM_BETAS),
+            torch.optim.Adam(model.disc.parameters(), lr=disclr, betas=ADAM_BETAS),
+        )
+
+
+def train_step(
+    model: ContentTransferModel,
+    optimizers: Optimizers,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weights: LossWeights,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One autoencoder update then one discriminator update; returns detached losses."""
+    # Autoencoder: the seven weighted terms.
+    optimizers.autoencoder.zero_grad(set_to_none=True)
+    total, terms = autoencoder_losses(model, a, b, weights)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.autoencoder_parameters(), GRAD_CLIP)
+    optimizers.autoencoder.step()
+
+    # Discriminator: tell A's common codes from B's.
+    optimizers.disc.zero_grad(set_to_none=True)
+    disc_loss = discriminator_loss(model, a, b)
+    disc_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.disc.parameters(), GRAD_CLIP)
+    optimizers.disc.step()
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, disc_loss.detach()
+
+
+def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, iteration: int, cfg: TrainConfig) -> dict:
+    return {
+        "model": model.state_dict(),
+        "opt_autoencoder": optimizers.autoencoder.state_dict(),
+        "opt_disc": optimizers.disc.state_dict(),
+        "iteration": iteration,
+        "config": cfg.to_dict(),
+    }
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> ContentTransferModel:
+    torch.manual_seed(cfg.seed)  # same seed, same initial weights on any device
+    return ContentTransferModel(cfg.model_config()).to(device)
+
+
+def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool = True) -> TrainResult:
+    """Train on ``cfg.root`` into ``cfg.out``; logs to the active MLflow run, if any.
+
+    Checkpoints go to ``out/checkpoint.pt`` every ``save_iter`` iterations and at
+    the end. With ``cfg.load`` set, training resumes from that folder's
+    checkpoint and continues exactly where it stopped (batches depend only on
+    the seed and the iteration). Raises :class:`NonFiniteLossError` within one
+    ``progress_iter`` interval of the loss becoming NaN or infinite.
+    """
+    device = resolve_device(cfg.device, cfg.gpu)
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+
+    # Data: decoded once, kept on the training device as uint8.
+    train_a = load_domain_cached(Path(cfg.root), "trainA", cfg.resize, progress).images.to(device)
+    train_b = load_domain_cached(Path(cfg.root), "trainB", cfg.resize, progress).images.to(device)
+    batches_a = DomainBatches(train_a, cfg.bs, cfg.seed, domain=0)
+    batches_b = DomainBatches(train_b, cfg.bs, cfg.seed, domain=1)
+
+    # Model and optimizers, fresh or resumed.
+    model = build_model(cfg, device)
+    optimizers = Optimizers.create(model, cfg.lr, cfg.disclr)
+    start = 0
+    if cfg.load:
+        state = load_checkpoint(Path(cfg.load), map_location=device)
+        check_architecture(state, cfg.resize, cfg.sep, Path(cfg.load))
+        model.load_state_dict(state["model"])
+        optimizers.autoencoder.load_state_dict(state["opt_autoencoder"])
+        optimizers.disc.load_state_dict(state["opt_disc"])
+        start = int(state["iteration"])
+
+    logging = mlflow.active_run() is not None
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    metrics: dict[str, float] = {}
+    model.train()
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="train", disable=not progress, unit="it")
+    for iteration in bar:
+        total, terms, disc_loss = train_step(
+            model, optimizers, batches_a.batch(iteration), batches_b.batch(iteration), cfg.weights
+        )
+        # Sums stay on the device: no host sync until the interval ends.
+        for name, value in {
+            "loss_total": total,
+            "loss_disc": disc_loss,
+            **{f"loss_{k}": v for k, v in terms.items()},
+        }.items():
+            sums[name] = sums[name] + value if name in sums else value.clone()
+        count += 1
+        done = iteration + 1
+
+        if done % cfg.progress_iter == 0 or done == cfg.iters:
+            metrics = {f"train/{k}": v.item() / count for k, v in sums.items()}
+            sums, count = {}, 0
+            if not math.isfinite(metrics["train/loss_total"]) or not math.isfinite(metrics["train/loss_disc"]):
+                raise NonFiniteLossError(f"non-finite loss at iteration {done}")
+            if logging:
+                mlflow.log_metrics(metrics, step=done)
+            bar.set_postfix(loss=f"{metrics['train/loss_total']:.4f}")
+
+        if done % cfg.save_iter == 0 and done != cfg.iters:
+            save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, done, cfg))
+
+        if on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            model.eval()
+            eval_metrics = on_eval(done, model)
+            model.train()
+            if eval_metrics and logging:
+                mlflow.log_metrics(eval_metrics, step=done)
+
+    bar.close()
+    final_iteration = max(start, cfg.iters)
+    save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, final_iteration, cfg))
+    model.eval()
+    return TrainResult(model=model, iterations=final_iteration, metrics=metrics, run_dir=run_dir)

@@ -1,0 +1,198 @@
+"""The five networks of mask-based content transfer, as the reference code builds them.
+
+Naming follows the reference: domain A holds the extra content, B lacks it.
+A latent code is the flattened common code concatenated with the flattened
+separate code, viewed as ``512 x s x s`` with ``s = resize // 64``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LATENT_CHANNELS = 512
+VALID_RESIZES = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resize: int = 128  # image side in pixels; one of 64, 128, 256
+    sep: int = 25  # channels of the separate (content) code; common gets 512 - sep
+
+    def __post_init__(self) -> None:
+        if self.resize not in VALID_RESIZES:
+            raise ValueError(
+                f"resize must be one of {VALID_RESIZES} (six stride-2 blocks need a multiple of 64), got {self.resize}"
+            )
+        if not 0 < self.sep < LATENT_CHANNELS:
+            raise ValueError(f"sep must be in 1..{LATENT_CHANNELS - 1}, got {self.sep}")
+
+    @property
+    def latent_side(self) -> int:
+        return self.resize // 64
+
+    @property
+    def common_dim(self) -> int:
+        return (LATENT_CHANNELS - self.sep) * self.latent_side**2
+
+    @property
+    def separate_dim(self) -> int:
+        return self.sep * self.latent_side**2
+
+
+def _down_block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True)]
+
+
+def _up_block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class Encoder(nn.Module):
+    """Six stride-2 conv blocks; returns the code flattened to (N, channels * s * s)."""
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            layers += _down_block(c_in, c_out)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image).flatten(1)  # (N, 3, H, W) -> (N, C * s * s)
+
+
+def common_encoder(cfg: ModelConfig) -> Encoder:
+    """Reference ``e1``: 3→32→64→128→256→(512−sep)→(512−sep)."""
+    rest = LATENT_CHANNELS - cfg.sep
+    return Encoder([3, 32, 64, 128, 256, rest, rest])
+
+
+def separate_encoder(cfg: ModelConfig) -> Encoder:
+    """Reference ``e2``: 3→32→64→128→128→128→sep."""
+    return Encoder([3, 32, 64, 128, 128, 128, cfg.sep])
+
+
+class _Trunk(nn.Module):
+    """Six transposed-conv blocks from a 512 x s x s code to an image-sized map."""
+
+    def __init__(self, cfg: ModelConfig, out_channels: int) -> None:
+        super().__init__()
+        self.side = cfg.latent_side
+        layers: list[nn.Module] = []
+        for c_in, c_out in [(512, 512), (512, 256), (256, 128), (128, 64), (64, 32)]:
+            layers += _up_block(c_in, c_out)
+        layers.append(nn.ConvTranspose2d(32, out_channels, 4, 2, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.net(code.view(-1, LATENT_CHANNELS, self.side, self.side))
+
+
+class Decoder(nn.Module):
+    """Reference ``d_a``: code → image in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.trunk = _Trunk(cfg, 3)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.trunk(code))
+
+
+class MaskDecoder(nn.Module):
+    """Reference ``d_b``: code → (mask, content image); composited over a background.
+
+    The trunk depends only on the code, so callers that need several backgrounds
+    for one code call :meth:`layers` once and :func:`composite` per background.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.trunk = _Trunk(cfg, 4)
+
+    def layers(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.trunk(code)  # (N, 4, H, W)
+        mask = torch.sigmoid(raw[:, :1])  # (N, 1, H, W) in [0, 1]
+        content = torch.tanh(raw[:, 1:])  # (N, 3, H, W) in [-1, 1]
+        return mask, content
+
+    def forward(self, code: torch.Tensor, background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask, content = self.layers(code)
+        return composite(mask, content, background), mask
+
+
+def composite(mask: torch.Tensor, content: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """m·z + (1−m)·background."""
+    return mask * content + (1 - mask) * background
+
+
+class Discriminator(nn.Module):
+    """Reference ``disc``: MLP on the flattened common code, probability of domain A."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(cfg.common_dim, 512),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(512, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, common: torch.Tensor) -> torch.Tensor:
+        return self.net(common)
+
+
+class ContentTransferModel(nn.Module):
+    """The five networks together, so one ``state_dict`` and one ``.to()`` cover them."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.e_common = common_encoder(cfg)
+        self.e_separate = separate_encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.mask_decoder = MaskDecoder(cfg)
+        self.disc = Discriminator(cfg)
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        """Everything the autoencoder optimizer updates (all but the discriminator)."""
+        modules = [self.e_common, self.e_separate, self.decoder, self.mask_decoder]
+        return [p for m in modules for p in m.parameters()]
+
+    def zero_separate(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(batch, self.cfg.separate_dim)
+
+    @staticmethod
+    def code(common: torch.Tensor, separate: torch.Tensor) -> torch.Tensor:
+        return torch.cat([common, separate], dim=1)
+
+    # Uses of a trained model (DESIGN.md, "Uses of a trained model").
+
+    @torch.no_grad()
+    def segment(self, images_a: torch.Tensor) -> torch.Tensor:
+        """Soft mask of the content in A images, (N, 1, H, W) in [0, 1]."""
+        code = self.code(self.e_common(images_a), self.e_separate(images_a))
+        mask, _ = self.mask_decoder.layers(code)
+        return mask
+
+    @torch.no_grad()
+    def content_free(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoder reconstruction with a zero separate code."""
+        common = self.e_common(images)
+        return self.decoder(self.code(common, self.zero_separate(len(images), common)))
+
+    @torch.no_grad()
+    def transfer(self, guides_a: torch.Tensor, targets_b: torch.Tensor) -> torch.Tensor:
+        """Content of each guide onto the target of the same index."""
+        code = self.code(self.e_common(targets_b), self.e_separate(guides_a))
+        out, _ = self.mask_decoder(code, targets_b)
+        return out
+
+    @torch.no_grad()
+    def remove(self, images: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Replace the masked content with the content-free reconstruction."""
+        mask = (self.segment(images) >= threshold).to(images.dtype)
+        return mask * self.content_free(images) + (1 - mask) * images

@@ -1,0 +1,23 @@
+"""Where MLflow records go, and how a training config becomes MLflow params."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Any
+
+from train.config import TrainConfig
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store
+
+
+def resolve_tracking_uri(configured: str = "") -> str:
+    """The given URI first, then ``$MLFLOW_TRACKING_URI``, then the local SQLite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def train_params(cfg: TrainConfig) -> dict[str, Any]:
+    """Every training setting as a flat MLflow param (weights under their flag names)."""
+    params = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "weights"}
+    params.update({f.name: getattr(cfg.weights, f.name) for f in fields(cfg.weights)})
+    return {k: ("" if v is None else v) for k, v in params.items()}
