@@ -69,8 +69,9 @@ def _skin(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
-    """A linear gradient between two random colours, in a random direction."""
-    c0, c1 = np.array(_color(rng)), np.array(_color(rng))
+    """A random colour with a gentle linear gradient in a random direction."""
+    c0 = np.array(_color(rng), dtype=np.float64)
+    c1 = np.clip(c0 + rng.normal(0, 25, size=3), 0, 255)
     angle = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:size, 0:size] / (size - 1)
     t = (np.cos(angle) * (xs - 0.5) + np.sin(angle) * (ys - 0.5)) + 0.5
@@ -120,13 +121,13 @@ def render_face(rng: np.random.Generator, size: int) -> tuple[Image.Image, Face]
 def draw_glasses(face_image: Image.Image, face: Face, rng: np.random.Generator) -> Image.Image:
     """The face with eyeglasses: varied lens shape, size, tint, rim colour and thickness."""
     size = face_image.width
-    half_w = face.eye_gap * rng.uniform(0.55, 0.85)
+    half_w = face.eye_gap * rng.uniform(0.6, 0.9)
     half_h = half_w * rng.uniform(0.55, 1.0)
     dy = size * rng.uniform(-0.02, 0.03)
-    rim_width = max(1, round(size * rng.uniform(0.012, 0.04)))
+    rim_width = max(1, round(size * rng.uniform(0.02, 0.05)))
     rim = _color(rng, 0, 256) if rng.uniform() < 0.4 else _color(rng, 0, 70)
     shape = rng.choice(["ellipse", "rectangle", "rounded"])
-    tinted = rng.uniform() < 0.5
+    tinted = rng.uniform() < 0.75
 
     lenses = Image.new("L", face_image.size)  # lens interiors, for the tint
     frame = Image.new("L", face_image.size)  # rims, bridge, temples
@@ -154,7 +155,7 @@ def draw_glasses(face_image: Image.Image, face: Face, rng: np.random.Generator) 
     out = np.asarray(face_image, dtype=np.float32).copy()
     if tinted:
         tint = np.array(_color(rng, 0, 90), dtype=np.float32)
-        alpha = rng.uniform(0.55, 0.9)
+        alpha = rng.uniform(0.6, 0.95)
         inside = np.asarray(lenses) > 0
         out[inside] = out[inside] * (1 - alpha) + tint * alpha
     out[np.asarray(frame) > 0] = rim

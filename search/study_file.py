@@ -30,7 +30,7 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("none", "median")
 DIRECTIONS = ("maximize", "minimize")
 # Set by the study for each trial; a study file may not fix or sample them.
-MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu", "device"}
+MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu"}
 TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(WEIGHT_NAMES)
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
 
