@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (data_cli, train_cli, evaluate_cli, search_cli):
         module.add_parser(commands)
+    evaluate_cli.add_apply_parsers(commands)
+    search_cli.add_report_parser(commands)
     return parser
 
 

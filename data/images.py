@@ -169,3 +169,16 @@ def load_domain_cached(root: Path, name: str, resize: int, progress: bool = True
             _DECODED.pop(next(iter(_DECODED)))
         _DECODED[key] = load_domain(root, name, resize, progress)
     return _DECODED[key]
+
+
+def load_display_images(root: Path, resize: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images of each domain for grids: test split if present, else train."""
+    out = []
+    for domain in ("A", "B"):
+        try:
+            paths = list_images(root, f"test{domain}")
+        except DataError:
+            paths = list_images(root, f"train{domain}")
+        paths = paths[:count]
+        out.append(torch.stack([torch.from_numpy(decode_image(p, resize)).permute(2, 0, 1) for p in paths]))
+    return out[0], out[1]

@@ -24,6 +24,60 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=main)
 
 
+def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
+    transfer = subparsers.add_parser(
+        "transfer",
+        help="put the content of guide A images onto target B images",
+        description="For every guide and target: E_common(target) with E_separate(guide) through the mask "
+        "decoder over the target. Writes GUIDE__on__TARGET.png for each pair and transfer_grid.png "
+        "(guides as rows, targets as columns).",
+    )
+    transfer.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
+    transfer.add_argument(
+        "--guide", required=True, nargs="+", type=Path, help="images (or folders) whose content is taken"
+    )
+    transfer.add_argument("--target", required=True, nargs="+", type=Path, help="images (or folders) that receive it")
+    transfer.add_argument("--out", required=True, type=Path, help="output folder")
+    transfer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    transfer.set_defaults(func=transfer_main)
+
+    remove = subparsers.add_parser(
+        "remove",
+        help="remove the content from images",
+        description="Where the mask of [E_common(x), E_separate(x)] is >= THRESHOLD, replace x by the content-free "
+        "reconstruction D_A([E_common(x), 0]). Any number of images, in batches, on CPU or CUDA; one "
+        "output PNG per input, same stem.",
+    )
+    remove.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
+    remove.add_argument("--input", required=True, nargs="+", type=Path, help="images, or folders of images")
+    remove.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="mask threshold in [0, 1], e.g. a report's val/threshold_best (default: %(default)s)",
+    )
+    remove.add_argument("--out", required=True, type=Path, help="output folder")
+    remove.add_argument("--bs", type=int, default=32, help="images per batch (default: %(default)s)")
+    remove.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    remove.set_defaults(func=remove_main)
+
+
+def transfer_main(args: argparse.Namespace) -> int:
+    from evaluate.apply import transfer
+
+    written = transfer(args.run, args.guide, args.target, args.out, args.device)
+    print(f"wrote {len(written) - 1} transfers and {written[-1]}")
+    return 0
+
+
+def remove_main(args: argparse.Namespace) -> int:
+    from evaluate.apply import remove
+
+    written = remove(args.run, args.input, args.threshold, args.out, args.device, args.bs)
+    print(f"wrote {len(written)} images to {args.out}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from evaluate.report import evaluate_run
 

@@ -1,17 +1,33 @@
-"""``report.json`` for a run folder: the scores, and what they were computed from."""
+"""The report of a run folder: ``report.json``, ``report.md``, two figures and the saved masks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
 
-from evaluate.segmentation import REPORT_FILE, SegmentationScores, evaluate_model, load_test_annotations
-from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_json
+from data.images import AnnotatedImages
+from evaluate.segmentation import (
+    REPORT_FILE,
+    ModelMaps,
+    SegmentationScores,
+    load_test_annotations,
+    predict_maps,
+    score_masks,
+)
+from train.checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, write_json
 from train.config import TrainConfig
 from train.loop import resolve_device
 from train.model import ContentTransferModel
+
+MARKDOWN_FILE = "report.md"
+CURVES_FILE = "iou_curves.png"
+EXAMPLES_FILE = "examples.png"
+MASKS_FILE = "masks.npz"
+EXAMPLES_PER_SIDE = 4  # best and worst test images shown
 
 
 def load_model(run_dir: Path, device: str = "auto") -> tuple[ContentTransferModel, TrainConfig, int]:
@@ -24,24 +40,180 @@ def load_model(run_dir: Path, device: str = "auto") -> tuple[ContentTransferMode
     return model, cfg, int(state["iteration"])
 
 
-def build_report(scores: SegmentationScores, cfg: TrainConfig, checkpoint: Path, iteration: int) -> dict[str, Any]:
-    return {
+def save_masks(path: Path, maps: ModelMaps, annotated: AnnotatedImages) -> None:
+    """Soft masks, truth and names as plain arrays (loadable with ``allow_pickle=False``)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                masks=maps.masks.numpy(),
+                reconstruction_error=maps.reconstruction_error.numpy(),
+                truth=annotated.masks.numpy(),
+                names=np.array(annotated.names),
+            )
+
+    atomic_write(path, write)
+
+
+def load_masks(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def plot_curves(path: Path, scores: SegmentationScores) -> None:
+    m = scores.metrics
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    ax.plot(scores.thresholds, scores.val_curve, label=f"validation ({int(m['val/images'])} images)")
+    ax.plot(scores.thresholds, scores.test_curve, label=f"test ({int(m['test/images'])} images)")
+    ax.axvline(m["val/threshold_best"], color="k", linestyle="--", linewidth=1)
+    ax.annotate(
+        f"chosen t = {m['val/threshold_best']:.2f}\ntest IoU {m['test/iou']:.3f}",
+        (m["val/threshold_best"], m["test/iou"]),
+        xytext=(8, 8),
+        textcoords="offset points",
+        fontsize=8,
+    )
+    ax.axhline(m["baseline/iou_all_ones"], color="grey", linestyle=":", linewidth=1, label="all-ones mask")
+    ax.set_xlabel("threshold (mask value >= t is content)")
+    ax.set_ylabel("data-set IoU")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(1e-3, max(scores.val_curve + scores.test_curve)) * 1.15)
+    ax.set_title("IoU against threshold")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_examples(path: Path, scores: SegmentationScores, maps: ModelMaps, annotated: AnnotatedImages) -> None:
+    """Best and worst test images: image, soft mask, thresholded mask, truth."""
+    index = {name: i for i, name in enumerate(annotated.names)}
+    ranked = sorted(zip(scores.test_image_iou, scores.test_names, strict=True), reverse=True)
+    k = min(EXAMPLES_PER_SIDE, len(ranked))
+    rows = [("best", r) for r in ranked[:k]] + [("worst", r) for r in ranked[::-1][:k]]
+    threshold = scores.metrics["val/threshold_best"]
+    fig = Figure(figsize=(6.4, 1.7 * len(rows)), dpi=110)
+    axes = fig.subplots(len(rows), 4, squeeze=False)
+    for row, (kind, (iou, name)) in zip(axes, rows, strict=True):
+        i = index[name]
+        mask = maps.masks[i].numpy()
+        panels = [
+            (annotated.images[i].permute(1, 2, 0).numpy(), f"{kind}: {name}"),
+            (mask, "soft mask"),
+            (mask >= threshold, f"mask >= {threshold:.2f}"),
+            (annotated.masks[i].numpy(), f"truth (IoU {iou:.2f})"),
+        ]
+        for ax, (img, title) in zip(row, panels, strict=True):
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _table(header: str, rows: list[tuple[str, str, str]]) -> str:
+    lines = [header, "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["metrics"]
+    n_test, n_val, t = int(m["test/images"]), int(m["val/images"]), m["val/threshold_best"]
+    ci = f"[{m['test/iou_per_image_ci_low']:.4f}, {m['test/iou_per_image_ci_high']:.4f}]"
+    headline = _table(
+        "| figure | value | how |",
+        [
+            ("**test IoU**", f"**{m['test/iou']:.4f}**", f"data-set IoU on {n_test} test images at threshold {t:.2f}"),
+            ("test IoU, mean per image", f"{m['test/iou_per_image']:.4f}", f"95% bootstrap interval {ci}"),
+            ("precision / recall", f"{m['test/precision']:.4f} / {m['test/recall']:.4f}", "test pixels at threshold"),
+            ("average precision", f"{m['test/average_precision']:.4f}", "scikit-learn, test pixels, all thresholds"),
+            ("validation IoU", f"{m['val/iou_best']:.4f}", f"best over thresholds on {n_val} validation images"),
+            (
+                "oracle test IoU",
+                f"{m['test/iou_oracle']:.4f}",
+                f"threshold {m['test/threshold_oracle']:.2f} chosen on the test images themselves (optimistic)",
+            ),
+        ],
+    )
+    baseline_rows = [("all ones", f"{m['baseline/iou_all_ones']:.4f}", "every pixel marked")]
+    if "baseline/iou_recon_diff" in m:
+        baseline_rows.append(
+            (
+                "content-free reconstruction difference",
+                f"{m['baseline/iou_recon_diff']:.4f}",
+                f"threshold {m['baseline/threshold_recon_diff']:.2f}, chosen on validation",
+            )
+        )
+    baselines = _table("| mask | test IoU | note |", baseline_rows)
+    return f"""# Segmentation report
+
+Run `{Path(report["checkpoint"]).parent}`, checkpoint at iteration {report["iteration"]}.
+
+## Headline
+
+{headline}
+
+## Baselines on the same test images
+
+{baselines}
+
+## How these were obtained
+
+The mask decoder's soft mask of each annotated test A image (model in eval
+mode) is compared with the ground truth at every threshold 0.00 ... 1.00; a
+pixel counts as content when its mask value is >= the threshold. The
+annotated images are split into two disjoint halves by a fixed seed: the
+threshold is chosen on the validation half and every `test` figure is
+measured at it on the other half. Data-set IoU is the sum of intersections
+over the sum of unions; an image with empty prediction and empty truth scores
+IoU 1.
+
+![IoU against threshold]({CURVES_FILE})
+
+Best and worst test images (image, soft mask, thresholded mask, truth):
+
+![examples]({EXAMPLES_FILE})
+
+Files: `{REPORT_FILE}` (every figure, curve, split and the config),
+`{MASKS_FILE}` (the soft masks and truth these figures were computed from).
+"""
+
+
+def write_report(
+    run_dir: Path,
+    scores: SegmentationScores,
+    maps: ModelMaps,
+    annotated: AnnotatedImages,
+    cfg: TrainConfig,
+    iteration: int,
+) -> list[Path]:
+    """Write every report file into ``run_dir``; returns their paths (JSON first)."""
+    run_dir = Path(run_dir)
+    report = {
         **scores.to_dict(),
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(run_dir / CHECKPOINT_FILE),
         "iteration": iteration,
         "config": cfg.to_dict(),
     }
+    paths = [run_dir / name for name in (REPORT_FILE, MARKDOWN_FILE, CURVES_FILE, EXAMPLES_FILE, MASKS_FILE)]
+    write_json(paths[0], report)
+    atomic_write(paths[1], lambda tmp: tmp.write_text(markdown(report)))
+    plot_curves(paths[2], scores)
+    plot_examples(paths[3], scores, maps, annotated)
+    save_masks(paths[4], maps, annotated)
+    return paths
 
 
 def evaluate_run(
     run_dir: Path, root: str | None = None, device: str = "auto", split_seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
-    """Score a run folder's checkpoint on ``root`` (default: the root it trained on)."""
+    """Score a run folder's checkpoint on ``root`` (default: the root it trained on) and write its report."""
     run_dir = Path(run_dir)
     model, cfg, iteration = load_model(run_dir, device)
     annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress)
     with torch.no_grad():
-        scores = evaluate_model(model, annotated, split_seed)
-    report = build_report(scores, cfg, run_dir / CHECKPOINT_FILE, iteration)
-    write_json(run_dir / REPORT_FILE, report)
-    return report
+        maps = predict_maps(model, annotated.images)
+    scores = score_masks(maps.masks, annotated.masks, annotated.names, split_seed, maps.reconstruction_error)
+    paths = write_report(run_dir, scores, maps, annotated, cfg, iteration)
+    return {"metrics": scores.metrics, "paths": paths}

@@ -36,3 +36,74 @@ def main(args: argparse.Namespace) -> int:
     summary = run_study(config, args.storage, args.tracking_uri, args.n_trials, progress=not args.no_progress)
     print(summary.format())
     return 0
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write the segmentation report of a run folder, or of a whole study",
+        description="RUN_DIR: re-score the run's checkpoint and write report.json, report.md, iou_curves.png, "
+        "examples.png and masks.npz into it, logging them to the run's MLflow run when it has one. "
+        "--study NAME: rank the study's trials by validation IoU (with test IoU), link the best trial's "
+        "report, add Optuna's parameter importances; written to RUNS_DIR/NAME/study_report.{md,json} and "
+        "logged to the study's latest launch run.",
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("run_dir", nargs="?", type=Path, help="run folder holding checkpoint.pt")
+    target.add_argument("--study", help="name of a study in the Optuna storage")
+    parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s)")
+    parser.add_argument(
+        "--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    parser.add_argument(
+        "--runs-dir", type=Path, default=Path("runs"), help="folder holding <study>/trial-<n>/ (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--root", default=None, help="RUN_DIR only: data root to score on (default: the one it trained on)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="RUN_DIR only: auto, cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=report_main)
+
+
+def report_main(args: argparse.Namespace) -> int:
+    import json
+
+    import mlflow
+
+    from train.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    if args.study:
+        import optuna
+
+        from search.study_report import latest_launch_run, write_study_report
+
+        try:
+            study = optuna.load_study(study_name=args.study, storage=args.storage)
+        except KeyError as err:
+            raise ValueError(f"no study named {args.study!r} in {args.storage}") from err
+        paths = write_study_report(study, args.runs_dir / args.study)
+        parent = latest_launch_run(args.study)
+        for path in paths:
+            if parent:
+                mlflow.MlflowClient().log_artifact(parent, str(path))
+        print(f"study report: {paths[1]}" + (f" (logged to MLflow run {parent})" if parent else ""))
+        return 0
+
+    from evaluate.report import MARKDOWN_FILE, evaluate_run
+    from evaluate.tracking import RUN_FILE
+
+    result = evaluate_run(args.run_dir, args.root, args.device, progress=not args.no_progress)
+    run_file = args.run_dir / RUN_FILE
+    logged = ""
+    if run_file.is_file():
+        run_id = json.loads(run_file.read_text())["run_id"]
+        client = mlflow.MlflowClient()
+        for name in result["paths"]:
+            client.log_artifact(run_id, str(name))
+        logged = f" (logged to MLflow run {run_id})"
+    print(f"report: {args.run_dir / MARKDOWN_FILE}{logged}")
+    return 0

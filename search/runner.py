@@ -12,11 +12,13 @@ import optuna
 
 from data.images import AnnotatedImages
 from data.synthetic import write_dataset
-from evaluate.report import build_report
-from evaluate.segmentation import REPORT_FILE, evaluate_model, load_test_annotations
+from evaluate.report import write_report
+from evaluate.segmentation import evaluate_model, load_test_annotations, predict_maps, score_masks
+from evaluate.tracking import RUN_FILE, log_scores
 from search.study_file import StudyConfig
+from search.study_report import LAUNCH_ROLE, write_study_report
 from search.tracking import RUN_ID_ATTR, ui_command
-from train.checkpoint import CHECKPOINT_FILE, write_json
+from train.checkpoint import write_json
 from train.config import TrainConfig
 from train.loop import train
 from train.model import ContentTransferModel
@@ -88,6 +90,7 @@ def make_objective(
         # Not a context manager: its exit would end the parent run after ours is ended.
         run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        write_json(run_dir / RUN_FILE, {"run_id": run.info.run_id, "study": config.study.name, "trial": trial.number})
         mlflow.set_tags({"trial_number": trial.number, "study": config.study.name, "state": "RUNNING"})
         mlflow.log_params(train_params(cfg))
         try:
@@ -118,11 +121,11 @@ def _train_and_score(trial: optuna.Trial, cfg: TrainConfig, annotated: Annotated
         return {OBJECTIVE_KEY: value, "val/threshold_best": scores.metrics["val/threshold_best"]}
 
     result = train(cfg, on_eval=on_eval, progress=progress)
-    scores = evaluate_model(result.model, annotated)
-    report = build_report(scores, cfg, Path(cfg.out) / CHECKPOINT_FILE, result.iterations)
-    write_json(Path(cfg.out) / REPORT_FILE, report)
-    mlflow.log_metrics(scores.metrics, step=result.iterations)
-    mlflow.log_artifact(str(Path(cfg.out) / REPORT_FILE))
+    maps = predict_maps(result.model, annotated.images)
+    scores = score_masks(maps.masks, annotated.masks, annotated.names, reconstruction_error=maps.reconstruction_error)
+    for path in write_report(Path(cfg.out), scores, maps, annotated, cfg, result.iterations):
+        mlflow.log_artifact(str(path))
+    log_scores(scores, result.iterations)
     for key, value in scores.metrics.items():
         trial.set_user_attr(key, value)
     return scores.metrics[OBJECTIVE_KEY]
@@ -182,7 +185,7 @@ def run_study(
         mlflow.set_tracking_uri(study_settings.tracking_uri)
         mlflow.set_experiment(study_settings.name)
         with mlflow.start_run(run_name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}"):
-            mlflow.set_tags({"study": study_settings.name, "role": "study-launch"})
+            mlflow.set_tags({"study": study_settings.name, "role": LAUNCH_ROLE})
             mlflow.log_params({"study_file": str(config.path), "n_trials": study_settings.n_trials})
             study.optimize(
                 make_objective(config, annotated, progress),
@@ -190,6 +193,8 @@ def run_study(
                 catch=(Exception,),
                 callbacks=[optuna.study.MaxTrialsCallback(study_settings.n_trials, states=FINISHED)],
             )
+            for path in write_study_report(study, config.study_dir):
+                mlflow.log_artifact(str(path))
     summary = summarize(study, study_settings.storage, study_settings.tracking_uri)
     summary.wall_seconds = time.monotonic() - started
     return summary

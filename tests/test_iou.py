@@ -107,3 +107,27 @@ def test_shape_mismatch_and_nan_are_errors() -> None:
         sweep(torch.rand(2, 4, 4), torch.zeros(2, 4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="NaN"):
         sweep(torch.full((1, 2, 2), float("nan")), torch.zeros(1, 2, 2, dtype=torch.bool))
+
+
+def test_precision_recall_ap_and_interval_on_a_constructed_case() -> None:
+    truth = torch.zeros(4, 4, 4, dtype=torch.bool)
+    truth[:, :2] = True  # 8 content pixels an image
+    probs = torch.where(truth, 0.9, 0.1)
+    probs[:, 2, :2] = 0.9  # 2 false positives an image, at the content's level
+    scores = score_masks(probs, truth, [str(i) for i in range(4)])
+    m = scores.metrics
+    assert m["test/precision"] == pytest.approx(8 / 10)
+    assert m["test/recall"] == pytest.approx(1.0)
+    assert m["test/iou"] == pytest.approx(8 / 10)
+    assert m["test/average_precision"] == pytest.approx(0.8)  # one score level: precision 0.8 at recall 1
+    # Every test image scores 0.8, so the bootstrap interval of the mean collapses onto it.
+    assert m["test/iou_per_image_ci_low"] == pytest.approx(0.8) == m["test/iou_per_image_ci_high"]
+
+
+def test_reconstruction_difference_baseline_uses_the_same_protocol() -> None:
+    truth = torch.zeros(4, 4, 4, dtype=torch.bool)
+    truth[:, 1] = True
+    perfect_error = truth.float() * 0.5  # error exactly on the content
+    scores = score_masks(torch.rand(4, 4, 4), truth, [str(i) for i in range(4)], reconstruction_error=perfect_error)
+    assert scores.metrics["baseline/iou_recon_diff"] == 1.0
+    assert 0 < scores.metrics["baseline/threshold_recon_diff"] <= 0.5

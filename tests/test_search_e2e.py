@@ -8,8 +8,11 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import torch
 from mlflow.tracking import MlflowClient
 
+from evaluate.report import load_masks
+from evaluate.segmentation import score_masks
 from mbu import main
 
 STUDY = """
@@ -82,11 +85,21 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path, capsys) -> N
             assert key in run.data.metrics, key
         assert len(client.get_metric_history(run.info.run_id, "train/loss_total")) == 2  # iterations 2 and 4
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-        assert "report.json" in artifacts
+        assert {"report.json", "report.md", "iou_curves.png", "examples.png", "masks.npz"} <= set(artifacts)
+        curve = client.get_metric_history(run.info.run_id, "val/iou_by_threshold")
+        assert sorted(m.step for m in curve) == list(range(101))
         local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="report.json")
         report = json.loads(Path(local).read_text())
         assert report["metrics"]["val/iou_best"] == t.value
         assert (Path("runs/tiny") / f"trial-{t.number}" / "checkpoint.pt").is_file()
+
+    # The launch wrote the study report and logged it to the parent run.
+    assert "study_report.md" in [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+    study_report = json.loads(Path("runs/tiny/study_report.json").read_text())
+    assert [r["trial"] for r in study_report["trials"]] == [
+        t.number for t in sorted(trials, key=lambda t: t.value, reverse=True)
+    ]
+    assert set(study_report["importances"]) == {"lr", "gama"}
 
     # Relaunching a finished study runs nothing more and adds no run.
     assert main(["search", "study.toml", "--no-progress"]) == 0
@@ -94,16 +107,43 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path, capsys) -> N
     assert len(client.search_runs([experiment.experiment_id])) == 3
 
 
-def test_eval_command_rescoring_matches_the_trial(tmp_path: Path, capsys) -> None:
+def test_report_figures_match_a_recomputation_from_saved_masks(tmp_path: Path, capsys) -> None:
     (tmp_path / "study.toml").write_text(STUDY.replace("n_trials = 2", "n_trials = 1"))
     assert main(["search", "study.toml", "--no-progress"]) == 0
     run = Path("runs/tiny/trial-0")
     saved = json.loads((run / "report.json").read_text())
+
+    # The saved masks alone reproduce every figure of the report.
+    masks = load_masks(run / "masks.npz")
+    names = [str(n) for n in masks["names"]]
+    again = score_masks(
+        torch.from_numpy(masks["masks"]),
+        torch.from_numpy(masks["truth"]),
+        names,
+        reconstruction_error=torch.from_numpy(masks["reconstruction_error"]),
+    )
+    assert again.metrics == saved["metrics"]
+    assert saved["metrics"]["test/iou_per_image_ci_low"] <= saved["metrics"]["test/iou_per_image"]
+    assert saved["metrics"]["test/iou_per_image"] <= saved["metrics"]["test/iou_per_image_ci_high"]
+    assert "baseline/iou_recon_diff" in saved["metrics"]
+    md = (run / "report.md").read_text()
+    assert f"{saved['metrics']['test/iou']:.4f}" in md and "iou_curves.png" in md
+
+    # `mbu report RUN_DIR` re-scores the checkpoint to the same figures and logs to the trial's run.
     (run / "report.json").unlink()
+    assert main(["report", str(run), "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads((run / "report.json").read_text())["metrics"] == saved["metrics"]
+    assert "logged to MLflow run" in capsys.readouterr().out
+
+    # `mbu eval` prints how many images it scored.
     assert main(["eval", "--run", str(run), "--no-progress", "--device", "cpu"]) == 0
-    again = json.loads((run / "report.json").read_text())
-    assert again["metrics"] == saved["metrics"]
     assert "scored 6 annotated images" in capsys.readouterr().out
+
+    # `mbu report --study` works with one trial (importances need two) and names a missing study.
+    assert main(["report", "--study", "tiny"]) == 0
+    assert "needs at least 2 complete trials" in Path("runs/tiny/study_report.md").read_text()
+    assert main(["report", "--study", "nope"]) == 2
+    assert "no study named 'nope'" in capsys.readouterr().err
 
 
 def test_bad_study_file_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys) -> None:

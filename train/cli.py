@@ -88,6 +88,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     dev = parser.add_argument_group("device")
     dev.add_argument("--gpu", type=int, default=None, help="CUDA device index to train on (overrides --device)")
     dev.add_argument(
+        "--amp",
+        choices=["none", "bf16"],
+        default=_D.amp,
+        help="bf16: forward passes under bfloat16 autocast; faster where bf16 matmul is (recent CPUs, "
+        "GPUs), losses differ slightly from float32 (default: %(default)s)",
+    )
+    dev.add_argument("--channels_last", action="store_true", help="NHWC memory layout for the convolutions")
+    dev.add_argument(
+        "--compile", action="store_true", help="torch.compile every network: slow first iterations, faster after"
+    )
+    dev.add_argument(
         "--device",
         default=_D.device,
         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: %(default)s)",

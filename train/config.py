@@ -8,6 +8,8 @@ from typing import Any
 from train.losses import LossWeights
 from train.model import ModelConfig
 
+AMP_MODES = ("none", "bf16")
+
 
 @dataclass
 class TrainConfig:
@@ -29,6 +31,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:N
     seed: int = 0  # model initialisation and batch order
     eval_every: int = 0  # call the evaluation callback every N iterations (0: never)
+    amp: str = "none"  # "bf16": autocast forward passes to bfloat16 (faster on recent CPUs/GPUs; see README)
+    channels_last: bool = False  # NHWC memory layout for convolutions
+    compile: bool = False  # torch.compile each network (slow first iterations, faster after)
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, dict):
@@ -42,6 +47,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import mlflow
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from data.batches import DomainBatches
-from data.images import load_domain_cached
+from data.images import load_display_images, load_domain_cached, to_model_range
 from train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -24,6 +25,7 @@ from train.checkpoint import (
 from train.config import TrainConfig
 from train.losses import LossWeights, autoencoder_losses, discriminator_loss
 from train.model import ContentTransferModel
+from train.visuals import training_grids
 
 GRAD_CLIP = 5.0  # gradient-norm clip on both optimizers, as the reference meant
 ADAM_BETAS = (0.5, 0.999)
@@ -75,22 +77,44 @@ def train_step(
     a: torch.Tensor,
     b: torch.Tensor,
     weights: LossWeights,
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """One autoencoder update then one discriminator update; returns detached losses."""
+    """One autoencoder update then one discriminator update; returns detached losses.
+
+    ``bf16`` runs the forward passes under bfloat16 autocast (weights and optimizer stay float32).
+    """
+    autocast = torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=bf16)
     # Autoencoder: the seven weighted terms.
     optimizers.autoencoder.zero_grad(set_to_none=True)
-    total, terms = autoencoder_losses(model, a, b, weights)
+    with autocast:
+        total, terms = autoencoder_losses(model, a, b, weights)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.autoencoder_parameters(), GRAD_CLIP)
     optimizers.autoencoder.step()
 
     # Discriminator: tell A's common codes from B's.
     optimizers.disc.zero_grad(set_to_none=True)
-    disc_loss = discriminator_loss(model, a, b)
+    with autocast:
+        disc_loss = discriminator_loss(model, a, b)
     disc_loss.backward()
     torch.nn.utils.clip_grad_norm_(model.disc.parameters(), GRAD_CLIP)
     optimizers.disc.step()
     return total.detach(), {k: v.detach() for k, v in terms.items()}, disc_loss.detach()
+
+
+def save_grids(
+    model: ContentTransferModel, images_a: torch.Tensor, images_b: torch.Tensor, run_dir: Path, iteration: int
+) -> None:
+    """Write every grid to ``run_dir/grids/`` and, with a run active, to MLflow at this step."""
+    was_training = model.training
+    grids = training_grids(model, images_a, images_b)
+    model.train(was_training)
+    folder = run_dir / "grids"
+    folder.mkdir(exist_ok=True)
+    for name, array in grids.items():
+        Image.fromarray(array).save(folder / f"{name}_{iteration:07d}.png")
+        if mlflow.active_run() is not None:
+            mlflow.log_image(array, key=name, step=iteration)
 
 
 def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, iteration: int, cfg: TrainConfig) -> dict:
@@ -104,8 +128,19 @@ def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, itera
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> ContentTransferModel:
+    """The seeded model on ``device``, in the layout and compilation ``cfg`` asks for."""
     torch.manual_seed(cfg.seed)  # same seed, same initial weights on any device
-    return ContentTransferModel(cfg.model_config()).to(device)
+    model = ContentTransferModel(cfg.model_config()).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        for module in (model.e_common, model.e_separate, model.decoder, model.mask_decoder, model.disc):
+            module.compile()  # in place: parameter names (and checkpoints) are unchanged
+    return model
+
+
+def memory_layout(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool = True) -> TrainResult:
@@ -127,6 +162,9 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
     train_b = load_domain_cached(Path(cfg.root), "trainB", cfg.resize, progress).images.to(device)
     batches_a = DomainBatches(train_a, cfg.bs, cfg.seed, domain=0)
     batches_b = DomainBatches(train_b, cfg.bs, cfg.seed, domain=1)
+    display_a, display_b = (
+        to_model_range(x.to(device)) for x in load_display_images(Path(cfg.root), cfg.resize, cfg.num_display)
+    )
 
     # Model and optimizers, fresh or resumed.
     model = build_model(cfg, device)
@@ -141,15 +179,16 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
         start = int(state["iteration"])
 
     logging = mlflow.active_run() is not None
+    layout = memory_layout(cfg)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     metrics: dict[str, float] = {}
     model.train()
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="train", disable=not progress, unit="it")
     for iteration in bar:
-        total, terms, disc_loss = train_step(
-            model, optimizers, batches_a.batch(iteration), batches_b.batch(iteration), cfg.weights
-        )
+        a = batches_a.batch(iteration).contiguous(memory_format=layout)
+        b = batches_b.batch(iteration).contiguous(memory_format=layout)
+        total, terms, disc_loss = train_step(model, optimizers, a, b, cfg.weights, bf16=cfg.amp == "bf16")
         # Sums stay on the device: no host sync until the interval ends.
         for name, value in {
             "loss_total": total,
@@ -169,6 +208,9 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
                 mlflow.log_metrics(metrics, step=done)
             bar.set_postfix(loss=f"{metrics['train/loss_total']:.4f}")
 
+        if done % cfg.display_iter == 0 and done != cfg.iters:
+            save_grids(model, display_a, display_b, run_dir, done)
+
         if done % cfg.save_iter == 0 and done != cfg.iters:
             save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, done, cfg))
 
@@ -181,6 +223,7 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
 
     bar.close()
     final_iteration = max(start, cfg.iters)
+    save_grids(model, display_a, display_b, run_dir, final_iteration)
     save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, final_iteration, cfg))
     model.eval()
     return TrainResult(model=model, iterations=final_iteration, metrics=metrics, run_dir=run_dir)

@@ -1,0 +1,121 @@
+"""The report of a whole study: trials ranked, the best trial's report, parameter importances."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+
+from evaluate.report import MARKDOWN_FILE
+from evaluate.segmentation import REPORT_FILE
+from train.checkpoint import atomic_write, write_json
+
+STUDY_REPORT_JSON = "study_report.json"
+STUDY_REPORT_MD = "study_report.md"
+LAUNCH_ROLE = "study-launch"  # tag value of a launch's parent run
+
+
+def param_importances(study: optuna.Study) -> dict[str, float] | str:
+    """Optuna's importances, or why there are none yet."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return f"needs at least 2 complete trials, the study has {len(complete)}"
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError) as err:  # e.g. every trial shares the same parameters
+        return f"not computable: {err}"
+
+
+def ranked_trials(study: optuna.Study) -> list[dict[str, Any]]:
+    """Complete trials, best validation IoU first, with their test figures."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    rows = []
+    for t in sorted(complete, key=lambda t: t.value, reverse=reverse):
+        attrs = t.user_attrs
+        rows.append(
+            {
+                "trial": t.number,
+                "val/iou_best": t.value,
+                "val/threshold_best": attrs.get("val/threshold_best"),
+                "test/iou": attrs.get("test/iou"),
+                "test/iou_oracle": attrs.get("test/iou_oracle"),
+                "baseline/iou_all_ones": attrs.get("baseline/iou_all_ones"),
+                "mlflow_run_id": attrs.get("mlflow_run_id"),
+                "params": dict(t.params),
+            }
+        )
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
+def study_markdown(name: str, rows: list[dict[str, Any]], importances: dict[str, float] | str, states: dict) -> str:
+    lines = [f"# Study `{name}`", "", "Trials by state: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items()))]
+    lines += ["", "## Trials ranked by validation IoU", ""]
+    if rows:
+        params = sorted({p for r in rows for p in r["params"]})
+        lines.append("| trial | val IoU | threshold | test IoU | oracle | all-ones | " + " | ".join(params) + " |")
+        lines.append("|" + "---|" * (6 + len(params)))
+        for r in rows:
+            cells = [str(r["trial"])] + [
+                _fmt(r[k])
+                for k in ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones")
+            ]
+            cells += [f"{r['params'][p]:.4g}" if p in r["params"] else "-" for p in params]
+            lines.append("| " + " | ".join(cells) + " |")
+        best = rows[0]["trial"]
+        lines += ["", f"Best trial: #{best}; its report: [trial-{best}/{MARKDOWN_FILE}](trial-{best}/{MARKDOWN_FILE})."]
+    else:
+        lines.append("No trial has completed yet.")
+    lines += ["", "## Parameter importances (Optuna)", ""]
+    if isinstance(importances, dict):
+        lines += ["| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
+    else:
+        lines.append(f"None yet: {importances}.")
+    return "\n".join(lines) + "\n"
+
+
+def latest_launch_run(experiment_name: str) -> str | None:
+    """The MLflow run id of the study's most recent launch, if any."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.role = '{LAUNCH_ROLE}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
+    """Write the study's report files into ``study_dir``; returns their paths."""
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    rows = ranked_trials(study)
+    importances = param_importances(study)
+    best_report = None
+    if rows:
+        path = study_dir / f"trial-{rows[0]['trial']}" / REPORT_FILE
+        best_report = json.loads(path.read_text())["metrics"] if path.is_file() else None
+    data = {
+        "study": study.study_name,
+        "states": states,
+        "trials": rows,
+        "importances": importances,
+        "best_trial_report": best_report,
+    }
+    json_path, md_path = study_dir / STUDY_REPORT_JSON, study_dir / STUDY_REPORT_MD
+    write_json(json_path, data)
+    atomic_write(md_path, lambda tmp: tmp.write_text(study_markdown(study.study_name, rows, importances, states)))
+    return [json_path, md_path]
