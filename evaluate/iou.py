@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 EMPTY_IOU = 1.0  # IoU when prediction and truth are both empty
+_NEAR_GRID = 1e-3  # scaled values this close to a grid point are bucketed by binary search
+_CHUNK_PIXELS = 2**20  # pixels histogrammed at a time: fits in cache, and row offsets stay below 2**24
 
 
 def threshold_grid(step: float = 0.01) -> torch.Tensor:
@@ -65,26 +67,56 @@ class IoUSweep:
         if self.thresholds.ndim != 1 or not bool((self.thresholds[1:] > self.thresholds[:-1]).all()):
             raise ValueError("thresholds must be a strictly increasing 1-D tensor")
         self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        steps = len(self.thresholds) - 1
+        uniform = steps >= 1 and torch.equal(self.thresholds, threshold_grid(1 / steps))
+        self._steps = steps if uniform else None  # the fast bucketing path needs the 0..1 grid
 
     def update(self, probs: torch.Tensor, truth: torch.Tensor) -> None:
         """probs: (N, ...) soft masks; truth: (N, ...) boolean masks of the same shape."""
         if probs.shape != truth.shape:
             raise ValueError(f"mask shapes differ: predicted {tuple(probs.shape)}, truth {tuple(truth.shape)}")
+        n = probs.shape[0]
+        probs, truth = probs.reshape(n, -1), truth.reshape(n, -1).bool()
+        # Cache-sized row chunks: the work is a few passes over memory, so locality is speed.
+        rows = max(1, _CHUNK_PIXELS // max(1, probs.shape[1]))
+        hist = torch.cat([self._histogram(probs[i : i + rows], truth[i : i + rows]) for i in range(0, n, rows)])
+        # Suffix sums: count of pixels whose bucket exceeds j, for j = 0..K-1.
+        above = hist.flip(2).cumsum(2).flip(2)[:, :, 1:]
+        predicted, intersection = above.sum(1), above[:, 1]
+        true_pixels = hist[:, 1].sum(1)
+        pixels = torch.full((n,), probs.shape[1], dtype=torch.int64)
+        self._rows.append((intersection.cpu(), predicted.cpu(), true_pixels.cpu(), pixels))
+
+    def _histogram(self, probs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """(N, 2, K + 1) pixel counts by (image, truth, bucket).
+
+        A value's bucket is the number of thresholds <= it: positive at threshold
+        j iff j < bucket. On the uniform 0..1 grid with values in [0, 1] the
+        bucket is ``floor(v * steps) + 1``, exact except within float error of a
+        grid point, where the few values concerned go through a binary search.
+        """
         if torch.isnan(probs).any():
             raise ValueError("predicted masks contain NaN")
         n, k = probs.shape[0], len(self.thresholds)
-        probs, truth = probs.reshape(n, -1), truth.reshape(n, -1).bool()
+        bins = 2 * (k + 1)
         thresholds = self.thresholds.to(device=probs.device, dtype=probs.dtype)
-        # bucket[i] = number of thresholds <= value: positive at threshold j iff j < bucket.
-        bucket = torch.bucketize(probs, thresholds, right=True)
-        flat = (bucket + (k + 1) * torch.arange(n, device=probs.device)[:, None]).flatten()
-        hist_all = torch.bincount(flat, minlength=n * (k + 1)).view(n, k + 1)
-        hist_true = torch.bincount(flat[truth.flatten()], minlength=n * (k + 1)).view(n, k + 1)
-        # Suffix sums: count of pixels whose bucket exceeds j, for j = 0..K-1.
-        predicted = hist_all.flip(1).cumsum(1).flip(1)[:, 1:]
-        intersection = hist_true.flip(1).cumsum(1).flip(1)[:, 1:]
-        pixels = torch.full((n,), probs.shape[1], dtype=torch.int64)
-        self._rows.append((intersection.cpu(), predicted.cpu(), truth.sum(1).cpu(), pixels))
+        row_offset = torch.arange(n, device=probs.device)[:, None] * bins
+        if self._steps is None or probs.min() < 0 or probs.max() > 1:
+            bucket = torch.bucketize(probs, thresholds, right=True)
+            index = (bucket + row_offset + truth * (k + 1)).flatten()
+        else:
+            scaled = probs.float() * self._steps
+            frac = scaled.frac()
+            near = frac < _NEAR_GRID
+            near.logical_or_(frac > 1 - _NEAR_GRID)
+            # Float arithmetic is exact here: every index is an integer below 2**24.
+            index = scaled.floor_().add_(1).add_(row_offset.to(scaled.dtype)).add_(truth, alpha=k + 1)
+            index = index.to(torch.int32).flatten()
+            at = near.flatten().nonzero().squeeze(1)
+            values = probs.flatten()[at]
+            approx = (values.float() * self._steps).floor_().add_(1).to(torch.int32)
+            index.index_add_(0, at, torch.bucketize(values, thresholds, right=True).to(torch.int32) - approx)
+        return torch.bincount(index, minlength=n * bins).view(n, 2, k + 1)
 
     def compute(self) -> SweepCounts:
         if not self._rows:
