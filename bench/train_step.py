@@ -21,6 +21,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,8 +35,7 @@ from data.batches import DomainBatches  # noqa: E402
 from data.images import list_images, load_domain  # noqa: E402
 from data.synthetic import SynthConfig, write_dataset  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.loop import GRAD_CLIP, Optimizers, build_model, train_step  # noqa: E402
-from train.losses import LossWeights  # noqa: E402
+from train.loop import ADAM_BETAS, GRAD_CLIP, LossFunctions, Optimizers, build_model, train_step  # noqa: E402
 from train.reference import reference_autoencoder_losses, reference_discriminator_loss  # noqa: E402
 
 BENCH_IMAGES = 256  # per domain: enough distinct files that PIL decoding is real work
@@ -66,15 +66,19 @@ class PilFolder(Dataset):
             return self.transform(image.convert("RGB"))
 
 
-def baseline_steps(root: Path, cfg: TrainConfig, device: torch.device, iters: int) -> float:
-    """Seconds per iteration of the reference computation, data loading included."""
+def baseline_stepper(root: Path, cfg: TrainConfig, device: torch.device) -> Callable[[], None]:
+    """One iteration of the reference computation, data loading included."""
     model = build_model(cfg, device)
-    opt = Optimizers.create(model, cfg.lr, cfg.disclr)
+    # The reference's optimizers: PyTorch's default Adam implementation.
+    opt = Optimizers(
+        torch.optim.Adam(model.autoencoder_parameters(), lr=cfg.lr, betas=ADAM_BETAS),
+        torch.optim.Adam(model.disc.parameters(), lr=cfg.disclr, betas=ADAM_BETAS),
+    )
     loaders = [
         DataLoader(PilFolder(list_images(root, name), cfg.resize), batch_size=cfg.bs, shuffle=True, drop_last=True)
         for name in ("trainA", "trainB")
     ]
-    streams = [iter(loader) for loader in loaders]
+    streams = [_epochs(loader) for loader in loaders]
 
     def step() -> None:
         a, b = (next(s).to(device) for s in streams)
@@ -87,11 +91,17 @@ def baseline_steps(root: Path, cfg: TrainConfig, device: torch.device, iters: in
         reference_discriminator_loss(model, a, b).backward()
         opt.disc.step()
 
-    return _time(step, iters, device)
+    return step
 
 
-def platform_steps(root: Path, cfg: TrainConfig, device: torch.device, iters: int) -> tuple[float, float]:
-    """Seconds per iteration of the platform's step, and its FLOPs per iteration."""
+def _epochs(loader: DataLoader):
+    """Batches forever, reshuffling at each epoch as the reference's loop did."""
+    while True:
+        yield from loader
+
+
+def platform_stepper(root: Path, cfg: TrainConfig, device: torch.device) -> tuple[Callable[[], None], float]:
+    """One iteration of the platform's step, and its FLOPs (counted on one extra step)."""
     model = build_model(cfg, device)
     opt = Optimizers.create(model, cfg.lr, cfg.disclr)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -100,20 +110,22 @@ def platform_steps(root: Path, cfg: TrainConfig, device: torch.device, iters: in
         for d, name in enumerate(("trainA", "trainB"))
     ]
     counter = iter(range(10**9))
+    loss_fns = LossFunctions.create(cfg.compile)
 
     def step() -> None:
         i = next(counter)
         a, b = (bt.batch(i).contiguous(memory_format=layout) for bt in batches)
-        train_step(model, opt, a, b, cfg.weights, bf16=cfg.amp == "bf16")
+        train_step(model, opt, a, b, cfg.weights, cfg.amp == "bf16", loss_fns)
 
-    seconds = _time(step, iters, device)
+    step()  # warm-up (and compilation, with --compile) before counting
     flops = FlopCounterMode(display=False)
     with flops:
         step()
-    return seconds, flops.get_total_flops()
+    return step, flops.get_total_flops()
 
 
-def _time(step, iters: int, device: torch.device, warmup: int = 2) -> float:
+def _time(step: Callable[[], None], iters: int, device: torch.device, warmup: int = 1) -> float:
+    """Mean seconds per call over ``iters`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -122,6 +134,15 @@ def _time(step, iters: int, device: torch.device, warmup: int = 2) -> float:
         step()
     _sync(device)
     return (time.perf_counter() - start) / iters
+
+
+def interleaved(steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device) -> dict:
+    """Best round mean of each step, the steps taking turns so drift on a shared machine hits all alike."""
+    best = {name: float("inf") for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            best[name] = min(best[name], _time(step, iters, device))
+    return best
 
 
 def _sync(device: torch.device) -> None:
@@ -140,7 +161,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resize", type=int, nargs="+", default=[64, 128], help="image sides (default: 64 128)")
     parser.add_argument("--bs", type=int, nargs="+", default=[32], help="batch sizes (default: 32)")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per row (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per round (default: %(default)s)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds; the best is kept (default: %(default)s)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--variants", action="store_true", help="also time bf16, channels_last and compile")
     parser.add_argument("--no-baseline", action="store_true", help="skip the reference baseline rows")
@@ -161,21 +185,24 @@ def main() -> None:
             }
         for resize in args.resize:
             for bs in args.bs:
-                base_cfg = TrainConfig(resize=resize, bs=bs, weights=LossWeights())
-                base = None
+                steps, flops = {}, {}
                 if not args.no_baseline:
-                    base = 2 * bs / baseline_steps(root, base_cfg, device, args.iters)
-                    print(f"{resize:>6} {bs:>4} {'reference':<14} {base:>8.1f} {'1.00x':>8}")
+                    steps["reference"] = baseline_stepper(root, TrainConfig(resize=resize, bs=bs), device)
                 for name, overrides in variants.items():
-                    cfg = TrainConfig(resize=resize, bs=bs, **overrides)
-                    seconds, flops = platform_steps(root, cfg, device, args.iters)
-                    rate, gflops = 2 * bs / seconds, flops / seconds / 1e9
-                    ratio = f"{rate / base:.2f}x" if base else "-"
-                    print(
-                        f"{resize:>6} {bs:>4} {name:<14} {rate:>8.1f} {ratio:>8} {gflops:>8.0f} "
-                        f"{100 * gflops / ceiling:>6.0f}%",
-                        flush=True,
+                    steps[name], flops[name] = platform_stepper(
+                        root, TrainConfig(resize=resize, bs=bs, **overrides), device
                     )
+                seconds = interleaved(steps, args.iters, args.rounds, device)
+                base = 2 * bs / seconds["reference"] if "reference" in seconds else None
+                for name, sec in seconds.items():
+                    rate = 2 * bs / sec
+                    ratio = f"{rate / base:.2f}x" if base else "-"
+                    gflops = (
+                        f"{flops[name] / sec / 1e9:>8.0f} {100 * flops[name] / sec / 1e9 / ceiling:>6.0f}%"
+                        if name in flops
+                        else ""
+                    )
+                    print(f"{resize:>6} {bs:>4} {name:<14} {rate:>8.1f} {ratio:>8} {gflops}", flush=True)
 
 
 if __name__ == "__main__":

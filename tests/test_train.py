@@ -63,3 +63,27 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 not a whole zip")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("options", [{"amp": "bf16"}, {"channels_last": True}])
+def test_speed_options_train_and_save_a_loadable_checkpoint(tiny_root: Path, tmp_path: Path, options: dict) -> None:
+    result = train(tiny_train_config(tiny_root, tmp_path / "run", iters=2, **options), progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
+    state = load_checkpoint(tmp_path / "run")
+    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # weights stay float32
+
+
+@pytest.mark.slow
+def test_compiled_losses_match_eager_losses(tiny_root: Path, tmp_path: Path) -> None:
+    """Same initial weights and batch: the compiled step computes the eager step's losses."""
+    cfg = dict(iters=1, progress_iter=1)
+    eager = train(tiny_train_config(tiny_root, tmp_path / "eager", **cfg), progress=False)
+    compiled = train(tiny_train_config(tiny_root, tmp_path / "compiled", compile=True, **cfg), progress=False)
+    assert eager.metrics.keys() == compiled.metrics.keys()
+    for key, value in eager.metrics.items():
+        assert compiled.metrics[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_bad_amp_mode_is_rejected(tiny_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="amp must be one of"):
+        tiny_train_config(tiny_root, tmp_path, amp="fp8")

@@ -33,7 +33,7 @@ class TrainConfig:
     eval_every: int = 0  # call the evaluation callback every N iterations (0: never)
     amp: str = "none"  # "bf16": autocast forward passes to bfloat16 (faster on recent CPUs/GPUs; see README)
     channels_last: bool = False  # NHWC memory layout for convolutions
-    compile: bool = False  # torch.compile each network (slow first iterations, faster after)
+    compile: bool = False  # torch.compile the loss computations (long first iteration)
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, dict):

@@ -65,10 +65,27 @@ class Optimizers:
 
     @classmethod
     def create(cls, model: ContentTransferModel, lr: float, disclr: float) -> Optimizers:
+        # fused: one kernel for all parameters instead of a loop over them (same update rule).
         return cls(
-            torch.optim.Adam(model.autoencoder_parameters(), lr=lr, betas=ADAM_BETAS),
-            torch.optim.Adam(model.disc.parameters(), lr=disclr, betas=ADAM_BETAS),
+            torch.optim.Adam(model.autoencoder_parameters(), lr=lr, betas=ADAM_BETAS, fused=True),
+            torch.optim.Adam(model.disc.parameters(), lr=disclr, betas=ADAM_BETAS, fused=True),
         )
+
+
+@dataclass(frozen=True)
+class LossFunctions:
+    """The two loss computations, eager or compiled as one graph each."""
+
+    autoencoder: Callable = autoencoder_losses
+    disc: Callable = discriminator_loss
+
+    @classmethod
+    def create(cls, compile: bool) -> LossFunctions:
+        # Whole functions, not modules: a compiled module called several times in one
+        # graph breaks autograd on its in-place BatchNorm statistics.
+        if not compile:
+            return cls()
+        return cls(torch.compile(autoencoder_losses), torch.compile(discriminator_loss))
 
 
 def train_step(
@@ -78,6 +95,7 @@ def train_step(
     b: torch.Tensor,
     weights: LossWeights,
     bf16: bool = False,
+    losses: LossFunctions = LossFunctions(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One autoencoder update then one discriminator update; returns detached losses.
 
@@ -87,7 +105,7 @@ def train_step(
     # Autoencoder: the seven weighted terms.
     optimizers.autoencoder.zero_grad(set_to_none=True)
     with autocast:
-        total, terms = autoencoder_losses(model, a, b, weights)
+        total, terms = losses.autoencoder(model, a, b, weights)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.autoencoder_parameters(), GRAD_CLIP)
     optimizers.autoencoder.step()
@@ -95,7 +113,7 @@ def train_step(
     # Discriminator: tell A's common codes from B's.
     optimizers.disc.zero_grad(set_to_none=True)
     with autocast:
-        disc_loss = discriminator_loss(model, a, b)
+        disc_loss = losses.disc(model, a, b)
     disc_loss.backward()
     torch.nn.utils.clip_grad_norm_(model.disc.parameters(), GRAD_CLIP)
     optimizers.disc.step()
@@ -133,9 +151,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ContentTransferModel:
     model = ContentTransferModel(cfg.model_config()).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        for module in (model.e_common, model.e_separate, model.decoder, model.mask_decoder, model.disc):
-            module.compile()  # in place: parameter names (and checkpoints) are unchanged
     return model
 
 
@@ -180,6 +195,7 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
 
     logging = mlflow.active_run() is not None
     layout = memory_layout(cfg)
+    loss_fns = LossFunctions.create(cfg.compile)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     metrics: dict[str, float] = {}
@@ -188,7 +204,7 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
     for iteration in bar:
         a = batches_a.batch(iteration).contiguous(memory_format=layout)
         b = batches_b.batch(iteration).contiguous(memory_format=layout)
-        total, terms, disc_loss = train_step(model, optimizers, a, b, cfg.weights, bf16=cfg.amp == "bf16")
+        total, terms, disc_loss = train_step(model, optimizers, a, b, cfg.weights, cfg.amp == "bf16", loss_fns)
         # Sums stay on the device: no host sync until the interval ends.
         for name, value in {
             "loss_total": total,
