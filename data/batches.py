@@ -22,9 +22,17 @@ def _generator(*key: int) -> torch.Generator:
 
 
 class DomainBatches:
-    """Batches of one domain from a uint8 tensor kept on the training device."""
+    """Batches of one domain from a uint8 tensor, delivered on ``device`` (default: the images')."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, domain: int, flip: bool = True):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        domain: int,
+        flip: bool = True,
+        device: torch.device | None = None,
+    ):
         if len(images) < batch_size:
             raise ValueError(
                 f"domain {'AB'[domain]} has {len(images)} training images, fewer than the batch size {batch_size}"
@@ -34,6 +42,7 @@ class DomainBatches:
         self.seed = seed
         self.domain = domain
         self.flip = flip
+        self.device = images.device if device is None else torch.device(device)
         self.per_epoch = len(images) // batch_size
         self._order_epoch = -1
         self._order = torch.empty(0, dtype=torch.long)
@@ -46,9 +55,9 @@ class DomainBatches:
         return self._order[step * self.batch_size : (step + 1) * self.batch_size]
 
     def batch(self, iteration: int) -> torch.Tensor:
-        """(B, 3, S, S) float in [-1, 1] on the images' device, randomly mirrored."""
+        """(B, 3, S, S) float in [-1, 1] on the batch device, randomly mirrored."""
         index = self.indices(iteration).to(self.images.device)
-        batch = to_model_range(self.images.index_select(0, index))
+        batch = to_model_range(self.images.index_select(0, index).to(self.device, non_blocking=True))
         if self.flip:
             mirror = torch.rand(self.batch_size, generator=_generator(self.seed, self.domain, -1, iteration)) < 0.5
             mirror = mirror.to(batch.device)

@@ -47,6 +47,16 @@ class TrainResult:
     run_dir: Path = Path(".")
 
 
+def place_dataset(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The uint8 data set on ``device``, or left in host memory when the device cannot hold it."""
+    if device.type != "cuda":
+        return images.to(device)
+    try:
+        return images.to(device)
+    except torch.OutOfMemoryError:
+        return images.pin_memory()  # batches are then gathered on the host and copied over
+
+
 def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device:
     """``--gpu N`` wins; ``auto`` means CUDA when present, else CPU."""
     if gpu is not None:
@@ -142,6 +152,9 @@ def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, itera
         "opt_disc": optimizers.disc.state_dict(),
         "iteration": iteration,
         "config": cfg.to_dict(),
+        # Batches and flips depend only on (seed, iteration); the global RNG is saved for
+        # anything random added later, and restored on resume.
+        "rng_cpu": torch.get_rng_state(),
     }
 
 
@@ -172,11 +185,11 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG_FILE, cfg.to_dict())
 
-    # Data: decoded once, kept on the training device as uint8.
-    train_a = load_domain_cached(Path(cfg.root), "trainA", cfg.resize, progress).images.to(device)
-    train_b = load_domain_cached(Path(cfg.root), "trainB", cfg.resize, progress).images.to(device)
-    batches_a = DomainBatches(train_a, cfg.bs, cfg.seed, domain=0)
-    batches_b = DomainBatches(train_b, cfg.bs, cfg.seed, domain=1)
+    # Data: decoded once, kept as uint8 on the training device when it fits there.
+    train_a = place_dataset(load_domain_cached(Path(cfg.root), "trainA", cfg.resize, progress).images, device)
+    train_b = place_dataset(load_domain_cached(Path(cfg.root), "trainB", cfg.resize, progress).images, device)
+    batches_a = DomainBatches(train_a, cfg.bs, cfg.seed, domain=0, device=device)
+    batches_b = DomainBatches(train_b, cfg.bs, cfg.seed, domain=1, device=device)
     display_a, display_b = (
         to_model_range(x.to(device)) for x in load_display_images(Path(cfg.root), cfg.resize, cfg.num_display)
     )
@@ -192,6 +205,8 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
         optimizers.autoencoder.load_state_dict(state["opt_autoencoder"])
         optimizers.disc.load_state_dict(state["opt_disc"])
         start = int(state["iteration"])
+        if "rng_cpu" in state:
+            torch.set_rng_state(state["rng_cpu"].cpu())
 
     logging = mlflow.active_run() is not None
     layout = memory_layout(cfg)
