@@ -1,6 +1,6 @@
 """Time one training iteration: the reference's computation against the platform's.
 
-    python bench/train_step.py [--resize 64 128] [--bs 32] [--iters 5] [--device cpu] [--variants]
+    python bench/train_step.py [--resize 64 128] [--bs 32] [--iters 5] [--device cpu] [--variants fp32 bf16 ...]
 
 Baseline: the reference ``mask_train.py`` step as it ran: every image opened
 and resized with PIL each time it is drawn (a DataLoader with num_workers=0),
@@ -11,8 +11,9 @@ Platform: the same hyperparameters on the same images through
 
 Prints images per second (A and B images of one step count as 2 x bs), the
 ratio, and the platform's achieved GFLOP/s against a large float32 matmul
-timed in the same run (the machine's practical ceiling). ``--variants`` adds
-bf16 autocast, channels_last and torch.compile rows.
+timed in the same run (the machine's practical ceiling). ``--variants`` picks
+the platform rows: fp32 (the default, identical math), bf16 autocast,
+channels_last, both, torch.compile.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ from train.config import TrainConfig  # noqa: E402
 from train.loop import ADAM_BETAS, GRAD_CLIP, LossFunctions, Optimizers, build_model, train_step  # noqa: E402
 from train.reference import reference_autoencoder_losses, reference_discriminator_loss  # noqa: E402
 
+VARIANTS = {  # platform configurations: TrainConfig overrides
+    "fp32": {},
+    "bf16": {"amp": "bf16"},
+    "channels_last": {"channels_last": True},
+    "bf16+channels_last": {"amp": "bf16", "channels_last": True},
+    "compile": {"compile": True},
+}
 BENCH_IMAGES = 256  # per domain: enough distinct files that PIL decoding is real work
 
 
@@ -166,7 +174,13 @@ def main() -> None:
         "--rounds", type=int, default=3, help="alternating rounds; the best is kept (default: %(default)s)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--variants", action="store_true", help="also time bf16, channels_last and compile")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=["fp32"],
+        help="platform configurations to time (default: fp32)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the reference baseline rows")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -175,14 +189,8 @@ def main() -> None:
         root = write_dataset(SynthConfig(size=128, n_train=BENCH_IMAGES, n_test=1), Path(tmp), progress=False)
         ceiling = matmul_ceiling(device)
         print(f"device {device}, {torch.get_num_threads()} threads; float32 matmul ceiling {ceiling:.0f} GFLOP/s")
-        print(f"{'resize':>6} {'bs':>4} {'variant':<14} {'img/s':>8} {'vs base':>8} {'GFLOP/s':>8} {'% ceil':>7}")
-        variants = {"fp32": {}}
-        if args.variants:
-            variants |= {
-                "bf16": {"amp": "bf16"},
-                "channels_last": {"channels_last": True},
-                "compile": {"compile": True},
-            }
+        print(f"{'resize':>6} {'bs':>4} {'variant':<18} {'img/s':>8} {'vs base':>8} {'GFLOP/s':>8} {'% ceil':>7}")
+        variants = {name: VARIANTS[name] for name in args.variants}
         for resize in args.resize:
             for bs in args.bs:
                 steps, flops = {}, {}
@@ -202,7 +210,7 @@ def main() -> None:
                         if name in flops
                         else ""
                     )
-                    print(f"{resize:>6} {bs:>4} {name:<14} {rate:>8.1f} {ratio:>8} {gflops}", flush=True)
+                    print(f"{resize:>6} {bs:>4} {name:<18} {rate:>8.1f} {ratio:>8} {gflops}", flush=True)
 
 
 if __name__ == "__main__":
