@@ -58,16 +58,25 @@ class StudySummary:
         return "\n".join(lines)
 
 
-def _sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    if config.study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=config.study.seed)
-    return optuna.samplers.TPESampler(seed=config.study.seed)
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The study file's sampler, seeded."""
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    return samplers[name]()
 
 
-def _pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    if config.study.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    return optuna.pruners.NopPruner()
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The study file's pruner; it judges the validation IoU reported every ``eval_every`` iterations."""
+    pruners = {
+        "none": optuna.pruners.NopPruner,
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2),
+        "hyperband": optuna.pruners.HyperbandPruner,
+    }
+    return pruners[name]()
 
 
 def prepare_data(config: StudyConfig, progress: bool = True) -> Path:
@@ -172,8 +181,8 @@ def run_study(
         study_name=study_settings.name,
         storage=study_settings.storage,
         direction=study_settings.direction,
-        sampler=_sampler(config),
-        pruner=_pruner(config),
+        sampler=make_sampler(config.study.sampler, config.study.seed),
+        pruner=make_pruner(config.study.pruner),
         load_if_exists=True,
     )
     for point in config.enqueue:

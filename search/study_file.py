@@ -26,8 +26,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("none", "median")
+SAMPLERS = ("tpe", "cmaes", "gp", "random")
+PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("maximize", "minimize")
 # Set by the study for each trial; a study file may not fix or sample them.
 MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu"}
@@ -44,9 +44,9 @@ class StudySettings:
     name: str  # Optuna study name, MLflow experiment name, runs/<name>/ folder
     direction: str = "maximize"  # of the objective, validation best-threshold IoU
     n_trials: int = 10  # finished trials (complete or pruned) the study should reach
-    sampler: str = "tpe"  # tpe (seeded) or random
+    sampler: str = "tpe"  # tpe, cmaes, gp or random; all seeded
     seed: int = 0  # sampler seed
-    pruner: str = "none"  # none or median (on validation IoU every eval_every iterations)
+    pruner: str = "none"  # none, median or hyperband (on validation IoU every eval_every iterations)
     storage: str = "sqlite:///optuna.db"  # Optuna storage URL
     tracking_uri: str = ""  # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     runs_dir: str = "runs"  # trial folders go to runs_dir/<name>/trial-<n>/
