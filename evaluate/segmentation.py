@@ -159,10 +159,5 @@ def score_masks(
     )
 
 
-def evaluate_model(model: ContentTransferModel, annotated: AnnotatedImages, split_seed: int = 0) -> SegmentationScores:
-    maps = predict_maps(model, annotated.images)
-    return score_masks(maps.masks, annotated.masks, annotated.names, split_seed, maps.reconstruction_error)
-
-
 def load_test_annotations(root: Path, resize: int, progress: bool = True) -> AnnotatedImages:
     return load_annotated(Path(root), resize, "test", progress)

@@ -13,7 +13,7 @@ import optuna
 from data.images import AnnotatedImages
 from data.synthetic import write_dataset
 from evaluate.report import write_report
-from evaluate.segmentation import evaluate_model, load_test_annotations, predict_maps, score_masks
+from evaluate.segmentation import load_test_annotations, predict_maps, predict_masks, score_masks
 from evaluate.tracking import RUN_FILE, log_scores
 from search.study_file import StudyConfig
 from search.study_report import LAUNCH_ROLE, write_study_report
@@ -26,6 +26,7 @@ from train.tracking import resolve_tracking_uri, train_params
 
 OBJECTIVE_KEY = "val/iou_best"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+SUMMARY_METRICS = ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones")
 
 
 @dataclass
@@ -45,12 +46,12 @@ class StudySummary:
             lines.append("no trial has completed yet")
         else:
             lines.append(f"best trial: #{self.best_number}")
-            width = max(len(k) for k in [*self.best_params, *self.best_metrics])
+            shown = [k for k in SUMMARY_METRICS if k in self.best_metrics]
+            width = max(len(k) for k in [*self.best_params, *shown])
             for key, value in sorted(self.best_params.items()):
                 lines.append(f"  {key:<{width}}  {value:.6g}")
-            for key in ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones"):
-                if key in self.best_metrics:
-                    lines.append(f"  {key:<{width}}  {self.best_metrics[key]:.4f}")
+            for key in shown:
+                lines.append(f"  {key:<{width}}  {self.best_metrics[key]:.4f}")
         lines.append(f"optuna storage: {self.storage}")
         lines.append(f"compare trials: {ui_command(self.tracking_uri)}")
         if self.wall_seconds:
@@ -121,7 +122,8 @@ def make_objective(
 
 def _train_and_score(trial: optuna.Trial, cfg: TrainConfig, annotated: AnnotatedImages, progress: bool) -> float:
     def on_eval(iteration: int, model: ContentTransferModel) -> dict[str, float]:
-        scores = evaluate_model(model, annotated)
+        # Masks only: the reconstruction baseline is for the final report.
+        scores = score_masks(predict_masks(model, annotated.images), annotated.masks, annotated.names)
         value = scores.metrics[OBJECTIVE_KEY]
         trial.report(value, iteration)
         if trial.should_prune():

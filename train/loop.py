@@ -49,8 +49,6 @@ class TrainResult:
 
 def place_dataset(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The uint8 data set on ``device``, or left in host memory when the device cannot hold it."""
-    if device.type != "cuda":
-        return images.to(device)
     try:
         return images.to(device)
     except torch.OutOfMemoryError:
@@ -159,7 +157,7 @@ def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, itera
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> ContentTransferModel:
-    """The seeded model on ``device``, in the layout and compilation ``cfg`` asks for."""
+    """The seeded model on ``device``, in the memory layout ``cfg`` asks for."""
     torch.manual_seed(cfg.seed)  # same seed, same initial weights on any device
     model = ContentTransferModel(cfg.model_config()).to(device)
     if cfg.channels_last:
