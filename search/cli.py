@@ -24,6 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--n-trials", type=int, default=None, help="finished trials to reach, overriding [study].n_trials"
     )
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="run nothing: print the study's best trial, trial counts by state, parameter importances "
+        "and where its reports are",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
 
@@ -33,6 +39,11 @@ def main(args: argparse.Namespace) -> int:
     from search.study_file import load_study_file
 
     config = load_study_file(args.study)
+    if args.summary:
+        from search.runner import study_summary
+
+        print(study_summary(config, args.storage, args.tracking_uri))
+        return 0
     summary = run_study(config, args.storage, args.tracking_uri, args.n_trials, progress=not args.no_progress)
     print(summary.format())
     return 0

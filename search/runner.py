@@ -16,7 +16,7 @@ from evaluate.report import write_report
 from evaluate.segmentation import load_test_annotations, predict_maps, predict_masks, score_masks
 from evaluate.tracking import RUN_FILE, log_scores
 from search.study_file import StudyConfig
-from search.study_report import LAUNCH_ROLE, write_study_report
+from search.study_report import LAUNCH_ROLE, param_importances, write_study_report
 from search.tracking import RUN_ID_ATTR, ui_command
 from train.checkpoint import write_json
 from train.config import TrainConfig
@@ -155,6 +155,24 @@ def summarize(study: optuna.Study, storage: str, tracking_uri: str) -> StudySumm
         summary.best_params = dict(best.params)
         summary.best_metrics = {k: v for k, v in best.user_attrs.items() if isinstance(v, float)}
     return summary
+
+
+def study_summary(config: StudyConfig, storage: str | None = None, tracking_uri: str | None = None) -> str:
+    """The summary of an existing study, with importances and report locations; runs nothing."""
+    storage = storage or config.study.storage
+    try:
+        study = optuna.load_study(study_name=config.study.name, storage=storage)
+    except KeyError as err:
+        raise ValueError(f"no study named {config.study.name!r} in {storage}: launch it first") from err
+    uri = resolve_tracking_uri(tracking_uri or config.study.tracking_uri)
+    lines = [summarize(study, storage, uri).format(), "parameter importances:"]
+    importances = param_importances(study)
+    if isinstance(importances, dict):
+        lines += [f"  {name:<12} {value:.3f}" for name, value in importances.items()]
+    else:
+        lines.append(f"  none yet: {importances}")
+    lines.append(f"reports: {config.study_dir}/study_report.md and {config.study_dir}/trial-<n>/report.md")
+    return "\n".join(lines)
 
 
 def run_study(

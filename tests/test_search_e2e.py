@@ -101,6 +101,12 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path, capsys) -> N
     ]
     assert set(study_report["importances"]) == {"lr", "gama"}
 
+    # --summary reads the study back without running anything.
+    capsys.readouterr()
+    assert main(["search", "study.toml", "--summary"]) == 0
+    summary = capsys.readouterr().out
+    assert "study tiny: 2 COMPLETE" in summary and "parameter importances:" in summary and "gama" in summary
+
     # Relaunching a finished study runs nothing more and adds no run.
     assert main(["search", "study.toml", "--no-progress"]) == 0
     assert len(study.get_trials()) == 2
