@@ -23,6 +23,7 @@ def trained_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("run") / "run"
     uri = f"sqlite:///{out.parent / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("grids")  # not whatever experiment an earlier test left active
     with mlflow.start_run() as run:
         train(tiny_train_config(tiny_root, out, iters=2, display_iter=1, num_display=3), progress=False)
     (out / "run_id").write_text(run.info.run_id)
