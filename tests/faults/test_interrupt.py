@@ -34,7 +34,9 @@ device = "cpu"
 
 def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY.format(iters=100_000))
-    mbu = [sys.executable, "-c", "import sys, mbu; sys.exit(mbu.main())", "search", "study.toml", "--no-progress"]
+    # Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
+    code = "import signal, sys, mbu; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(mbu.main())"
+    mbu = [sys.executable, "-c", code, "search", "study.toml", "--no-progress"]
     proc = subprocess.Popen(mbu, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run_file = tmp_path / "runs" / "interrupted" / "trial-0" / "mlflow_run.json"
     deadline = time.monotonic() + 120
@@ -44,8 +46,8 @@ def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> No
         time.sleep(0.5)
     time.sleep(3)  # well into training
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode != 0, output
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("interrupted")
