@@ -1,0 +1,62 @@
+"""A pruned trial: Optuna records PRUNED, its MLflow run ends KILLED with state=PRUNED, curves kept."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import optuna
+from mlflow.tracking import MlflowClient
+
+from evaluate.segmentation import load_test_annotations
+from search.runner import make_objective, prepare_data
+from search.study_file import load_study_file
+
+STUDY = """
+[study]
+name = "pruned"
+n_trials = 1
+
+[data.synthetic]
+size = 64
+n_train = 8
+n_test = 6
+seed = 3
+
+[train]
+resize = 64
+bs = 4
+iters = 8
+progress_iter = 2
+eval_every = 4
+device = "cpu"
+"""
+
+
+class PruneAtFirstReport(optuna.pruners.BasePruner):
+    """Test double for the pruner's decision (the platform's reaction is under test)."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return bool(trial.intermediate_values)
+
+
+def test_pruned_trial_is_killed_in_mlflow_with_its_curves(tmp_path: Path) -> None:
+    (tmp_path / "study.toml").write_text(STUDY)
+    config = load_study_file(tmp_path / "study.toml")
+    annotated = load_test_annotations(prepare_data(config, progress=False), 64, progress=False)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("pruned")
+    study = optuna.create_study(direction="maximize", pruner=PruneAtFirstReport())
+    with mlflow.start_run(run_name="launch"):
+        study.optimize(make_objective(config, annotated, progress=False), n_trials=1)
+
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [4]  # reported at eval_every, pruned there
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "PRUNED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/iou_best")] == [4]
+    assert not (tmp_path / "runs" / "pruned" / "trial-0" / "report.json").exists()
