@@ -57,7 +57,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
         "examples.png and masks.npz into it, logging them to the run's MLflow run when it has one. "
         "--study NAME: rank the study's trials by validation IoU (with test IoU), link the best trial's "
         "report, add Optuna's parameter importances; written to RUNS_DIR/NAME/study_report.{md,json} and "
-        "logged to the study's latest launch run.",
+        "logged to the study's parent run.",
     )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("run_dir", nargs="?", type=Path, help="run folder holding checkpoint.pt")
@@ -90,14 +90,15 @@ def report_main(args: argparse.Namespace) -> int:
     if args.study:
         import optuna
 
-        from search.study_report import latest_launch_run, write_study_report
+        from search.study_report import write_study_report
+        from search.tracking import PARENT_RUN_ATTR
 
         try:
             study = optuna.load_study(study_name=args.study, storage=args.storage)
         except KeyError as err:
             raise ValueError(f"no study named {args.study!r} in {args.storage}") from err
         paths = write_study_report(study, args.runs_dir / args.study)
-        parent = latest_launch_run(args.study)
+        parent = study.user_attrs.get(PARENT_RUN_ATTR)
         for path in paths:
             if parent:
                 mlflow.MlflowClient().log_artifact(parent, str(path))

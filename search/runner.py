@@ -16,8 +16,8 @@ from evaluate.report import write_report
 from evaluate.segmentation import load_test_annotations, predict_maps, predict_masks, score_masks
 from evaluate.tracking import RUN_FILE, log_scores
 from search.study_file import StudyConfig
-from search.study_report import LAUNCH_ROLE, param_importances, write_study_report
-from search.tracking import RUN_ID_ATTR, ui_command
+from search.study_report import param_importances, write_study_report
+from search.tracking import PARENT_ROLE, PARENT_RUN_ATTR, RUN_ID_ATTR, ui_command
 from train.checkpoint import write_json
 from train.config import TrainConfig
 from train.loop import train
@@ -175,6 +175,18 @@ def study_summary(config: StudyConfig, storage: str | None = None, tracking_uri:
     return "\n".join(lines)
 
 
+def _existing_parent(study: optuna.Study) -> str | None:
+    """The parent run of the study's earlier launches, if it is still in the tracking store."""
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id is None:
+        return None
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None  # e.g. the study moved to another tracking store: start a new parent
+    return run_id
+
+
 def run_study(
     config: StudyConfig,
     storage: str | None = None,
@@ -213,9 +225,17 @@ def run_study(
     if remaining > 0:
         mlflow.set_tracking_uri(study_settings.tracking_uri)
         mlflow.set_experiment(study_settings.name)
-        with mlflow.start_run(run_name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}"):
-            mlflow.set_tags({"study": study_settings.name, "role": LAUNCH_ROLE})
-            mlflow.log_params({"study_file": str(config.path), "n_trials": study_settings.n_trials})
+        with mlflow.start_run(run_id=_existing_parent(study), run_name=f"study-{study_settings.name}") as parent:
+            study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
+            mlflow.set_tags(
+                {
+                    "study": study_settings.name,
+                    "role": PARENT_ROLE,
+                    "study_file": str(config.path),
+                    "n_trials": study_settings.n_trials,
+                    "last_launch": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            )
             study.optimize(
                 make_objective(config, annotated, progress),
                 n_trials=remaining,

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import optuna
 
 from evaluate.report import MARKDOWN_FILE
@@ -15,7 +14,6 @@ from train.checkpoint import atomic_write, write_json
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"
-LAUNCH_ROLE = "study-launch"  # tag value of a launch's parent run
 
 
 def param_importances(study: optuna.Study) -> dict[str, float] | str:
@@ -80,21 +78,6 @@ def study_markdown(name: str, rows: list[dict[str, Any]], importances: dict[str,
     else:
         lines.append(f"None yet: {importances}.")
     return "\n".join(lines) + "\n"
-
-
-def latest_launch_run(experiment_name: str) -> str | None:
-    """The MLflow run id of the study's most recent launch, if any."""
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return None
-    runs = mlflow.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.role = '{LAUNCH_ROLE}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0].info.run_id if runs else None
 
 
 def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:

@@ -112,6 +112,16 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path, capsys) -> N
     assert len(study.get_trials()) == 2
     assert len(client.search_runs([experiment.experiment_id])) == 3
 
+    # Topping it up finds the same parent run again: one parent, one child per trial.
+    assert main(["search", "study.toml", "--no-progress", "--n-trials", "3"]) == 0
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2"]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["n_trials"] == "3"
+
 
 def test_report_figures_match_a_recomputation_from_saved_masks(tmp_path: Path, capsys) -> None:
     (tmp_path / "study.toml").write_text(STUDY.replace("n_trials = 2", "n_trials = 1"))
