@@ -11,6 +11,17 @@ from data.synthetic import SynthConfig, write_dataset
 from train.config import TrainConfig
 
 TINY_SYNTH = SynthConfig(size=64, n_train=8, n_test=6, seed=3)
+# The same tiny data and training size as a study-file fragment; [train] stays open for more keys.
+TINY_DATA_AND_TRAIN = f"""[data.synthetic]
+size = {TINY_SYNTH.size}
+n_train = {TINY_SYNTH.n_train}
+n_test = {TINY_SYNTH.n_test}
+seed = {TINY_SYNTH.seed}
+
+[train]
+resize = 64
+bs = 4
+"""
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+from conftest import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 from evaluate.segmentation import load_test_annotations
@@ -18,20 +19,11 @@ STUDY = """
 name = "pruned"
 n_trials = 1
 
-[data.synthetic]
-size = 64
-n_train = 8
-n_test = 6
-seed = 3
-
-[train]
-resize = 64
-bs = 4
-iters = 8
+{TINY_DATA_AND_TRAIN}iters = 8
 progress_iter = 2
 eval_every = 4
 device = "cpu"
-"""
+""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
 
 
 class PruneAtFirstReport(optuna.pruners.BasePruner):

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import torch
+from conftest import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 from evaluate.report import load_masks
@@ -21,16 +22,7 @@ name = "tiny"
 n_trials = 2
 seed = 1
 
-[data.synthetic]
-size = 64
-n_train = 8
-n_test = 6
-seed = 3
-
-[train]
-resize = 64
-bs = 4
-iters = 4
+{TINY_DATA_AND_TRAIN}iters = 4
 progress_iter = 2
 eval_every = 2
 device = "cpu"
@@ -47,7 +39,7 @@ high = 10.0
 [[enqueue]]
 lr = 2e-4
 gama = 7.0
-"""
+""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
 
 
 def test_search_records_trials_in_optuna_and_mlflow(tmp_path: Path, capsys) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+from conftest import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 STUDY = """
@@ -17,19 +18,10 @@ STUDY = """
 name = "interrupted"
 n_trials = 1
 
-[data.synthetic]
-size = 64
-n_train = 8
-n_test = 6
-seed = 3
-
-[train]
-resize = 64
-bs = 4
-iters = {iters}
+{TINY_DATA_AND_TRAIN}iters = {iters}
 progress_iter = 2
 device = "cpu"
-"""
+""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
 
 
 def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import optuna
+from conftest import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 from mbu import main
@@ -15,16 +16,7 @@ STUDY = """
 name = "diverge"
 n_trials = 2
 
-[data.synthetic]
-size = 64
-n_train = 8
-n_test = 6
-seed = 3
-
-[train]
-resize = 64
-bs = 4
-iters = 40
+{TINY_DATA_AND_TRAIN}iters = 40
 progress_iter = 2
 
 [space.lr]
@@ -37,7 +29,7 @@ lr = 1e12
 
 [[enqueue]]
 lr = 2e-4
-"""
+""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
 
 
 def test_diverging_trial_fails_with_its_reason_and_the_study_continues(tmp_path: Path) -> None:
