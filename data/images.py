@@ -95,13 +95,18 @@ def decode_mask(path: Path, resize: int) -> np.ndarray:
     return np.array(_square(grey, resize, Image.Resampling.NEAREST)) > 127
 
 
+def decode_images(paths: list[Path], resize: int, desc: str = "decode", progress: bool = False) -> torch.Tensor:
+    """(N, 3, S, S) uint8: every image of ``paths`` decoded with :func:`decode_image`."""
+    out = torch.empty((len(paths), 3, resize, resize), dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc=desc, disable=not progress, unit="img")):
+        out[i] = torch.from_numpy(decode_image(path, resize)).permute(2, 0, 1)
+    return out
+
+
 def load_domain(root: Path, name: str, resize: int, progress: bool = True) -> DomainImages:
     """Decode every image of ``root/name`` once into a uint8 tensor."""
     paths = list_images(root, name)
-    out = torch.empty((len(paths), 3, resize, resize), dtype=torch.uint8)
-    for i, path in enumerate(tqdm(paths, desc=f"decode {name}", disable=not progress, unit="img")):
-        out[i] = torch.from_numpy(decode_image(path, resize)).permute(2, 0, 1)
-    return DomainImages(out, paths)
+    return DomainImages(decode_images(paths, resize, f"decode {name}", progress), paths)
 
 
 @dataclass
@@ -179,6 +184,5 @@ def load_display_images(root: Path, resize: int, count: int) -> tuple[torch.Tens
             paths = list_images(root, f"test{domain}")
         except DataError:
             paths = list_images(root, f"train{domain}")
-        paths = paths[:count]
-        out.append(torch.stack([torch.from_numpy(decode_image(p, resize)).permute(2, 0, 1) for p in paths]))
+        out.append(decode_images(paths[:count], resize))
     return out[0], out[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data.images import IMAGE_SUFFIXES, DataError, decode_image, to_model_range, to_uint8
+from data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
 from evaluate.report import load_model
 from train.visuals import transfer_grids
 
@@ -33,8 +33,7 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def _load(paths: list[Path], resize: int, device: torch.device) -> torch.Tensor:
-    stack = torch.stack([torch.from_numpy(decode_image(p, resize)).permute(2, 0, 1) for p in paths])
-    return to_model_range(stack.to(device))
+    return to_model_range(decode_images(paths, resize).to(device))
 
 
 def _save(image: torch.Tensor, path: Path) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
 
 from data.images import AnnotatedImages
@@ -205,6 +204,20 @@ def write_report(
     return paths
 
 
+def score_and_report(
+    model: ContentTransferModel,
+    annotated: AnnotatedImages,
+    cfg: TrainConfig,
+    iteration: int,
+    run_dir: Path,
+    split_seed: int = 0,
+) -> tuple[SegmentationScores, list[Path]]:
+    """Masks and baseline maps of the annotated images, their scores, and the report files."""
+    maps = predict_maps(model, annotated.images)
+    scores = score_masks(maps.masks, annotated.masks, annotated.names, split_seed, maps.reconstruction_error)
+    return scores, write_report(run_dir, scores, maps, annotated, cfg, iteration)
+
+
 def evaluate_run(
     run_dir: Path, root: str | None = None, device: str = "auto", split_seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
@@ -212,8 +225,5 @@ def evaluate_run(
     run_dir = Path(run_dir)
     model, cfg, iteration = load_model(run_dir, device)
     annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress)
-    with torch.no_grad():
-        maps = predict_maps(model, annotated.images)
-    scores = score_masks(maps.masks, annotated.masks, annotated.names, split_seed, maps.reconstruction_error)
-    paths = write_report(run_dir, scores, maps, annotated, cfg, iteration)
+    scores, paths = score_and_report(model, annotated, cfg, iteration, run_dir, split_seed)
     return {"metrics": scores.metrics, "paths": paths}

@@ -12,8 +12,8 @@ import optuna
 
 from data.images import AnnotatedImages
 from data.synthetic import write_dataset
-from evaluate.report import write_report
-from evaluate.segmentation import load_test_annotations, predict_maps, predict_masks, score_masks
+from evaluate.report import score_and_report
+from evaluate.segmentation import load_test_annotations, predict_masks, score_masks
 from evaluate.tracking import RUN_FILE, log_scores
 from search.study_file import StudyConfig
 from search.study_report import param_importances, write_study_report
@@ -132,9 +132,8 @@ def _train_and_score(trial: optuna.Trial, cfg: TrainConfig, annotated: Annotated
         return {OBJECTIVE_KEY: value, "val/threshold_best": scores.metrics["val/threshold_best"]}
 
     result = train(cfg, on_eval=on_eval, progress=progress)
-    maps = predict_maps(result.model, annotated.images)
-    scores = score_masks(maps.masks, annotated.masks, annotated.names, reconstruction_error=maps.reconstruction_error)
-    for path in write_report(Path(cfg.out), scores, maps, annotated, cfg, result.iterations):
+    scores, paths = score_and_report(result.model, annotated, cfg, result.iterations, Path(cfg.out))
+    for path in paths:
         mlflow.log_artifact(str(path))
     log_scores(scores, result.iterations)
     for key, value in scores.metrics.items():

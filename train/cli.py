@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from train.config import TrainConfig
+from train.config import AMP_MODES, TrainConfig
 from train.losses import LossWeights
 
 _D = TrainConfig()
@@ -89,7 +89,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--gpu", type=int, default=None, help="CUDA device index to train on (overrides --device)")
     dev.add_argument(
         "--amp",
-        choices=["none", "bf16"],
+        choices=AMP_MODES,
         default=_D.amp,
         help="bf16: forward passes under bfloat16 autocast; faster where bf16 matmul is (recent CPUs, "
         "GPUs), losses differ slightly from float32 (default: %(default)s)",
