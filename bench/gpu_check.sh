@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine, under 5 minutes: the train-step table at resize 128,
-# batch 32 and 64, for fp32, bf16 autocast, channels_last and torch.compile, against the
-# reference computation. Run from the repository root after `pip install -e .`:
+# One command for a CUDA machine, about 5 minutes: the train-step table at resize 128,
+# batch 32 and 64, for fp32, bf16 autocast, channels_last and torch.compile, each against
+# the reference computation, then the IoU sweep on the GPU. Run from anywhere:
 #
 #   bash bench/gpu_check.sh
-set -euo pipefail
+#
+# Needs torch, torchvision, numpy, Pillow and tqdm only (the bench scripts import the
+# step, not the MLflow-logging loop), so it also runs where `pip install -e .` cannot.
+# Each stage has its own time limit, so a slow compile cannot hide the other rows.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-timeout 290 python bench/train_step.py --device cuda --resize 128 --bs 32 64 --variants fp32 bf16 channels_last bf16+channels_last compile --iters 10 --rounds 2
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+echo "== eager variants =="
+timeout 170 $PY bench/train_step.py --device cuda --resize 128 --bs 32 64 \
+  --variants fp32 bf16 channels_last bf16+channels_last --iters 10 --rounds 3
+echo "== torch.compile =="
+timeout 220 $PY bench/train_step.py --device cuda --resize 128 --bs 32 64 --variants compile --iters 10 --rounds 2
+echo "== IoU sweep on the GPU =="
+timeout 60 $PY bench/iou_sweep.py --device cuda --masks 1000 --side 128

@@ -7,7 +7,7 @@ and resized with PIL each time it is drawn (a DataLoader with num_workers=0),
 the mask decoder's trunk run twice for A, every loss term computed (zero
 weights too), the discriminator step back-propagating into E_common.
 Platform: the same hyperparameters on the same images through
-``train.loop.train_step`` with the decode-once uint8 batches.
+``train.step.train_step`` with the decode-once uint8 batches.
 
 Prints images per second (A and B images of one step count as 2 x bs), the
 ratio, and the platform's achieved GFLOP/s against a large float32 matmul
@@ -36,8 +36,8 @@ from data.batches import DomainBatches  # noqa: E402
 from data.images import list_images, load_domain  # noqa: E402
 from data.synthetic import SynthConfig, write_dataset  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.loop import ADAM_BETAS, GRAD_CLIP, LossFunctions, Optimizers, build_model, train_step  # noqa: E402
 from train.reference import reference_autoencoder_losses, reference_discriminator_loss  # noqa: E402
+from train.step import ADAM_BETAS, GRAD_CLIP, LossFunctions, Optimizers, build_model, train_step  # noqa: E402
 
 VARIANTS = {  # platform configurations: TrainConfig overrides
     "fp32": {},
@@ -158,8 +158,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_ceiling(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n float32 matmul: what this machine sustains in practice."""
+def matmul_ceiling(device: torch.device, repeats: int = 5) -> float:
+    """GFLOP/s of a large float32 matmul: what this machine sustains in practice."""
+    n = 8192 if device.type == "cuda" else 2048  # a GPU needs a larger product to be kept busy
     x, y = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     seconds = _time(lambda: x @ y, repeats, device)
     return 2 * n**3 / seconds / 1e9

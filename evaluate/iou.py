@@ -63,7 +63,7 @@ class IoUSweep:
     """Streams batches of (soft mask, truth); memory grows with images x thresholds only."""
 
     def __init__(self, thresholds: torch.Tensor | None = None) -> None:
-        self.thresholds = threshold_grid() if thresholds is None else thresholds
+        self.thresholds = threshold_grid() if thresholds is None else thresholds.cpu()  # masks may be anywhere
         if self.thresholds.ndim != 1 or not bool((self.thresholds[1:] > self.thresholds[:-1]).all()):
             raise ValueError("thresholds must be a strictly increasing 1-D tensor")
         self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []

@@ -19,8 +19,8 @@ from evaluate.segmentation import (
 )
 from train.checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, write_json
 from train.config import TrainConfig
-from train.loop import resolve_device
 from train.model import ContentTransferModel
+from train.step import resolve_device
 
 MARKDOWN_FILE = "report.md"
 CURVES_FILE = "iou_curves.png"

@@ -1,0 +1,113 @@
+"""The optimisation step and what it needs: device, model, optimizers, loss functions.
+
+Kept apart from the loop (which logs to MLflow and writes checkpoints) so that the
+step can be timed and run anywhere torch runs (``bench/train_step.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from train.config import TrainConfig
+from train.losses import LossWeights, autoencoder_losses, discriminator_loss
+from train.model import ContentTransferModel
+
+GRAD_CLIP = 5.0  # gradient-norm clip on both optimizers, as the reference meant
+ADAM_BETAS = (0.5, 0.999)
+
+
+def place_dataset(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The uint8 data set on ``device``, or left in host memory when the device cannot hold it."""
+    try:
+        return images.to(device)
+    except torch.OutOfMemoryError:
+        return images.pin_memory()  # batches are then gathered on the host and copied over
+
+
+def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device:
+    """``--gpu N`` wins; ``auto`` means CUDA when present, else CPU."""
+    if gpu is not None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--gpu {gpu} was given but CUDA is not available")
+        return torch.device(f"cuda:{gpu}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Optimizers:
+    autoencoder: torch.optim.Adam
+    disc: torch.optim.Adam
+
+    @classmethod
+    def create(cls, model: ContentTransferModel, lr: float, disclr: float) -> Optimizers:
+        # fused: one kernel for all parameters instead of a loop over them (same update rule).
+        return cls(
+            torch.optim.Adam(model.autoencoder_parameters(), lr=lr, betas=ADAM_BETAS, fused=True),
+            torch.optim.Adam(model.disc.parameters(), lr=disclr, betas=ADAM_BETAS, fused=True),
+        )
+
+
+@dataclass(frozen=True)
+class LossFunctions:
+    """The two loss computations, eager or compiled as one graph each."""
+
+    autoencoder: Callable = autoencoder_losses
+    disc: Callable = discriminator_loss
+
+    @classmethod
+    def create(cls, compile: bool) -> LossFunctions:
+        # Whole functions, not modules: a compiled module called several times in one
+        # graph breaks autograd on its in-place BatchNorm statistics.
+        if not compile:
+            return cls()
+        return cls(torch.compile(autoencoder_losses), torch.compile(discriminator_loss))
+
+
+def train_step(
+    model: ContentTransferModel,
+    optimizers: Optimizers,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weights: LossWeights,
+    bf16: bool = False,
+    losses: LossFunctions = LossFunctions(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One autoencoder update then one discriminator update; returns detached losses.
+
+    ``bf16`` runs the forward passes under bfloat16 autocast (weights and optimizer stay float32).
+    """
+    autocast = torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=bf16)
+    # Autoencoder: the seven weighted terms.
+    optimizers.autoencoder.zero_grad(set_to_none=True)
+    with autocast:
+        total, terms = losses.autoencoder(model, a, b, weights)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.autoencoder_parameters(), GRAD_CLIP)
+    optimizers.autoencoder.step()
+
+    # Discriminator: tell A's common codes from B's.
+    optimizers.disc.zero_grad(set_to_none=True)
+    with autocast:
+        disc_loss = losses.disc(model, a, b)
+    disc_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.disc.parameters(), GRAD_CLIP)
+    optimizers.disc.step()
+    return total.detach(), {k: v.detach() for k, v in terms.items()}, disc_loss.detach()
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> ContentTransferModel:
+    """The seeded model on ``device``, in the memory layout ``cfg`` asks for."""
+    torch.manual_seed(cfg.seed)  # same seed, same initial weights on any device
+    model = ContentTransferModel(cfg.model_config()).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def memory_layout(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
