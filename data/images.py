@@ -3,13 +3,18 @@
 A data root is either the folder layout (``trainA/ trainB/ testA/ testB/``)
 or the reference's list-file layout (``trainA.txt`` ... with one image path a
 line, absolute or relative to the root). Each image is decoded, converted to
-RGB, resized so its shorter side is ``resize`` and centre-cropped to a square,
-once; training then indexes the uint8 tensor.
+RGB, optionally centre-cropped to ``crop`` pixels (a data root's
+``mbu_data.json`` says how it was prepared), resized so its shorter side is
+``resize`` and centre-cropped to a square, once; training then indexes the
+uint8 tensor, and the decoded tensor is kept in the on-disk cache of
+:mod:`data.cache`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +22,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from data import cache
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MASK_FOLDER_SUFFIX = "_masks"
+DATASET_FILE = "mbu_data.json"  # written by ``mbu data ...``: how the root was prepared (crop, source)
 
 
 class DataError(ValueError):
@@ -31,6 +39,7 @@ class DomainImages:
 
     images: torch.Tensor
     paths: list[Path]
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of files left out by skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,8 +69,27 @@ def list_images(root: Path, name: str) -> list[Path]:
     return paths
 
 
-def _square(image: Image.Image, resize: int, resample: Image.Resampling) -> Image.Image:
-    """Shorter side to ``resize``, then a centre crop to ``resize x resize``."""
+def read_crop(root: Path) -> int | None:
+    """The centre crop recorded in the root's ``mbu_data.json``, if any."""
+    meta = Path(root) / DATASET_FILE
+    if not meta.is_file():
+        return None
+    try:
+        crop = json.loads(meta.read_text()).get("crop")
+    except (ValueError, AttributeError) as err:
+        raise DataError(f"cannot read {meta}: {err}") from err
+    if crop is not None and (not isinstance(crop, int) or crop <= 0):
+        raise DataError(f"{meta}: crop must be a positive number of pixels, got {crop!r}")
+    return crop
+
+
+def _square(image: Image.Image, resize: int, resample: Image.Resampling, crop: float | None = None) -> Image.Image:
+    """Optional centre crop of ``crop`` pixels, shorter side to ``resize``, centre crop to a square."""
+    if crop:
+        w, h = image.size
+        cw, ch = min(w, round(crop)), min(h, round(crop))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        image = image.crop((left, top, left + cw, top + ch))
     w, h = image.size
     scale = resize / min(w, h)
     new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
@@ -70,7 +98,7 @@ def _square(image: Image.Image, resize: int, resample: Image.Resampling) -> Imag
     return image.crop((left, top, left + resize, top + resize))
 
 
-def decode_image(path: Path, resize: int) -> np.ndarray:
+def decode_image(path: Path, resize: int, crop: int | None = None) -> np.ndarray:
     """(S, S, 3) uint8 RGB; any mode (grey, palette, RGBA, 16-bit) is converted."""
     try:
         with Image.open(path) as image:
@@ -81,10 +109,10 @@ def decode_image(path: Path, resize: int) -> np.ndarray:
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
-    return np.array(_square(rgb, resize, Image.Resampling.BICUBIC))
+    return np.array(_square(rgb, resize, Image.Resampling.BICUBIC, crop))
 
 
-def decode_mask(path: Path, resize: int) -> np.ndarray:
+def decode_mask(path: Path, resize: int, crop: float | None = None) -> np.ndarray:
     """(S, S) bool, resized with nearest neighbour so it stays binary."""
     try:
         with Image.open(path) as image:
@@ -92,21 +120,67 @@ def decode_mask(path: Path, resize: int) -> np.ndarray:
             grey = image.convert("L")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"cannot read mask {path}: {err}") from err
-    return np.array(_square(grey, resize, Image.Resampling.NEAREST)) > 127
+    return np.array(_square(grey, resize, Image.Resampling.NEAREST, crop)) > 127
 
 
-def decode_images(paths: list[Path], resize: int, desc: str = "decode", progress: bool = False) -> torch.Tensor:
-    """(N, 3, S, S) uint8: every image of ``paths`` decoded with :func:`decode_image`."""
+def _image_size(path: Path, what: str = "image") -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"cannot read {what} {path}: {err}") from err
+
+
+def decode_images(
+    paths: list[Path],
+    resize: int,
+    desc: str = "decode",
+    progress: bool = False,
+    crop: int | None = None,
+    skip_bad: bool = False,
+) -> tuple[torch.Tensor, list[Path], list[str]]:
+    """(N, 3, S, S) uint8 of every readable image, the paths kept, and "path: reason" per file skipped.
+
+    Without ``skip_bad`` the first unreadable file raises :class:`DataError`.
+    """
     out = torch.empty((len(paths), 3, resize, resize), dtype=torch.uint8)
-    for i, path in enumerate(tqdm(paths, desc=desc, disable=not progress, unit="img")):
-        out[i] = torch.from_numpy(decode_image(path, resize)).permute(2, 0, 1)
-    return out
+    kept: list[Path] = []
+    skipped: list[str] = []
+    for path in tqdm(paths, desc=desc, disable=not progress, unit="img"):
+        try:
+            array = decode_image(path, resize, crop)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(f"{path}: {err.__cause__ or err}")
+            continue
+        out[len(kept)] = torch.from_numpy(array).permute(2, 0, 1)
+        kept.append(path)
+    return out[: len(kept)], kept, skipped
 
 
-def load_domain(root: Path, name: str, resize: int, progress: bool = True) -> DomainImages:
-    """Decode every image of ``root/name`` once into a uint8 tensor."""
+def load_domain(
+    root: Path, name: str, resize: int, progress: bool = True, skip_bad: bool = False, use_cache: bool = True
+) -> DomainImages:
+    """Every image of ``root/name`` as one uint8 tensor, decoded once and then read from the disk cache."""
     paths = list_images(root, name)
-    return DomainImages(decode_images(paths, resize, f"decode {name}", progress), paths)
+    crop = read_crop(root)
+    key = cache.cache_key(paths, resize, crop, skip_bad) if use_cache else ""
+    hit = cache.load(key) if use_cache else None
+    if hit is not None:
+        domain = DomainImages(torch.from_numpy(hit.images), hit.paths, hit.skipped)
+    else:
+        images, kept, skipped = decode_images(paths, resize, f"decode {name}", progress, crop, skip_bad)
+        if not kept:
+            raise DataError(f"no readable image in {root}/{name} ({len(skipped)} skipped)")
+        domain = DomainImages(images, kept, skipped)
+        if use_cache:
+            cache.store(key, cache.CachedDomain(images.numpy(), kept, skipped))
+    if domain.skipped:
+        shown = "".join(f"\n  {line}" for line in domain.skipped[:10])
+        more = f"\n  ... and {len(domain.skipped) - 10} more" if len(domain.skipped) > 10 else ""
+        print(f"warning: skipped {len(domain.skipped)} unreadable image(s) in {name}:{shown}{more}", file=sys.stderr)
+    return domain
 
 
 @dataclass
@@ -116,32 +190,46 @@ class AnnotatedImages:
     images: torch.Tensor
     masks: torch.Tensor
     names: list[str]
+    unannotated: list[str] = field(default_factory=list)  # images of the split with no mask, left out
 
 
-def load_annotated(root: Path, resize: int, split: str = "test", progress: bool = True) -> AnnotatedImages:
-    """``{split}A`` images paired by file stem with masks in ``{split}A_masks/``.
+def load_annotated(
+    root: Path, resize: int, split: str = "test", progress: bool = True, masks_dir: Path | None = None
+) -> AnnotatedImages:
+    """``{split}A`` images paired by file stem with the binary masks of ``masks_dir``.
 
+    ``masks_dir`` defaults to ``root/{split}A_masks/``. A mask must have its
+    image's aspect ratio (any scale: it is resized with nearest neighbour).
     Images without a mask are left out of scoring; a mask without an image, or
     no mask at all, is an error.
     """
     root = Path(root)
-    mask_dir = root / f"{split}A{MASK_FOLDER_SUFFIX}"
+    mask_dir = Path(masks_dir) if masks_dir is not None else root / f"{split}A{MASK_FOLDER_SUFFIX}"
     if not mask_dir.is_dir():
         raise DataError(f"no ground-truth masks: {mask_dir} does not exist")
     masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    paths = [p for p in list_images(root, f"{split}A") if p.stem in masks]
+    all_paths = list_images(root, f"{split}A")
+    paths = [p for p in all_paths if p.stem in masks]
     stems = {p.stem for p in paths}
     orphans = sorted(set(masks) - stems)
     if orphans:
-        raise DataError(f"{mask_dir} has masks with no {split}A image, e.g. {orphans[:3]}")
+        raise DataError(f"{mask_dir} has masks whose name matches no {split}A image, e.g. {orphans[:3]}")
     if not paths:
         raise DataError(f"none of the {split}A images has a mask in {mask_dir}")
+    crop = read_crop(root)
     images = torch.empty((len(paths), 3, resize, resize), dtype=torch.uint8)
     truth = torch.empty((len(paths), resize, resize), dtype=torch.bool)
     for i, path in enumerate(tqdm(paths, desc=f"decode {split}A + masks", disable=not progress, unit="img")):
-        images[i] = torch.from_numpy(decode_image(path, resize)).permute(2, 0, 1)
-        truth[i] = torch.from_numpy(decode_mask(masks[path.stem], resize))
-    return AnnotatedImages(images, truth, [p.name for p in paths])
+        mask_path = masks[path.stem]
+        (iw, ih), (mw, mh) = _image_size(path), _image_size(mask_path, "mask")
+        if mw * ih != iw * mh:
+            raise DataError(f"mask {mask_path} is {mw}x{mh} but its image {path} is {iw}x{ih} (aspect ratios differ)")
+        images[i] = torch.from_numpy(decode_image(path, resize, crop)).permute(2, 0, 1)
+        # The crop is in image pixels; a mask stored at another scale is cropped in proportion.
+        mask_crop = crop * mw / iw if crop else None
+        truth[i] = torch.from_numpy(decode_mask(mask_path, resize, mask_crop))
+    unannotated = [p.name for p in all_paths if p.stem not in masks]
+    return AnnotatedImages(images, truth, [p.name for p in paths], unannotated)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -154,35 +242,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-# Decoded domains kept for the life of the process, so the trials of a study
-# run by one worker decode each image once. Keyed by every file's path, size
-# and modification time: a changed folder is decoded again, never served stale.
-_DECODED: dict[tuple, DomainImages] = {}
-_DECODED_MAX = 4  # a train A and B pair at two resolutions, at most
-
-
-def _listing_key(paths: list[Path], resize: int) -> tuple:
-    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
-    return (resize, stats)
-
-
-def load_domain_cached(root: Path, name: str, resize: int, progress: bool = True) -> DomainImages:
-    """:func:`load_domain`, reusing this process's earlier decode of the same files."""
-    key = _listing_key(list_images(root, name), resize)
-    if key not in _DECODED:
-        if len(_DECODED) >= _DECODED_MAX:
-            _DECODED.pop(next(iter(_DECODED)))
-        _DECODED[key] = load_domain(root, name, resize, progress)
-    return _DECODED[key]
-
-
-def load_display_images(root: Path, resize: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``count`` images of each domain for grids: test split if present, else train."""
+def load_display_images(
+    root: Path, resize: int, count: int, skip_bad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` (readable, with ``skip_bad``) images of each domain for grids: test split, else train."""
     out = []
     for domain in ("A", "B"):
         try:
             paths = list_images(root, f"test{domain}")
         except DataError:
             paths = list_images(root, f"train{domain}")
-        out.append(decode_images(paths[:count], resize))
+        images, kept, _ = decode_images(
+            paths[: 2 * count] if skip_bad else paths[:count], resize, crop=read_crop(root), skip_bad=skip_bad
+        )
+        out.append(images[:count])
     return out[0], out[1]

@@ -33,7 +33,7 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def _load(paths: list[Path], resize: int, device: torch.device) -> torch.Tensor:
-    return to_model_range(decode_images(paths, resize).to(device))
+    return to_model_range(decode_images(paths, resize)[0].to(device))
 
 
 def _save(image: torch.Tensor, path: Path) -> None:

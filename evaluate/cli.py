@@ -16,6 +16,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
     parser.add_argument("--root", default=None, help="data root to score on (default: the root the run trained on)")
+    parser.add_argument(
+        "--masks",
+        type=Path,
+        default=None,
+        help="folder of binary masks named like the test A images (default: ROOT/testA_masks/); test A images "
+        "without a mask are left out and counted",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument(
         "--split-seed", type=int, default=0, help="seed of the validation/test split (default: %(default)s)"
@@ -81,11 +88,15 @@ def remove_main(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     from evaluate.report import evaluate_run
 
-    report = evaluate_run(args.run, args.root, args.device, args.split_seed, progress=not args.no_progress)
+    report = evaluate_run(
+        args.run, args.root, args.device, args.split_seed, progress=not args.no_progress, masks_dir=args.masks
+    )
     m = report["metrics"]
+    left_out = len(report["unannotated"])
     print(
         f"scored {int(m['val/images'] + m['test/images'])} annotated images "
-        f"({int(m['val/images'])} validation, {int(m['test/images'])} test)\n"
+        f"({int(m['val/images'])} validation, {int(m['test/images'])} test); "
+        f"{left_out} test A image(s) without a mask left out\n"
         f"threshold {m['val/threshold_best']:.2f} (chosen on validation, IoU {m['val/iou_best']:.4f})\n"
         f"test IoU {m['test/iou']:.4f} (per-image mean {m['test/iou_per_image']:.4f}); "
         f"oracle {m['test/iou_oracle']:.4f} at {m['test/threshold_oracle']:.2f}; "

@@ -219,11 +219,19 @@ def score_and_report(
 
 
 def evaluate_run(
-    run_dir: Path, root: str | None = None, device: str = "auto", split_seed: int = 0, progress: bool = True
+    run_dir: Path,
+    root: str | None = None,
+    device: str = "auto",
+    split_seed: int = 0,
+    progress: bool = True,
+    masks_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Score a run folder's checkpoint on ``root`` (default: the root it trained on) and write its report."""
+    """Score a run folder's checkpoint on ``root`` (default: the root it trained on) and write its report.
+
+    Masks come from ``masks_dir``, else ``root/testA_masks/``.
+    """
     run_dir = Path(run_dir)
     model, cfg, iteration = load_model(run_dir, device)
-    annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress)
+    annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress, masks_dir)
     scores, paths = score_and_report(model, annotated, cfg, iteration, run_dir, split_seed)
-    return {"metrics": scores.metrics, "paths": paths}
+    return {"metrics": scores.metrics, "paths": paths, "unannotated": annotated.unannotated}

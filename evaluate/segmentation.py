@@ -159,5 +159,8 @@ def score_masks(
     )
 
 
-def load_test_annotations(root: Path, resize: int, progress: bool = True) -> AnnotatedImages:
-    return load_annotated(Path(root), resize, "test", progress)
+def load_test_annotations(
+    root: Path, resize: int, progress: bool = True, masks_dir: Path | None = None
+) -> AnnotatedImages:
+    """Test A images with their masks (``root/testA_masks/`` unless ``masks_dir`` is given)."""
+    return load_annotated(Path(root), resize, "test", progress, masks_dir)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.cache import CACHE_ENV
 from data.synthetic import SynthConfig, write_dataset
 from train.config import TrainConfig
 
@@ -26,9 +27,10 @@ bs = 4
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test runs in its own folder with MLflow pointed there, never at the user's store."""
+    """Each test runs in its own folder with MLflow and the decode cache there, never the user's."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "decode-cache"))
     torch.manual_seed(0)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,9 @@ import torch
 from PIL import Image
 
 from data.batches import DomainBatches
-from data.images import DataError, decode_image, list_images, load_annotated, load_domain, load_domain_cached
+from data.cache import cache_dir
+from data.images import DATASET_FILE, DataError, decode_image, list_images, load_annotated, load_domain
+from train.config import TrainConfig
 
 
 def _write(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
@@ -73,14 +77,97 @@ def test_annotated_pairs_images_with_masks(tiny_root: Path) -> None:
     assert ann.masks.dtype == torch.bool and ann.masks.any()
 
 
-def test_cache_reuses_decode_and_notices_changed_files(tmp_path: Path) -> None:
+def _overwrite_keeping_stat(path: Path, data: bytes) -> None:
+    """Replace the file's bytes but keep its size and mtime: the cache key cannot see the change."""
+    stat = path.stat()
+    path.write_bytes(data[: stat.st_size].ljust(stat.st_size, b"\0"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_disk_cache_serves_a_second_load_without_decoding(tmp_path: Path) -> None:
+    for i in range(3):
+        _write(tmp_path / "trainA" / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8))
+    first = load_domain(tmp_path, "trainA", 64, progress=False)
+    assert len(list(cache_dir().glob("*.npy"))) == 1
+    # Garbage under the same size and mtime: only a cache hit can still return the images.
+    _overwrite_keeping_stat(tmp_path / "trainA" / "1.png", b"not a png")
+    again = load_domain(tmp_path, "trainA", 64, progress=False)
+    assert torch.equal(again.images, first.images) and again.paths == first.paths
+    with pytest.raises(DataError, match="1.png"):
+        load_domain(tmp_path, "trainA", 64, progress=False, use_cache=False)
+
+
+def test_changed_data_is_decoded_again_not_served_stale(tmp_path: Path) -> None:
     for i in range(2):
         _write(tmp_path / "trainA" / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8))
-    first = load_domain_cached(tmp_path, "trainA", 64, progress=False)
-    assert load_domain_cached(tmp_path, "trainA", 64, progress=False) is first
+    first = load_domain(tmp_path, "trainA", 64, progress=False)
+    _write(tmp_path / "trainA" / "1.png", np.full((8, 8, 3), 200, np.uint8))  # new content, new mtime
+    os.utime(tmp_path / "trainA" / "1.png", ns=(1, 10**18))
+    changed = load_domain(tmp_path, "trainA", 64, progress=False)
+    assert int(first.images[1].float().mean()) == 10 and int(changed.images[1].float().mean()) == 200
     _write(tmp_path / "trainA" / "2.png", np.full((8, 8, 3), 99, np.uint8))
-    changed = load_domain_cached(tmp_path, "trainA", 64, progress=False)
-    assert changed is not first and len(changed) == 3
+    assert len(load_domain(tmp_path, "trainA", 64, progress=False)) == 3
+
+
+def test_corrupt_cache_entry_is_ignored_and_rewritten(tmp_path: Path) -> None:
+    for i in range(2):
+        _write(tmp_path / "trainA" / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8))
+    first = load_domain(tmp_path, "trainA", 64, progress=False)
+    (entry,) = cache_dir().glob("*.npy")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a crash or a full disk
+    with pytest.warns(UserWarning, match="unreadable decode cache"):
+        again = load_domain(tmp_path, "trainA", 64, progress=False)
+    assert torch.equal(again.images, first.images)
+    assert np.load(entry, allow_pickle=False).shape == tuple(first.images.shape)  # rewritten whole
+
+
+def test_skip_bad_leaves_unreadable_images_out_and_names_them(tmp_path: Path, capsys) -> None:
+    for i in range(3):
+        _write(tmp_path / "trainA" / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8))
+    (tmp_path / "trainA" / "1.png").write_bytes(b"\x89PNG truncated")
+    domain = load_domain(tmp_path, "trainA", 64, progress=False, skip_bad=True)
+    assert [p.name for p in domain.paths] == ["0.png", "2.png"] and domain.images.shape[0] == 2
+    assert len(domain.skipped) == 1 and "1.png" in domain.skipped[0]
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
+    with pytest.raises(DataError, match="1.png"):
+        load_domain(tmp_path, "trainA", 64, progress=False)
+
+
+def test_crop_from_the_data_root_is_applied_before_resizing(tmp_path: Path) -> None:
+    # A 20x30 image: a 10x10 centre square of 200 inside a border of 0.
+    array = np.zeros((30, 20, 3), np.uint8)
+    array[10:20, 5:15] = 200
+    _write(tmp_path / "trainA" / "0.png", array)
+    uncropped = load_domain(tmp_path, "trainA", 64, progress=False).images
+    (tmp_path / DATASET_FILE).write_text(json.dumps({"crop": 10}))
+    cropped = load_domain(tmp_path, "trainA", 64, progress=False).images
+    assert int(cropped.min()) == 200  # only the centre square is left
+    assert int(uncropped.min()) == 0
+    (tmp_path / DATASET_FILE).write_text(json.dumps({"crop": -3}))
+    with pytest.raises(DataError, match="crop"):
+        load_domain(tmp_path, "trainA", 64, progress=False)
+
+
+def test_mask_whose_size_or_name_does_not_match_is_an_error(tmp_path: Path) -> None:
+    for i in range(2):
+        _write(tmp_path / "testA" / f"{i}.png", np.zeros((20, 20, 3), np.uint8))
+    _write(tmp_path / "testA_masks" / "0.png", np.zeros((10, 10), np.uint8))  # half scale: fine
+    _write(tmp_path / "testA_masks" / "1.png", np.zeros((10, 16), np.uint8))  # wrong shape
+    with pytest.raises(DataError, match=r"1.png is 16x10 but its image .*1.png is 20x20"):
+        load_annotated(tmp_path, 64, progress=False)
+    (tmp_path / "testA_masks" / "1.png").unlink()
+    _write(tmp_path / "testA_masks" / "7.png", np.zeros((20, 20), np.uint8))  # no testA/7.*
+    with pytest.raises(DataError, match=r"matches no testA image.*'7'"):
+        load_annotated(tmp_path, 64, progress=False)
+    (tmp_path / "testA_masks" / "7.png").unlink()
+    ann = load_annotated(tmp_path, 64, progress=False)
+    assert ann.names == ["0.png"] and ann.unannotated == ["1.png"]
+
+
+def test_resize_must_be_a_multiple_of_64(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="resize must be a multiple of 64.*got 100"):
+        TrainConfig(root=str(tmp_path), resize=100)
+    assert TrainConfig(root=str(tmp_path), resize=192).model_config().latent_side == 3
 
 
 def test_batches_are_a_function_of_seed_and_iteration() -> None:

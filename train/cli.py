@@ -33,6 +33,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default=_D.out, help="run folder for the checkpoint, config and grids (default: %(default)s)"
     )
     data.add_argument("--load", default=_D.load, help="resume from the checkpoint in this run folder")
+    data.add_argument(
+        "--skip-bad",
+        dest="skip_bad",
+        action="store_true",
+        help="leave unreadable or truncated images out (listed on stderr and in OUT/skipped_images.txt) "
+        "instead of stopping with an error naming the first one",
+    )
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument(
@@ -51,7 +58,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--resize", type=int, default=_D.resize, help="image side: 64, 128 or 256 (default: %(default)s)"
+        "--resize",
+        type=int,
+        default=_D.resize,
+        help="image side, a multiple of 64 (paper: 64, 128, 256; default: %(default)s)",
     )
     model.add_argument("--sep", type=int, default=_D.sep, help="channels of the separate code (default: %(default)s)")
 

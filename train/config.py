@@ -19,7 +19,7 @@ class TrainConfig:
     disclr: float = 2e-4  # Adam learning rate of the domain discriminator
     bs: int = 32  # batch size, per domain
     iters: int = 150_000  # training iterations (one batch of A and one of B each)
-    resize: int = 128  # image side in pixels: 64, 128 or 256
+    resize: int = 128  # image side in pixels: a multiple of 64 (64, 128, 256 in the paper)
     sep: int = 25  # channels of the separate code
     weights: LossWeights = field(default_factory=LossWeights)  # the seven loss weights
     progress_iter: int = 100  # log losses (and check they are finite) every N iterations
@@ -34,6 +34,7 @@ class TrainConfig:
     amp: str = "none"  # "bf16": autocast forward passes to bfloat16 (faster on recent CPUs/GPUs; see README)
     channels_last: bool = False  # NHWC memory layout for convolutions
     compile: bool = False  # torch.compile the loss computations (long first iteration)
+    skip_bad: bool = False  # leave unreadable images out (listed in skipped_images.txt) instead of stopping
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, dict):

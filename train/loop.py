@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.batches import DomainBatches
-from data.images import load_display_images, load_domain_cached, to_model_range
+from data.images import DomainImages, load_display_images, load_domain, to_model_range
 from train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -34,6 +34,8 @@ from train.step import (
     train_step,
 )
 from train.visuals import training_grids
+
+SKIPPED_FILE = "skipped_images.txt"
 
 # Called every ``eval_every`` iterations with (iteration, model in eval mode); may
 # return metrics to log, and may raise (e.g. optuna.TrialPruned) to stop training.
@@ -67,6 +69,18 @@ def save_grids(
             mlflow.log_image(array, key=name, step=iteration)
 
 
+def record_skipped(domains: list[DomainImages], run_dir: Path) -> None:
+    """With ``skip_bad``, list the files left out in ``run_dir/skipped_images.txt`` (and in MLflow)."""
+    skipped = [line for domain in domains for line in domain.skipped]
+    if not skipped:
+        return
+    path = run_dir / SKIPPED_FILE
+    path.write_text("\n".join(skipped) + "\n")
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(path))
+        mlflow.set_tag("skipped_images", len(skipped))
+
+
 def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, iteration: int, cfg: TrainConfig) -> dict:
     return {
         "model": model.state_dict(),
@@ -95,12 +109,14 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
     write_json(run_dir / CONFIG_FILE, cfg.to_dict())
 
     # Data: decoded once, kept as uint8 on the training device when it fits there.
-    train_a = place_dataset(load_domain_cached(Path(cfg.root), "trainA", cfg.resize, progress).images, device)
-    train_b = place_dataset(load_domain_cached(Path(cfg.root), "trainB", cfg.resize, progress).images, device)
+    domains = [load_domain(Path(cfg.root), name, cfg.resize, progress, cfg.skip_bad) for name in ("trainA", "trainB")]
+    record_skipped(domains, run_dir)
+    train_a, train_b = (place_dataset(domain.images, device) for domain in domains)
     batches_a = DomainBatches(train_a, cfg.bs, cfg.seed, domain=0, device=device)
     batches_b = DomainBatches(train_b, cfg.bs, cfg.seed, domain=1, device=device)
     display_a, display_b = (
-        to_model_range(x.to(device)) for x in load_display_images(Path(cfg.root), cfg.resize, cfg.num_display)
+        to_model_range(x.to(device))
+        for x in load_display_images(Path(cfg.root), cfg.resize, cfg.num_display, cfg.skip_bad)
     )
 
     # Model and optimizers, fresh or resumed.

@@ -13,18 +13,19 @@ import torch
 from torch import nn
 
 LATENT_CHANNELS = 512
-VALID_RESIZES = (64, 128, 256)
+RESIZE_STEP = 64  # six stride-2 blocks halve the side six times
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    resize: int = 128  # image side in pixels; one of 64, 128, 256
+    resize: int = 128  # image side in pixels; a multiple of 64
     sep: int = 25  # channels of the separate (content) code; common gets 512 - sep
 
     def __post_init__(self) -> None:
-        if self.resize not in VALID_RESIZES:
+        if not isinstance(self.resize, int) or self.resize < RESIZE_STEP or self.resize % RESIZE_STEP:
             raise ValueError(
-                f"resize must be one of {VALID_RESIZES} (six stride-2 blocks need a multiple of 64), got {self.resize}"
+                f"resize must be a multiple of {RESIZE_STEP} (six stride-2 blocks halve it six times), "
+                f"got {self.resize}"
             )
         if not 0 < self.sep < LATENT_CHANNELS:
             raise ValueError(f"sep must be in 1..{LATENT_CHANNELS - 1}, got {self.sep}")
