@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -30,6 +31,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run nothing: print the study's best trial, trial counts by state, parameter importances "
         "and where its reports are",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this machine, all on this study; each takes the next trial, logs to "
+        "runs/<study>/workers/worker-<i>.log and gets an equal share of the CPU threads (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=lambda text: [g.strip() for g in text.split(",") if g.strip()],
+        default=None,
+        metavar="0,1,...",
+        help="GPU indices to spread the workers over, round-robin (CUDA_VISIBLE_DEVICES per worker; several "
+        "workers may share one GPU)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
 
@@ -44,9 +60,22 @@ def main(args: argparse.Namespace) -> int:
 
         print(study_summary(config, args.storage, args.tracking_uri))
         return 0
-    summary = run_study(config, args.storage, args.tracking_uri, args.n_trials, progress=not args.no_progress)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers == 1 and not args.gpus:
+        summary = run_study(config, args.storage, args.tracking_uri, args.n_trials, progress=not args.no_progress)
+        print(summary.format())
+        return 0
+    from search.runner import launch_workers
+
+    summary, codes = launch_workers(
+        config, args.workers, args.gpus, args.storage, args.tracking_uri, args.n_trials, not args.no_progress
+    )
     print(summary.format())
-    return 0
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        print(f"workers {failed} exited with an error; see their logs", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> None:

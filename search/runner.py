@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
 import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from data.images import AnnotatedImages
+from data.images import AnnotatedImages, load_domain
 from data.synthetic import write_dataset
 from evaluate.report import score_and_report
 from evaluate.segmentation import load_test_annotations, predict_masks, score_masks
 from evaluate.tracking import RUN_FILE, log_scores
-from search.study_file import StudyConfig
+from search.study_file import StudyConfig, StudyFileError, StudySettings
 from search.study_report import param_importances, write_study_report
 from search.tracking import PARENT_ROLE, PARENT_RUN_ATTR, RUN_ID_ATTR, ui_command
-from train.checkpoint import write_json
+from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, write_json
 from train.config import TrainConfig
 from train.loop import train
 from train.model import ContentTransferModel
@@ -26,6 +34,9 @@ from train.tracking import resolve_tracking_uri, train_params
 
 OBJECTIVE_KEY = "val/iou_best"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+TAKEN = (*FINISHED, optuna.trial.TrialState.RUNNING)  # trials that count towards n_trials
+SQLITE_BUSY_TIMEOUT = 120  # seconds a worker waits for another's write lock on a SQLite file
+FINGERPRINT_ATTR = "mbu_fingerprint"  # Optuna study attribute: the space, fixed settings and data it was made with
 SUMMARY_METRICS = ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones")
 
 
@@ -97,11 +108,17 @@ def make_objective(
         params = {name: trial.suggest_float(name, rng.low, rng.high, log=rng.log) for name, rng in config.space.items()}
         run_dir = config.study_dir / f"trial-{trial.number}"
         cfg = config.trial_config(params, run_dir)
+        resume = checkpoint_to_resume(trial, config.study_dir)
+        if resume is not None:
+            cfg = replace(cfg, load=str(resume[0]))
         # Not a context manager: its exit would end the parent run after ours is ended.
         run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         write_json(run_dir / RUN_FILE, {"run_id": run.info.run_id, "study": config.study.name, "trial": trial.number})
         mlflow.set_tags({"trial_number": trial.number, "study": config.study.name, "state": "RUNNING"})
+        if resume is not None:
+            trial.set_user_attr("resumed_from_iteration", resume[1])
+            mlflow.set_tags({"resumed_from": str(resume[0]), "resumed_from_iteration": resume[1]})
         mlflow.log_params(train_params(cfg))
         try:
             value = _train_and_score(trial, cfg, annotated, progress)
@@ -118,6 +135,78 @@ def make_objective(
         return value
 
     return objective
+
+
+def checkpoint_to_resume(trial: optuna.Trial, study_dir: Path) -> tuple[Path, int] | None:
+    """For a retry of trials whose worker died: the newest readable checkpoint among them, and its iteration."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+        history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+    for number in reversed(history):
+        run_dir = study_dir / f"trial-{number}"
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            continue
+        try:
+            state = load_checkpoint(run_dir)
+        except CheckpointError as err:
+            warnings.warn(f"trial {trial.number}: not resuming from {run_dir}: {err}", stacklevel=2)
+            continue
+        return run_dir, int(state["iteration"])
+    return None
+
+
+class RetryLostTrial:
+    """Run by a live worker for each trial whose worker stopped beating: close its run, queue a retry."""
+
+    def __init__(self, max_retry: int) -> None:
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id is not None:
+            try:
+                client = mlflow.MlflowClient()
+                client.set_tag(run_id, "state", "FAIL")
+                client.set_tag(run_id, "error", "worker lost: no heartbeat within the grace period; retried")
+                client.set_terminated(run_id, "FAILED")
+            except mlflow.exceptions.MlflowException as err:
+                note = f"could not mark the MLflow run {run_id} of lost trial {trial.number} FAILED: {err}"
+                warnings.warn(note, stacklevel=2)
+        self.retry(study, trial)
+
+
+class StopAtTarget:
+    """Stop a worker once finished plus running trials reach the target, so workers never overshoot it."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if count_taken(study) >= self.target:
+            study.stop()
+
+
+def count_taken(study: optuna.Study) -> int:
+    """Finished plus running trials, after failing (and queueing retries of) those whose worker died."""
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial must not count as running
+    return sum(t.state in TAKEN for t in study.get_trials(deepcopy=False))
+
+
+def make_storage(settings: StudySettings) -> RDBStorage:
+    """The study's storage with heartbeats: a trial whose worker dies is failed and retried."""
+    url = settings.storage
+    # SQLite: wait for another worker's write lock instead of failing at once ("database is locked").
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if url.startswith("sqlite") else {}
+    if url.startswith(("postgresql", "mysql")):
+        engine_kwargs["pool_pre_ping"] = True  # connections that a server closed are replaced, not used
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=settings.heartbeat_interval,
+        grace_period=settings.grace_period,
+        heartbeat_stale_trial_callback=RetryLostTrial(settings.max_retry),
+    )
 
 
 def _train_and_score(trial: optuna.Trial, cfg: TrainConfig, annotated: AnnotatedImages, progress: bool) -> float:
@@ -186,6 +275,105 @@ def _existing_parent(study: optuna.Study) -> str | None:
     return run_id
 
 
+def resolve_settings(
+    config: StudyConfig, storage: str | None, tracking_uri: str | None, n_trials: int | None
+) -> StudyConfig:
+    """Command-line overrides applied over the study file."""
+    settings = replace(
+        config.study,
+        storage=storage or config.study.storage,
+        tracking_uri=resolve_tracking_uri(tracking_uri or config.study.tracking_uri),
+        n_trials=n_trials or config.study.n_trials,
+    )
+    return replace(config, study=settings)
+
+
+# Fixed settings that change how a trial runs or logs, not what it learns: free to edit between launches.
+OPERATIONAL_KEYS = {"device", "progress_iter", "display_iter", "save_iter", "num_display", "compile", "channels_last"}
+
+
+def fingerprint(config: StudyConfig) -> dict:
+    """What makes two launches' trials comparable: the search space, fixed settings and data."""
+    value = {
+        "space": {name: [r.low, r.high, r.log] for name, r in sorted(config.space.items())},
+        "train": {k: v for k, v in config.train.items() if k not in OPERATIONAL_KEYS},
+        "data": config.data_root if config.synthetic is None else vars(config.synthetic),
+    }
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def open_study(config: StudyConfig) -> optuna.Study:
+    """Create or load the study, refuse a study file whose space changed, queue the first trials."""
+    settings = config.study
+    study = optuna.create_study(
+        study_name=settings.name,
+        storage=make_storage(settings),
+        direction=settings.direction,
+        sampler=make_sampler(settings.sampler, settings.seed),
+        pruner=make_pruner(settings.pruner),
+        load_if_exists=True,
+    )
+    current, stored = fingerprint(config), study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored is None:
+        study.set_user_attr(FINGERPRINT_ATTR, current)
+    elif stored != current:
+        changed = sorted(k for k in current if current[k] != stored.get(k))
+        raise StudyFileError(
+            f"{config.path}: study {settings.name!r} in {settings.storage} was created with a different "
+            f"{' and '.join(changed)} (stored: {json.dumps({k: stored.get(k) for k in changed})}); its trials would "
+            "not be comparable. Restore the file, or give [study].name a new name for a new study."
+        )
+    for point in config.enqueue:
+        study.enqueue_trial(point, skip_if_exists=True)
+    return study
+
+
+def ensure_parent_run(study: optuna.Study, config: StudyConfig) -> str:
+    """Open the study's parent MLflow run (found again on every launch) and tag this launch."""
+    settings = config.study
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_experiment(settings.name)
+    parent = mlflow.start_run(run_id=_existing_parent(study), run_name=f"study-{settings.name}")
+    study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
+    mlflow.set_tags(
+        {
+            "study": settings.name,
+            "role": PARENT_ROLE,
+            "study_file": str(config.path),
+            "n_trials": settings.n_trials,
+            "last_launch": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    )
+    return parent.info.run_id
+
+
+def prepare_inputs(config: StudyConfig, progress: bool) -> AnnotatedImages:
+    """Data generated if synthetic, training domains decoded into the cache, test annotations loaded.
+
+    Done before any study or run exists, so a bad data root fails first; the
+    decode cache then serves every trial and every worker.
+    """
+    root = prepare_data(config, progress)
+    resize = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir).resize
+    skip_bad = bool(config.train.get("skip_bad", False))
+    for name in ("trainA", "trainB"):
+        load_domain(root, name, resize, progress, skip_bad)
+    return load_test_annotations(root, resize, progress)
+
+
+@contextmanager
+def launch_lock(study_dir: Path) -> Iterator[None]:
+    """One launch at a time through data preparation, study creation and the parent run.
+
+    Two launches of one study on this machine would otherwise both write the
+    synthetic data, queue the first trials twice or open two parent runs.
+    """
+    study_dir.mkdir(parents=True, exist_ok=True)
+    with open(study_dir / ".launch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
 def run_study(
     config: StudyConfig,
     storage: str | None = None,
@@ -193,56 +381,93 @@ def run_study(
     n_trials: int | None = None,
     progress: bool = True,
 ) -> StudySummary:
-    """Create or resume the study and run trials until it has ``n_trials`` finished ones."""
+    """Create or resume the study and run trials until it has ``n_trials`` finished ones.
+
+    Several processes may run this on one study at once (``launch_workers``, or
+    workers on other machines sharing a PostgreSQL storage): each takes the next
+    trial until finished plus running trials reach the target.
+    """
     started = time.monotonic()
-    study_settings = replace(
-        config.study,
-        storage=storage or config.study.storage,
-        tracking_uri=resolve_tracking_uri(tracking_uri or config.study.tracking_uri),
-        n_trials=n_trials or config.study.n_trials,
-    )
-    config = replace(config, study=study_settings)
-
-    # Data first: a bad data root fails before any study or run is created.
-    root = prepare_data(config, progress)
-    resize = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir).resize
-    annotated = load_test_annotations(root, resize, progress)
-
-    study = optuna.create_study(
-        study_name=study_settings.name,
-        storage=study_settings.storage,
-        direction=study_settings.direction,
-        sampler=make_sampler(config.study.sampler, config.study.seed),
-        pruner=make_pruner(config.study.pruner),
-        load_if_exists=True,
-    )
-    for point in config.enqueue:
-        study.enqueue_trial(point, skip_if_exists=True)
-
-    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-    remaining = study_settings.n_trials - finished
+    config = resolve_settings(config, storage, tracking_uri, n_trials)
+    settings = config.study
+    with launch_lock(config.study_dir):
+        annotated = prepare_inputs(config, progress)
+        study = open_study(config)
+        remaining = settings.n_trials - count_taken(study)
+        if remaining > 0:
+            ensure_parent_run(study, config)
     if remaining > 0:
-        mlflow.set_tracking_uri(study_settings.tracking_uri)
-        mlflow.set_experiment(study_settings.name)
-        with mlflow.start_run(run_id=_existing_parent(study), run_name=f"study-{study_settings.name}") as parent:
-            study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
-            mlflow.set_tags(
-                {
-                    "study": study_settings.name,
-                    "role": PARENT_ROLE,
-                    "study_file": str(config.path),
-                    "n_trials": study_settings.n_trials,
-                    "last_launch": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-            )
+        try:
             study.optimize(
                 make_objective(config, annotated, progress),
                 n_trials=remaining,
                 catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(study_settings.n_trials, states=FINISHED)],
+                callbacks=[StopAtTarget(settings.n_trials)],
             )
             for path in write_study_report(study, config.study_dir):
                 mlflow.log_artifact(str(path))
-    summary = summarize(study, study_settings.storage, study_settings.tracking_uri)
+        finally:
+            mlflow.end_run()
+    summary = summarize(study, settings.storage, settings.tracking_uri)
     summary.wall_seconds = time.monotonic() - started
     return summary
+
+
+def launch_workers(
+    config: StudyConfig,
+    workers: int,
+    gpus: list[str] | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    n_trials: int | None = None,
+    progress: bool = True,
+) -> tuple[StudySummary, list[int]]:
+    """Run ``workers`` processes of ``mbu search`` on one study; returns the summary and their exit codes.
+
+    Data, decode cache, study and parent run are prepared here first, so the
+    workers start with nothing to race over. Workers are spread round-robin
+    over ``gpus`` (``CUDA_VISIBLE_DEVICES``); CPU threads are shared out.
+    Each worker's output goes to ``runs/<study>/workers/worker-<i>.log``.
+    """
+    started = time.monotonic()
+    config = resolve_settings(config, storage, tracking_uri, n_trials)
+    settings = config.study
+    with launch_lock(config.study_dir):
+        prepare_inputs(config, progress)
+        study = open_study(config)
+        ensure_parent_run(study, config)
+        mlflow.end_run()
+
+    logs = config.study_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    command = [sys.executable, "-m", "mbu", "search", str(config.path), "--no-progress"]
+    command += ["--storage", settings.storage, "--tracking-uri", settings.tracking_uri]
+    command += ["--n-trials", str(settings.n_trials)]
+    processes = []
+    for i in range(workers):
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        log = open(logs / f"worker-{i}.log", "w")  # closed once the worker has ended
+        processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
+        print(f"worker {i}: pid {processes[-1][0].pid}{where}, log {log.name}", flush=True)
+    try:
+        codes = [process.wait() for process, _ in processes]
+    except KeyboardInterrupt:
+        # The terminal sent SIGINT to the workers too: let them close their trials and runs.
+        codes = [process.wait(timeout=60) for process, _ in processes]
+        raise
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.terminate()
+            log.close()
+    summary = summarize(
+        optuna.load_study(study_name=settings.name, storage=make_storage(settings)),
+        settings.storage,
+        settings.tracking_uri,
+    )
+    summary.wall_seconds = time.monotonic() - started
+    return summary, codes

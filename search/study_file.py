@@ -2,7 +2,8 @@
 
 Layout::
 
-    [study]            name, direction, n_trials, sampler, seed, pruner, storage, tracking_uri, runs_dir
+    [study]            name, direction, n_trials, sampler, seed, pruner, storage, tracking_uri, runs_dir,
+                       heartbeat_interval, grace_period, max_retry
     [data]             root = "DIR"   or   [data.synthetic] size, n_train, n_test, seed
     [train]            fixed training settings (the ``mbu train`` flag names)
     [space.NAME]       low, high, log: one table per sampled parameter
@@ -50,6 +51,9 @@ class StudySettings:
     storage: str = "sqlite:///optuna.db"  # Optuna storage URL
     tracking_uri: str = ""  # MLflow tracking URI; empty: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     runs_dir: str = "runs"  # trial folders go to runs_dir/<name>/trial-<n>/
+    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats in the storage
+    grace_period: int = 300  # a trial silent this long is failed (its worker died) and retried
+    max_retry: int = 2  # retries of a trial whose worker died; each resumes from the last checkpoint
 
 
 @dataclass
@@ -121,8 +125,16 @@ def load_study_file(path: Path | str) -> StudyConfig:
     ):
         if value not in allowed:
             raise StudyFileError(f"{path}: [study].{key} must be one of {allowed}, got {value!r}")
-    if not isinstance(study.n_trials, int) or study.n_trials < 1:
-        raise StudyFileError(f"{path}: [study].n_trials must be a positive integer, got {study.n_trials!r}")
+    for key in ("n_trials", "heartbeat_interval", "grace_period"):
+        value = getattr(study, key)
+        if not isinstance(value, int) or value < 1:
+            raise StudyFileError(f"{path}: [study].{key} must be a positive integer, got {value!r}")
+    if study.grace_period <= study.heartbeat_interval:
+        raise StudyFileError(
+            f"{path}: [study].grace_period must exceed heartbeat_interval ({study.heartbeat_interval})"
+        )
+    if not isinstance(study.max_retry, int) or study.max_retry < 0:
+        raise StudyFileError(f"{path}: [study].max_retry must be an integer >= 0, got {study.max_retry!r}")
 
     data = raw.get("data", {})
     _check_keys("[data]", data, {"root", "synthetic"}, path)

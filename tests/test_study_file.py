@@ -59,7 +59,7 @@ def test_valid_file_parses_into_typed_config(tmp_path: Path) -> None:
         ("n_trials = 2", "n_trials = 0", r"n_trials must be a positive integer"),
         ("n_trials = 2", 'n_trials = 2\nsampler = "grid"', r"sampler must be one of"),
         ("lr = 2e-4\n", "lr = 5e-2\n", r"lr=0.05 is outside \[space.lr\]"),
-        ("resize = 64", "resize = 96", r"resize must be one of"),
+        ("resize = 64", "resize = 96", r"resize must be a multiple of 64"),
         (
             "[data.synthetic]\nsize = 64\nn_train = 8\nn_test = 4",
             '[data]\nroot = "/nonexistent/data"',
