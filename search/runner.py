@@ -30,7 +30,7 @@ from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, 
 from train.config import TrainConfig
 from train.loop import train
 from train.model import ContentTransferModel
-from train.tracking import resolve_tracking_uri, train_params
+from train.tracking import check_tracking_server, resolve_tracking_uri, train_params
 
 OBJECTIVE_KEY = "val/iou_best"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -285,6 +285,7 @@ def resolve_settings(
         tracking_uri=resolve_tracking_uri(tracking_uri or config.study.tracking_uri),
         n_trials=n_trials or config.study.n_trials,
     )
+    check_tracking_server(settings.tracking_uri)
     return replace(config, study=settings)
 
 

@@ -140,9 +140,10 @@ def main(args: argparse.Namespace) -> int:
     import mlflow
 
     from train.loop import train
-    from train.tracking import resolve_tracking_uri, train_params
+    from train.tracking import check_tracking_server, resolve_tracking_uri, train_params
 
     cfg = config_from_args(args)
+    check_tracking_server(resolve_tracking_uri())
     mlflow.set_tracking_uri(resolve_tracking_uri())
     mlflow.set_experiment(args.experiment)
     with mlflow.start_run(run_name=cfg.out):

@@ -25,9 +25,9 @@ n_trials = 1
 heartbeat_interval = 1
 grace_period = 2
 
-{TINY_DATA_AND_TRAIN}iters = 300
+{TINY_DATA_AND_TRAIN}iters = 40
 progress_iter = 10
-save_iter = 20
+save_iter = 10
 device = "cpu"
 """.replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
 
@@ -45,7 +45,7 @@ def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
     killed_at = torch.load(checkpoint, weights_only=True)["iteration"]
-    assert 20 <= killed_at < 300
+    assert 10 <= killed_at < 40
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.load_study(study_name="killed", storage=storage)
@@ -59,7 +59,7 @@ def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path
     assert retry.system_attrs["failed_trial"] == 0
     assert retry.user_attrs["resumed_from_iteration"] >= killed_at  # resumed, not started over
     final = torch.load(tmp_path / "runs" / "killed" / "trial-1" / "checkpoint.pt", weights_only=True)
-    assert final["iteration"] == 300
+    assert final["iteration"] == 40
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("killed").experiment_id])}
