@@ -9,6 +9,7 @@ import mlflow
 from mlflow.entities import Metric
 
 from evaluate.segmentation import SegmentationScores
+from train.tracking import PENDING
 
 RUN_FILE = "mlflow_run.json"  # in a run folder: the MLflow run its files belong to
 
@@ -23,4 +24,5 @@ def log_scores(scores: SegmentationScores, step: int, run_id: str | None = None)
     metrics = [Metric(k, v, now, step) for k, v in scores.metrics.items() if math.isfinite(v)]
     for key, curve in (("val/iou_by_threshold", scores.val_curve), ("test/iou_by_threshold", scores.test_curve)):
         metrics += [Metric(key, v, now, round(t * 100)) for t, v in zip(scores.thresholds, curve, strict=True)]
-    mlflow.MlflowClient().log_batch(run_id, metrics=metrics)
+    # Queued and retried if the tracking server is away, like every logging call made during a trial.
+    PENDING.call(f"{len(metrics)} score metrics", mlflow.MlflowClient().log_batch, run_id, metrics=metrics)

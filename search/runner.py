@@ -26,6 +26,7 @@ from evaluate.tracking import RUN_FILE, log_scores
 from search.study_file import StudyConfig, StudyFileError, StudySettings
 from search.study_report import param_importances, write_study_report
 from search.tracking import PARENT_ROLE, PARENT_RUN_ATTR, RUN_ID_ATTR, ui_command
+from train import tracking
 from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, write_json
 from train.config import TrainConfig
 from train.loop import train
@@ -115,26 +116,34 @@ def make_objective(
         run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         write_json(run_dir / RUN_FILE, {"run_id": run.info.run_id, "study": config.study.name, "trial": trial.number})
-        mlflow.set_tags({"trial_number": trial.number, "study": config.study.name, "state": "RUNNING"})
+        tracking.set_tags({"trial_number": trial.number, "study": config.study.name, "state": "RUNNING"})
         if resume is not None:
             trial.set_user_attr("resumed_from_iteration", resume[1])
-            mlflow.set_tags({"resumed_from": str(resume[0]), "resumed_from_iteration": resume[1]})
-        mlflow.log_params(train_params(cfg))
+            tracking.set_tags({"resumed_from": str(resume[0]), "resumed_from_iteration": resume[1]})
+        tracking.log_params(train_params(cfg))
         try:
             value = _train_and_score(trial, cfg, annotated, progress)
         except optuna.TrialPruned:
-            mlflow.set_tag("state", "PRUNED")
-            mlflow.end_run(status="KILLED")
+            tracking.set_tags({"state": "PRUNED"})
+            _end_trial_run(trial, "KILLED")
             raise
         except BaseException as err:  # Ctrl-C included: never leave a run RUNNING
-            mlflow.set_tags({"state": "FAIL", "error": f"{type(err).__name__}: {err}"[:5000]})
-            mlflow.end_run(status="FAILED")
+            tracking.set_tags({"state": "FAIL", "error": f"{type(err).__name__}: {err}"[:5000]})
+            _end_trial_run(trial, "FAILED")
             raise
-        mlflow.set_tag("state", "COMPLETE")
-        mlflow.end_run()
+        tracking.set_tags({"state": "COMPLETE"})
+        _end_trial_run(trial, "FINISHED")
         return value
 
     return objective
+
+
+def _end_trial_run(trial: optuna.Trial, status: str) -> None:
+    """End the trial's run; what the tracking server never took is counted on the Optuna trial."""
+    tracking.PENDING.end_run(status)
+    unlogged = tracking.PENDING.flush()
+    if unlogged:
+        trial.set_user_attr("mlflow_unlogged", len(unlogged))
 
 
 def checkpoint_to_resume(trial: optuna.Trial, study_dir: Path) -> tuple[Path, int] | None:
@@ -216,14 +225,14 @@ def _train_and_score(trial: optuna.Trial, cfg: TrainConfig, annotated: Annotated
         value = scores.metrics[OBJECTIVE_KEY]
         trial.report(value, iteration)
         if trial.should_prune():
-            mlflow.log_metrics({OBJECTIVE_KEY: value}, step=iteration)
+            tracking.log_metrics({OBJECTIVE_KEY: value}, step=iteration)
             raise optuna.TrialPruned(f"pruned at iteration {iteration} (val IoU {value:.4f})")
         return {OBJECTIVE_KEY: value, "val/threshold_best": scores.metrics["val/threshold_best"]}
 
     result = train(cfg, on_eval=on_eval, progress=progress)
     scores, paths = score_and_report(result.model, annotated, cfg, result.iterations, Path(cfg.out))
     for path in paths:
-        mlflow.log_artifact(str(path))
+        tracking.log_artifact(str(path))
     log_scores(scores, result.iterations)
     for key, value in scores.metrics.items():
         trial.set_user_attr(key, value)
@@ -406,9 +415,10 @@ def run_study(
                 callbacks=[StopAtTarget(settings.n_trials)],
             )
             for path in write_study_report(study, config.study_dir):
-                mlflow.log_artifact(str(path))
+                tracking.log_artifact(str(path))
         finally:
-            mlflow.end_run()
+            tracking.PENDING.end_run()  # the parent run, however the trials went
+            tracking.PENDING.flush()
     summary = summarize(study, settings.storage, settings.tracking_uri)
     summary.wall_seconds = time.monotonic() - started
     return summary

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,3 +53,47 @@ def tiny_train_config(root: Path, out: Path, **overrides) -> TrainConfig:
     values = dict(root=str(root), out=str(out), resize=64, bs=4, iters=4, progress_iter=2, save_iter=100, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (once the probe socket closes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TrackingServer:
+    uri: str
+    process: subprocess.Popen
+
+    def kill(self) -> None:
+        """SIGKILL the server and the web workers it started (its own process group)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def tracking_server(tmp_path: Path) -> Iterator[TrackingServer]:
+    """An MLflow tracking server on loopback, with its own SQLite store."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its web workers are children: one group to stop them all
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).read()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+            time.sleep(0.5)
+    yield TrackingServer(uri, server)
+    TrackingServer(uri, server).kill()

@@ -10,18 +10,15 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_DATA_AND_TRAIN
+from conftest import TINY_DATA_AND_TRAIN, TrackingServer, free_port
 from mlflow.tracking import MlflowClient
 
 
@@ -38,12 +35,6 @@ if PG_BIN is None and os.environ.get("MBU_REQUIRE_POSTGRES") != "1":
     pytest.skip("PostgreSQL is not installed (apt-get install postgresql)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_postgres(command: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: drop to the postgres user the package creates."""
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
@@ -56,7 +47,7 @@ def postgres_url() -> Iterator[str]:
     home.chmod(0o755)
     if os.geteuid() == 0:
         shutil.chown(home, "postgres", "postgres")
-    data, port = home / "data", _free_port()
+    data, port = home / "data", free_port()
     run = lambda *cmd: subprocess.run(_as_postgres([str(PG_BIN / cmd[0]), *cmd[1:]]), check=True, capture_output=True)  # noqa: E731
     run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
     options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
@@ -67,30 +58,6 @@ def postgres_url() -> Iterator[str]:
     finally:
         run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(home, ignore_errors=True)
-
-
-@pytest.fixture
-def tracking_server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).read()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
-            time.sleep(0.5)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
 
 
 STUDY = """
@@ -110,11 +77,11 @@ log = true
 
 
 def test_two_workers_share_a_study_through_postgresql_and_an_mlflow_server(
-    tmp_path: Path, postgres_url: str, tracking_server: str
+    tmp_path: Path, postgres_url: str, tracking_server: TrackingServer
 ) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
     command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
-    command += ["--storage", postgres_url, "--tracking-uri", tracking_server]
+    command += ["--storage", postgres_url, "--tracking-uri", tracking_server.uri]
     workers = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in "ab"]
     outputs = [w.communicate(timeout=400)[0].decode() for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
@@ -123,7 +90,7 @@ def test_two_workers_share_a_study_through_postgresql_and_an_mlflow_server(
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
 
-    client = MlflowClient(tracking_server)
+    client = MlflowClient(tracking_server.uri)
     runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
     children = [r for r in runs if r.data.tags.get("role") != "study-parent"]
     assert len(runs) - len(children) == 1  # one parent run for the study

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, unreadable, or for another model."""
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, over a file-size limit, ...); the previous one is intact."""
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)``, then rename over ``path``: readers never see half a file."""
     path = Path(path)
@@ -27,8 +32,12 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a full disk as a RuntimeError; both name the file and the free space here.
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, WriteError):
+            free = shutil.disk_usage(path.parent).free // 2**20
+            raise WriteError(f"cannot write {path} ({free} MiB free on its disk): {err}") from err
         raise
 
 

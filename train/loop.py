@@ -7,13 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from data.batches import DomainBatches
 from data.images import DomainImages, load_display_images, load_domain, to_model_range
+from train import tracking
 from train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -65,8 +65,7 @@ def save_grids(
     folder.mkdir(exist_ok=True)
     for name, array in grids.items():
         Image.fromarray(array).save(folder / f"{name}_{iteration:07d}.png")
-        if mlflow.active_run() is not None:
-            mlflow.log_image(array, key=name, step=iteration)
+        tracking.log_image(array, key=name, step=iteration)
 
 
 def record_skipped(domains: list[DomainImages], run_dir: Path) -> None:
@@ -76,9 +75,8 @@ def record_skipped(domains: list[DomainImages], run_dir: Path) -> None:
         return
     path = run_dir / SKIPPED_FILE
     path.write_text("\n".join(skipped) + "\n")
-    if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(path))
-        mlflow.set_tag("skipped_images", len(skipped))
+    tracking.log_artifact(str(path))
+    tracking.set_tags({"skipped_images": len(skipped)})
 
 
 def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, iteration: int, cfg: TrainConfig) -> dict:
@@ -133,7 +131,6 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"].cpu())
 
-    logging = mlflow.active_run() is not None
     layout = memory_layout(cfg)
     loss_fns = LossFunctions.create(cfg.compile)
     sums: dict[str, torch.Tensor] = {}
@@ -160,8 +157,7 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
             sums, count = {}, 0
             if not math.isfinite(metrics["train/loss_total"]) or not math.isfinite(metrics["train/loss_disc"]):
                 raise NonFiniteLossError(f"non-finite loss at iteration {done}")
-            if logging:
-                mlflow.log_metrics(metrics, step=done)
+            tracking.log_metrics(metrics, step=done)  # a no-op without an active MLflow run
             bar.set_postfix(loss=f"{metrics['train/loss_total']:.4f}")
 
         if done % cfg.display_iter == 0 and done != cfg.iters:
@@ -174,8 +170,8 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
             model.eval()
             eval_metrics = on_eval(done, model)
             model.train()
-            if eval_metrics and logging:
-                mlflow.log_metrics(eval_metrics, step=done)
+            if eval_metrics:
+                tracking.log_metrics(eval_metrics, step=done)
 
     bar.close()
     final_iteration = max(start, cfg.iters)

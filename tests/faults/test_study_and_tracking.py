@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_DATA_AND_TRAIN
+from conftest import TINY_DATA_AND_TRAIN, free_port
 
 from mbu import main
 from search.runner import run_study
@@ -46,17 +45,11 @@ def test_edited_search_space_is_refused_and_compatible_edits_are_accepted(tmp_pa
     assert summary.states == {"COMPLETE": 2}
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket closes
-
-
 def test_unreachable_tracking_server_is_a_clear_error_before_training(
     tmp_path: Path, tiny_root: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "study.toml").write_text(STUDY.format(high="1e-3"))
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     assert main(["search", "study.toml", "--tracking-uri", uri, "--no-progress"]) == 2
     assert f"MLflow tracking server {uri} is unreachable" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "optuna.db").exists()

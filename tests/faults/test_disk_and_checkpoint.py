@@ -1,0 +1,88 @@
+"""Faults while writing: a process killed mid-checkpoint, and a disk that is full (a file-size limit)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from conftest import TINY_DATA_AND_TRAIN, tiny_train_config
+from mlflow.tracking import MlflowClient
+
+from train.checkpoint import load_checkpoint
+from train.loop import train
+
+
+def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "mbu", "train", "--root", str(tiny_root), "--out", str(run), "--no-progress"]
+    command += ["--resize", "64", "--bs", "4", "--iters", "40", "--save_iter", "1", "--device", "cpu"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ((run / "checkpoint.pt").exists() and [p for p in run.glob(".checkpoint.pt.*.tmp") if p.stat().st_size]):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "never caught a checkpoint being written"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # mid-write: the temporary file is half written
+    proc.wait(timeout=30)
+    assert list(run.glob(".checkpoint.pt.*.tmp")), "the kill should leave the half-written temporary file"
+
+    state = load_checkpoint(run)  # the previous checkpoint, whole
+    done = int(state["iteration"])
+    assert 1 <= done < 40
+    resumed = train(tiny_train_config(tiny_root, tmp_path / "resumed", load=str(run), iters=done + 2), progress=False)
+    assert resumed.iterations == done + 2
+
+
+STUDY = """
+[study]
+name = "full"
+n_trials = 1
+
+{TINY_DATA_AND_TRAIN}iters = 2
+progress_iter = 1
+device = "cpu"
+
+[space.lr]
+low = 1e-4
+high = 1e-3
+log = true
+""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
+
+FILE_SIZE_LIMIT = 64 * 2**20  # smaller than a checkpoint (about 250 MB at 64 px), larger than the databases
+
+
+def _small_disk() -> None:
+    """In the child: files may not grow past the limit, and the write fails instead of killing it."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_full_disk_fails_the_trial_clearly_and_keeps_earlier_trials(tmp_path: Path) -> None:
+    (tmp_path / "study.toml").write_text(STUDY)
+    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    trial0 = tmp_path / "runs" / "full" / "trial-0"
+    before = (trial0 / "checkpoint.pt").stat().st_size
+
+    full = subprocess.run(
+        [*command, "--n-trials", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=_small_disk
+    )
+    assert full.returncode == 0, full.stdout + full.stderr  # the study reports the failed trial and ends
+
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("full").experiment_id])}
+    error = runs["trial-1"].data.tags["error"]
+    assert runs["trial-1"].info.status == "FAILED" and error.startswith("WriteError: cannot write")
+    assert "checkpoint.pt" in error and "MiB free" in error
+    assert runs["trial-0"].info.status == "FINISHED"
+    assert (trial0 / "checkpoint.pt").stat().st_size == before and load_checkpoint(trial0)["iteration"] == 2
+    assert not list((tmp_path / "runs" / "full" / "trial-1").glob(".*.tmp"))  # no half-written leftovers
