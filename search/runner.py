@@ -167,14 +167,16 @@ def checkpoint_to_resume(trial: optuna.Trial, study_dir: Path) -> tuple[Path, in
 class RetryLostTrial:
     """Run by a live worker for each trial whose worker stopped beating: close its run, queue a retry."""
 
-    def __init__(self, max_retry: int) -> None:
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry)
+    def __init__(self, max_retry: int, tracking_uri: str) -> None:
+        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry)
+        self.tracking_uri = tracking_uri
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id is not None:
             try:
-                client = mlflow.MlflowClient()
+                client = mlflow.MlflowClient(self.tracking_uri)
                 client.set_tag(run_id, "state", "FAIL")
                 client.set_tag(run_id, "error", "worker lost: no heartbeat within the grace period; retried")
                 client.set_terminated(run_id, "FAILED")
@@ -214,7 +216,7 @@ def make_storage(settings: StudySettings) -> RDBStorage:
         engine_kwargs=engine_kwargs,
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,
-        heartbeat_stale_trial_callback=RetryLostTrial(settings.max_retry),
+        heartbeat_stale_trial_callback=RetryLostTrial(settings.max_retry, settings.tracking_uri),
     )
 
 
