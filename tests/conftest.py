@@ -34,6 +34,16 @@ bs = 4
 """
 
 
+def tiny_study(
+    name: str, n_trials: int = 1, study: str = "", train: str = "iters = 4\nprogress_iter = 2\n", lr_space: bool = True
+) -> str:
+    """A study file on the tiny data: ``study`` and ``train`` lines are added to those tables."""
+    text = f'[study]\nname = "{name}"\nn_trials = {n_trials}\n{study}\n{TINY_DATA_AND_TRAIN}{train}device = "cpu"\n'
+    if lr_space:
+        text += "\n[space.lr]\nlow = 1e-4\nhigh = 1e-3\nlog = true\n"
+    return text
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in its own folder with MLflow and the decode cache there, never the user's."""

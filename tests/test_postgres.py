@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_DATA_AND_TRAIN, TrackingServer, free_port
+from conftest import TrackingServer, free_port, tiny_study
 from mlflow.tracking import MlflowClient
 
 
@@ -60,20 +60,7 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-STUDY = """
-[study]
-name = "shared"
-n_trials = 4
-
-{TINY_DATA_AND_TRAIN}iters = 4
-progress_iter = 2
-device = "cpu"
-
-[space.lr]
-low = 1e-4
-high = 1e-3
-log = true
-""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
+STUDY = tiny_study("shared", 4)
 
 
 def test_two_workers_share_a_study_through_postgresql_and_an_mlflow_server(

@@ -8,26 +8,10 @@ import sys
 from pathlib import Path
 
 import optuna
-from conftest import TINY_DATA_AND_TRAIN
+from conftest import tiny_study
 from mlflow.tracking import MlflowClient
 
 from mbu import main
-
-STUDY = """
-[study]
-name = "{name}"
-n_trials = {n_trials}
-seed = 2
-
-{TINY_DATA_AND_TRAIN}iters = 4
-progress_iter = 2
-device = "cpu"
-
-[space.lr]
-low = 1e-4
-high = 1e-3
-log = true
-""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
 
 
 def assert_recorded_once(tmp_path: Path, name: str, n_trials: int) -> None:
@@ -48,7 +32,7 @@ def assert_recorded_once(tmp_path: Path, name: str, n_trials: int) -> None:
 
 
 def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path: Path, capsys) -> None:
-    (tmp_path / "study.toml").write_text(STUDY.format(name="pair", n_trials=6))
+    (tmp_path / "study.toml").write_text(tiny_study("pair", 6, study="seed = 2\n"))
     assert main(["search", "study.toml", "--workers", "2", "--no-progress"]) == 0
     assert "study pair: 6 COMPLETE" in capsys.readouterr().out
     assert_recorded_once(tmp_path, "pair", 6)
@@ -58,7 +42,7 @@ def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path
 
 
 def test_two_launches_at_once_both_contribute_and_no_trial_is_recorded_twice(tmp_path: Path) -> None:
-    (tmp_path / "study.toml").write_text(STUDY.format(name="twice", n_trials=4))
+    (tmp_path / "study.toml").write_text(tiny_study("twice", 4, study="seed = 2\n"))
     command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
     launches = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in "ab"]
     outputs = [p.communicate(timeout=300)[0].decode() for p in launches]

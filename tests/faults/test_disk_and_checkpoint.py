@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
-from conftest import TINY_DATA_AND_TRAIN, tiny_train_config
+from conftest import tiny_study, tiny_train_config
 from mlflow.tracking import MlflowClient
 
 from train.checkpoint import load_checkpoint
@@ -39,20 +39,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Pat
     assert resumed.iterations == done + 2
 
 
-STUDY = """
-[study]
-name = "full"
-n_trials = 1
-
-{TINY_DATA_AND_TRAIN}iters = 2
-progress_iter = 1
-device = "cpu"
-
-[space.lr]
-low = 1e-4
-high = 1e-3
-log = true
-""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
+STUDY = tiny_study("full", train="iters = 2\nprogress_iter = 1\n")
 
 FILE_SIZE_LIMIT = 64 * 2**20  # smaller than a checkpoint (about 250 MB at 64 px), larger than the databases
 

@@ -9,19 +9,9 @@ import time
 from pathlib import Path
 
 import optuna
-from conftest import TINY_DATA_AND_TRAIN, TrackingServer
+from conftest import TrackingServer, tiny_study
 
-STUDY = """
-[study]
-name = "lost"
-n_trials = 1
-
-{TINY_DATA_AND_TRAIN}iters = 30
-progress_iter = 2
-display_iter = 10
-eval_every = 10
-device = "cpu"
-""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
+STUDY = tiny_study("lost", train="iters = 30\nprogress_iter = 2\ndisplay_iter = 10\neval_every = 10\n", lr_space=False)
 
 
 def test_training_survives_the_tracking_server_going_away(tmp_path: Path, tracking_server: TrackingServer) -> None:

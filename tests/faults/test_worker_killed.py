@@ -12,24 +12,18 @@ from pathlib import Path
 
 import optuna
 import torch
-from conftest import TINY_DATA_AND_TRAIN
+from conftest import tiny_study
 from mlflow.tracking import MlflowClient
 
 from search.runner import run_study
 from search.study_file import load_study_file
 
-STUDY = """
-[study]
-name = "killed"
-n_trials = 1
-heartbeat_interval = 1
-grace_period = 2
-
-{TINY_DATA_AND_TRAIN}iters = 40
-progress_iter = 10
-save_iter = 10
-device = "cpu"
-""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
+STUDY = tiny_study(
+    "killed",
+    study="heartbeat_interval = 1\ngrace_period = 2\n",
+    train="iters = 40\nprogress_iter = 10\nsave_iter = 10\n",
+    lr_space=False,
+)
 
 
 def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path: Path) -> None:
