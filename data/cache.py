@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from data.files import atomic_write
 
 CACHE_ENV = "MBU_CACHE_DIR"
 FORMAT_VERSION = 1  # bump when the decoding itself changes, so old entries are not reused
@@ -74,18 +75,12 @@ def store(key: str, entry: CachedDomain) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"shape": list(entry.images.shape), "paths": [str(p) for p in entry.paths], "skipped": entry.skipped}
-        _atomic(folder / f"{key}.npy", lambda f: np.save(f, entry.images, allow_pickle=False))
-        _atomic(folder / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))
+        atomic_write(folder / f"{key}.npy", lambda tmp: _save_array(tmp, entry.images))
+        atomic_write(folder / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(meta)))
     except OSError as err:
         warnings.warn(f"could not write the decode cache in {folder}: {err}", stacklevel=2)
 
 
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array, allow_pickle=False)

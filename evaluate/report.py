@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
 
+from data.files import atomic_write
 from data.images import AnnotatedImages
 from evaluate.segmentation import (
     REPORT_FILE,
@@ -17,7 +18,7 @@ from evaluate.segmentation import (
     predict_maps,
     score_masks,
 )
-from train.checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, write_json
+from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_json
 from train.config import TrainConfig
 from train.model import ContentTransferModel
 from train.step import resolve_device

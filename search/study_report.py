@@ -8,9 +8,10 @@ from typing import Any
 
 import optuna
 
+from data.files import atomic_write
 from evaluate.report import MARKDOWN_FILE
 from evaluate.segmentation import REPORT_FILE
-from train.checkpoint import atomic_write, write_json
+from train.checkpoint import write_json
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"
