@@ -6,41 +6,28 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_DATA_AND_TRAIN, free_port
+from conftest import free_port, tiny_study
 
 from mbu import main
 from search.runner import run_study
 from search.study_file import StudyFileError, load_study_file
 
-STUDY = """
-[study]
-name = "edited"
-n_trials = 1
-
-{TINY_DATA_AND_TRAIN}iters = 2
-progress_iter = 1
-device = "cpu"
-
-[space.lr]
-low = 1e-4
-high = {high}
-log = true
-""".replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
+STUDY = tiny_study("edited", train="iters = 2\nprogress_iter = 1\n")  # its [space.lr] has high = 1e-3
 
 
 def test_edited_search_space_is_refused_and_compatible_edits_are_accepted(tmp_path: Path) -> None:
     study_file = tmp_path / "study.toml"
-    study_file.write_text(STUDY.format(high="1e-3"))
+    study_file.write_text(STUDY)
     run_study(load_study_file(study_file), progress=False)
 
-    study_file.write_text(STUDY.format(high="1e-2"))  # the space changed
+    study_file.write_text(STUDY.replace("high = 1e-3", "high = 1e-2"))  # the space changed
     with pytest.raises(StudyFileError, match=r"study 'edited' .* different space.*new name"):
         run_study(load_study_file(study_file), n_trials=2, progress=False)
     study = optuna.load_study(study_name="edited", storage="sqlite:///optuna.db")
     assert len(study.get_trials()) == 1  # nothing was added
 
     # Logging cadence is not what a trial learns: editing it is accepted.
-    study_file.write_text(STUDY.format(high="1e-3").replace("progress_iter = 1", "progress_iter = 2"))
+    study_file.write_text(STUDY.replace("progress_iter = 1", "progress_iter = 2"))
     summary = run_study(load_study_file(study_file), n_trials=2, progress=False)
     assert summary.states == {"COMPLETE": 2}
 
@@ -48,7 +35,7 @@ def test_edited_search_space_is_refused_and_compatible_edits_are_accepted(tmp_pa
 def test_unreachable_tracking_server_is_a_clear_error_before_training(
     tmp_path: Path, tiny_root: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "study.toml").write_text(STUDY.format(high="1e-3"))
+    (tmp_path / "study.toml").write_text(STUDY)
     uri = f"http://127.0.0.1:{free_port()}"
     assert main(["search", "study.toml", "--tracking-uri", uri, "--no-progress"]) == 2
     assert f"MLflow tracking server {uri} is unreachable" in capsys.readouterr().err
