@@ -13,7 +13,9 @@ Prints images per second (A and B images of one step count as 2 x bs), the
 ratio, and the platform's achieved GFLOP/s against a large float32 matmul
 timed in the same run (the machine's practical ceiling). ``--variants`` picks
 the platform rows: fp32 (the default, identical math), bf16 autocast,
-channels_last, both, torch.compile.
+channels_last, both, torch.compile, and fp32-stock (fp32 on PyTorch's default
+convolution kernels, to separate the per-layer CPU kernel choice of
+``train.model`` from the removed work). The baseline runs the stock kernels.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from data.batches import DomainBatches  # noqa: E402
 from data.images import list_images, load_domain  # noqa: E402
 from data.synthetic import SynthConfig, write_dataset  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
+from train.model import use_stock_kernels  # noqa: E402
 from train.reference import reference_autoencoder_losses, reference_discriminator_loss  # noqa: E402
 from train.step import ADAM_BETAS, GRAD_CLIP, LossFunctions, Optimizers, build_model, train_step  # noqa: E402
 
@@ -45,7 +48,9 @@ VARIANTS = {  # platform configurations: TrainConfig overrides
     "channels_last": {"channels_last": True},
     "bf16+channels_last": {"amp": "bf16", "channels_last": True},
     "compile": {"compile": True},
+    "fp32-stock": {},  # fp32 on PyTorch's default convolution kernels: the per-layer CPU choice undone
 }
+STOCK_KERNELS = {"fp32-stock"}
 BENCH_IMAGES = 256  # per domain: enough distinct files that PIL decoding is real work
 
 
@@ -77,6 +82,7 @@ class PilFolder(Dataset):
 def baseline_stepper(root: Path, cfg: TrainConfig, device: torch.device) -> Callable[[], None]:
     """One iteration of the reference computation, data loading included."""
     model = build_model(cfg, device)
+    use_stock_kernels(model)  # the reference ran PyTorch's default convolutions
     # The reference's optimizers: PyTorch's default Adam implementation.
     opt = Optimizers(
         torch.optim.Adam(model.autoencoder_parameters(), lr=cfg.lr, betas=ADAM_BETAS),
@@ -108,9 +114,13 @@ def _epochs(loader: DataLoader):
         yield from loader
 
 
-def platform_stepper(root: Path, cfg: TrainConfig, device: torch.device) -> tuple[Callable[[], None], float]:
+def platform_stepper(
+    root: Path, cfg: TrainConfig, device: torch.device, stock_kernels: bool = False
+) -> tuple[Callable[[], None], float]:
     """One iteration of the platform's step, and its FLOPs (counted on one extra step)."""
     model = build_model(cfg, device)
+    if stock_kernels:
+        use_stock_kernels(model)
     opt = Optimizers.create(model, cfg.lr, cfg.disclr)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = [
@@ -199,7 +209,7 @@ def main() -> None:
                     steps["reference"] = baseline_stepper(root, TrainConfig(resize=resize, bs=bs), device)
                 for name, overrides in variants.items():
                     steps[name], flops[name] = platform_stepper(
-                        root, TrainConfig(resize=resize, bs=bs, **overrides), device
+                        root, TrainConfig(resize=resize, bs=bs, **overrides), device, name in STOCK_KERNELS
                     )
                 seconds = interleaved(steps, args.iters, args.rounds, device)
                 base = 2 * bs / seconds["reference"] if "reference" in seconds else None

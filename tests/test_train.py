@@ -81,7 +81,11 @@ def test_compiled_losses_match_eager_losses(tiny_root: Path, tmp_path: Path) -> 
     compiled = train(tiny_train_config(tiny_root, tmp_path / "compiled", compile=True, **cfg), progress=False)
     assert eager.metrics.keys() == compiled.metrics.keys()
     for key, value in eager.metrics.items():
-        assert compiled.metrics[key] == pytest.approx(value, rel=1e-4), key
+        # The discriminator's loss comes after the first Adam update, a sign step (g / |g|) that
+        # turns float rounding in near-zero gradients into whole +-lr moves: eager vs compiled
+        # differ there by ~1e-4 with PyTorch's stock kernels too. The other terms come before it.
+        rel = 1e-3 if key == "train/loss_disc" else 1e-5
+        assert compiled.metrics[key] == pytest.approx(value, rel=rel), key
 
 
 def test_bad_amp_mode_is_rejected(tiny_root: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LATENT_CHANNELS = 512
@@ -43,12 +44,88 @@ class ModelConfig:
         return self.sep * self.latent_side**2
 
 
+# On CPU in float32, oneDNN's convolutions are slow on the wide layers next to the
+# latent (>= 256 channels in and out on <= 16 positions: ~70 GFLOP/s on this project's 2-core
+# AVX-512 machine), where one matrix multiply over the unfolded patches takes about half
+# the time (bench/conv_layers.py; the whole step gains 10-20 %, bench/train_step.py).
+MATMUL_MAX_POSITIONS = 16
+MATMUL_MIN_CHANNELS = 256
+
+
+def uses_matmul_form(layer: nn.Conv2d | nn.ConvTranspose2d, x: torch.Tensor) -> bool:
+    """Whether ``layer`` runs on ``x`` faster as one matrix multiply (CPU, float32, few wide positions)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")  # bf16 autocast: oneDNN's AMX kernels are fast everywhere
+        and x.shape[-2] * x.shape[-1] <= MATMUL_MAX_POSITIONS
+        and min(layer.in_channels, layer.out_channels) >= MATMUL_MIN_CHANNELS
+    )
+
+
+class DownConv(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state dict) with the CPU kernel chosen per layer.
+
+    ``cpu_tuning = False`` runs the stock kernels (the reference's, for the benchmark).
+    """
+
+    cpu_tuning = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_tuning and uses_matmul_form(self, x):
+            return conv_by_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        return super().forward(x)
+
+
+class UpConv(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with the CPU kernel chosen per layer (see :class:`DownConv`)."""
+
+    cpu_tuning = True
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.cpu_tuning and output_size is None and uses_matmul_form(self, x):
+            return conv_transpose_by_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        return super().forward(x, output_size)
+
+
+def conv_by_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int
+) -> torch.Tensor:
+    """``F.conv2d`` as one matrix multiply of the unfolded patches (N·positions x C·k·k)."""
+    n, _, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    h_out, w_out = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    patches = F.unfold(x, k, padding=padding, stride=stride)  # (N, C*k*k, positions)
+    rows = patches.transpose(1, 2).reshape(n * h_out * w_out, -1)
+    out = torch.addmm(bias, rows, weight.reshape(c_out, -1).t())  # (N*positions, C_out)
+    return out.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
+
+
+def conv_transpose_by_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int
+) -> torch.Tensor:
+    """``F.conv_transpose2d`` as one matrix multiply, its patches summed into place by ``fold``."""
+    n, c_in, h, w = x.shape
+    k = weight.shape[-1]
+    size = ((h - 1) * stride - 2 * padding + k, (w - 1) * stride - 2 * padding + k)
+    patches = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in) @ weight.reshape(c_in, -1)
+    patches = patches.view(n, h * w, -1).transpose(1, 2)  # (N, C_out*k*k, positions)
+    return F.fold(patches, size, k, padding=padding, stride=stride) + bias.view(1, -1, 1, 1)
+
+
+def use_stock_kernels(model: nn.Module) -> None:
+    """Run every convolution on PyTorch's default kernels, as the reference code did."""
+    for layer in model.modules():
+        if isinstance(layer, DownConv | UpConv):
+            layer.cpu_tuning = False
+
+
 def _down_block(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True)]
+    return [DownConv(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True)]
 
 
 def _up_block(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return [UpConv(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class Encoder(nn.Module):
@@ -85,7 +162,7 @@ class _Trunk(nn.Module):
         layers: list[nn.Module] = []
         for c_in, c_out in [(512, 512), (512, 256), (256, 128), (128, 64), (64, 32)]:
             layers += _up_block(c_in, c_out)
-        layers.append(nn.ConvTranspose2d(32, out_channels, 4, 2, 1))
+        layers.append(UpConv(32, out_channels, 4, 2, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
