@@ -47,7 +47,7 @@ class ModelConfig:
 # On CPU in float32, oneDNN's convolutions are slow on the wide layers next to the
 # latent (>= 256 channels in and out on <= 16 positions: ~70 GFLOP/s on this project's 2-core
 # AVX-512 machine), where one matrix multiply over the unfolded patches takes about half
-# the time (bench/conv_layers.py; the whole step gains 10-20 %, bench/train_step.py).
+# the time (bench/conv_layers.py; the whole step gains 8-32 %, bench/train_step.py).
 MATMUL_MAX_POSITIONS = 16
 MATMUL_MIN_CHANNELS = 256
 
