@@ -117,22 +117,30 @@ class AttributeTable:
         return self.values[:, self.names.index(name)]
 
 
+def read_table(path: Path, what: str) -> list[tuple[int, list[str]]]:
+    """The whitespace-split fields of every non-blank line of a text table, with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    lines = enumerate(path.read_text().splitlines(), 1)
+    return [(number, line.split()) for number, line in lines if line.strip()]
+
+
 def read_attributes(path: Path) -> AttributeTable:
     """Parse a CelebA-format attribute file; every malformed line is an error naming its number."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"attribute file {path} does not exist")
-    lines = path.read_text().splitlines()
-    if len(lines) < 2 or not lines[0].strip().isdigit():
+    table = read_table(path, "attribute file")
+    header = [fields for number, fields in table[:2] if number <= 2]
+    if len(header) < 2 or len(header[0]) != 1 or not header[0][0].isdigit():
         raise DataError(f"{path}: line 1 must be the image count and line 2 the attribute names")
-    count, names = int(lines[0]), lines[1].split()
-    rows = [line.split() for line in lines[2:] if line.strip()]
+    count, names = int(header[0][0]), header[1]
+    rows = table[2:]
     if len(rows) != count:
         raise DataError(f"{path}: line 1 says {count} images but {len(rows)} rows follow")
     files, values = [], np.empty((len(rows), len(names)), dtype=np.int8)
-    for i, row in enumerate(rows):
+    for i, (number, row) in enumerate(rows):
         if len(row) != len(names) + 1 or any(v not in ("1", "-1") for v in row[1:]):
-            raise DataError(f"{path}, line {i + 3}: expected a file name and {len(names)} values of 1 or -1")
+            raise DataError(f"{path}, line {number}: expected a file name and {len(names)} values of 1 or -1")
         files.append(row[0])
         values[i] = np.array(row[1:], dtype=np.int8)
     return AttributeTable(path, names, files, values)
@@ -140,14 +148,8 @@ def read_attributes(path: Path) -> AttributeTable:
 
 def read_partition(path: Path) -> dict[str, int]:
     """``list_eval_partition.txt``: file name -> 0 (train), 1 (validation) or 2 (test)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"partition file {path} does not exist")
     partition = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
+    for number, parts in read_table(path, "partition file"):
         if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
             raise DataError(f"{path}, line {number}: expected a file name and 0, 1 or 2")
         partition[parts[0]] = int(parts[1])

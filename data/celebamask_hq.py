@@ -31,6 +31,7 @@ from data.celeba import (
     make_rule,
     read_attributes,
     read_partition,
+    read_table,
     select,
     split_domains,
     write_split,
@@ -58,14 +59,10 @@ class MaskHQConfig:
 
 def read_mapping(path: Path) -> dict[str, str]:
     """CelebA-HQ file name (``{idx}.jpg``) -> CelebA file name, from the mapping file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"mapping file {path} does not exist")
     mapping = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts or (number == 1 and not parts[0].isdigit()):
-            continue  # blank line or the header "idx orig_idx orig_file"
+    for number, parts in read_table(path, "mapping file"):
+        if number == 1 and not parts[0].isdigit():
+            continue  # the header "idx orig_idx orig_file"
         if len(parts) != 3 or not parts[0].isdigit():
             raise DataError(f"{path}, line {number}: expected idx, orig_idx and orig_file")
         mapping[f"{parts[0]}.jpg"] = parts[2]
