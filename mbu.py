@@ -7,13 +7,26 @@ import os
 import sys
 
 from data import cli as data_cli
+from data.files import WriteError
 from evaluate import cli as evaluate_cli
 from search import cli as search_cli
 from train import cli as train_cli
+from train.checkpoint import CheckpointError
+from train.step import NonFiniteLossError
 
-# Errors a user can fix from the message alone: printed without a traceback
-# (set MBU_DEBUG=1 to see it).
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError)
+# Errors a user can fix from the message alone: one line on stderr and exit 2, without a traceback
+# (set MBU_DEBUG=1 to see it). ValueError covers the project's data, study-file, device and
+# tracking errors; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+    CheckpointError,
+    WriteError,
+)
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -36,8 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("MBU_DEBUG"):
             raise
-        print(f"mbu {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"mbu {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as err:
+        if os.environ.get("MBU_DEBUG"):
+            raise
+        print(
+            f"mbu {args.command}: training diverged: {one_line(err)}; lower --lr or --disclr "
+            "(the last checkpoint, if any, is intact)",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"mbu {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

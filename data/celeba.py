@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.files import check_destination
 from data.images import DATASET_FILE, DataError
 
 Condition = tuple[str, int]  # (attribute name, required value: 1 or -1)
@@ -219,6 +220,7 @@ def split_domains(
 def write_split(split: Split, image_root: Path, dest: Path, meta: dict) -> None:
     """``dest/trainA.txt`` ... with absolute paths, after checking every image exists."""
     image_root = Path(image_root).resolve()
+    check_destination(dest, DATASET_FILE, meta)
     for name, files in split.lists().items():
         missing = [f for f in files if not (image_root / f).is_file()]
         if missing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data.files import check_destination
 from data.images import DATASET_FILE, IMAGE_SUFFIXES, MASK_FOLDER_SUFFIX, DataError, decode_images
 
 SPLITS = ("trainA", "trainB", "testA", "testB")
@@ -19,6 +20,7 @@ CHECK_SIZE = 64  # decode at a small size: the check is whether the file reads, 
 def prepare_folders(root: Path, dest: Path, skip_bad: bool = False, progress: bool = True) -> dict[str, int]:
     """Write ``dest/trainA.txt`` ... (absolute paths, sorted); returns the count per split."""
     root, dest = Path(root).resolve(), Path(dest)
+    check_destination(dest, DATASET_FILE, {"source": "folders", "root": str(root), "crop": None})
     counts, skipped, lists = {}, [], {}
     for name in SPLITS:
         folder = root / name
@@ -41,6 +43,6 @@ def prepare_folders(root: Path, dest: Path, skip_bad: bool = False, progress: bo
         link.symlink_to(masks, target_is_directory=True)  # mbu eval finds the masks beside the lists
     if skipped:
         (dest / "skipped_images.txt").write_text("".join(f"{line}\n" for line in skipped))
-    meta = {"source": "folders", "root": str(root), "crop": None, "counts": counts, "skipped": len(skipped)}
+    meta = {"source": "folders", "root": str(root), "crop": None, "counts": counts}
     (dest / DATASET_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return counts

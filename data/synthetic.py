@@ -22,10 +22,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from data.files import check_destination
+
 SPLITS = ("train", "test")
 DOMAINS = ("A", "B")
 SUPPORTED_SIZES = (64, 128)
 SPEC_FILE = "synthetic.json"
+PARTIAL_FILE = "synthetic.partial.json"  # the spec being written; removed once SPEC_FILE is
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,9 @@ def write_dataset(cfg: SynthConfig, out: Path, progress: bool = True) -> Path:
     """Write ``trainA/ trainB/ testA/ testB/ testA_masks/`` under ``out``.
 
     A folder already holding the same spec is reused as it is; a folder
-    holding another spec is an error rather than a silent mix of two data sets.
+    holding another spec, or files that this function did not write, is an error
+    rather than a silent mix of two data sets. An interrupted write (its
+    ``PARTIAL_FILE`` left behind) is finished by the next call with the same spec.
     """
     out = Path(out)
     spec_path = out / SPEC_FILE
@@ -196,6 +201,9 @@ def write_dataset(cfg: SynthConfig, out: Path, progress: bool = True) -> Path:
             f"{out} holds a synthetic data set with spec {existing}, not {asdict(cfg)}; "
             "choose another folder or delete it"
         )
+    check_destination(out, PARTIAL_FILE, asdict(cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL_FILE).write_text(json.dumps(asdict(cfg)) + "\n")
     jobs = [(split, domain) for split in SPLITS for domain in DOMAINS]
     total = sum(cfg.n_train if split == "train" else cfg.n_test for split, _ in jobs)
     with tqdm(total=total, desc=f"synthetic data {cfg.size}px", disable=not progress, unit="img") as bar:
@@ -214,4 +222,5 @@ def write_dataset(cfg: SynthConfig, out: Path, progress: bool = True) -> Path:
                 bar.update()
     # Written last: its presence means the folder is complete.
     spec_path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    (out / PARTIAL_FILE).unlink()
     return out

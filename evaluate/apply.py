@@ -7,11 +7,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from data.files import check_writable
 from data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
 from evaluate.report import load_model
 from train.visuals import transfer_grids
 
 DEFAULT_BATCH = 32
+GRID_FILE = "transfer_grid.png"
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -32,6 +34,37 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return paths
 
 
+def check_output_folder(out: Path, inputs: list[Path], images: list[Path]) -> None:
+    """Refuse an output folder that is an input folder or holds an input image: inputs are never written over."""
+    check_writable(out, "--out")
+    out = Path(out).resolve()
+    folders = {Path(item).resolve() for item in inputs if Path(item).is_dir()}
+    folders |= {path.resolve().parent for path in images}
+    if out in folders:
+        raise ValueError(f"--out {out} is a folder of input images; write the results to another folder")
+
+
+def output_names(paths: list[Path], pattern: str = "{}.png") -> list[str]:
+    """One file name per input, from its stem; repeated stems get -2, -3, ... in input order."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        stem = path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}"
+        names.append(pattern.format(stem))
+    return names
+
+
+def check_not_written(out: Path, names: list[str], overwrite: bool) -> None:
+    """Refuse to replace earlier results in ``out`` unless told to."""
+    existing = [name for name in names if (Path(out) / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {len(existing)} of the output files (e.g. {existing[0]}); "
+            "give another --out, or pass --overwrite to replace them"
+        )
+
+
 def _load(paths: list[Path], resize: int, device: torch.device) -> torch.Tensor:
     return to_model_range(decode_images(paths, resize)[0].to(device))
 
@@ -40,24 +73,35 @@ def _save(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy()).save(path)
 
 
-def transfer(run_dir: Path, guides: list[Path], targets: list[Path], out: Path, device: str = "auto") -> list[Path]:
+def transfer(
+    run_dir: Path,
+    guides: list[Path],
+    targets: list[Path],
+    out: Path,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> list[Path]:
     """Content of every guide onto every target: single images and one grid. Returns the files written."""
+    guide_paths, target_paths = collect_images(guides), collect_images(targets)
+    check_output_folder(out, [*guides, *targets], [*guide_paths, *target_paths])
+    guide_stems = [name[: -len(".png")] for name in output_names(guide_paths)]
+    target_stems = [name[: -len(".png")] for name in output_names(target_paths)]
+    names = [f"{g}__on__{t}.png" for g in guide_stems for t in target_stems] + [GRID_FILE]
+    check_not_written(out, names, overwrite)
     model, cfg, _ = load_model(run_dir, device)
     dev = next(model.parameters()).device
-    guide_paths, target_paths = collect_images(guides), collect_images(targets)
     out.mkdir(parents=True, exist_ok=True)
     targets_t = _load(target_paths, cfg.resize, dev)
     written = []
     with torch.no_grad():
         for guide_path in guide_paths:
             guide = _load([guide_path], cfg.resize, dev).expand(len(targets_t), -1, -1, -1)
-            result = model.transfer(guide, targets_t)
-            for j, target_path in enumerate(target_paths):
-                path = out / f"{guide_path.stem}__on__{target_path.stem}.png"
-                _save(result[j], path)
+            for image in model.transfer(guide, targets_t):
+                path = out / names[len(written)]
+                _save(image, path)
                 written.append(path)
         grid = transfer_grids(model, _load(guide_paths, cfg.resize, dev), targets_t)["transfer"]
-    grid_path = out / "transfer_grid.png"
+    grid_path = out / GRID_FILE
     Image.fromarray(grid).save(grid_path)
     return [*written, grid_path]
 
@@ -69,20 +113,26 @@ def remove(
     out: Path,
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Remove the content of each image (mask >= threshold), in batches; one output per input name."""
+    """Remove the content of each image (mask >= threshold), in batches; one output per input, named by stem."""
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
+    if batch_size < 1:
+        raise ValueError(f"--bs must be a positive integer, got {batch_size}")
+    paths = collect_images(inputs)
+    check_output_folder(out, inputs, paths)
+    names = output_names(paths)
+    check_not_written(out, names, overwrite)
     model, cfg, _ = load_model(run_dir, device)
     dev = next(model.parameters()).device
-    paths = collect_images(inputs)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):  # the last batch may be short
             chunk = paths[start : start + batch_size]
-            for path, image in zip(chunk, model.remove(_load(chunk, cfg.resize, dev), threshold), strict=True):
-                target = out / f"{path.stem}.png"
+            for image in model.remove(_load(chunk, cfg.resize, dev), threshold):
+                target = out / names[len(written)]
                 _save(image, target)
                 written.append(target)
     return written

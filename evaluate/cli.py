@@ -12,7 +12,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="score a run's masks against ground truth over a threshold grid",
         description="Predict masks for the annotated test A images (testA/ with testA_masks/), compute IoU at "
         "every threshold 0.00..1.00, pick the threshold on a validation half and report IoU on the other "
-        "half (plus the optimistic best-on-test 'oracle' figure). Writes RUN/report.json.",
+        "half (plus the optimistic best-on-test 'oracle' figure). Writes RUN/report.json (with --masks, or a "
+        "--root other than the run's, RUN/eval-NAME/report.json: the run's own report is kept).",
     )
     parser.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
     parser.add_argument("--root", default=None, help="data root to score on (default: the root the run trained on)")
@@ -37,7 +38,8 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="put the content of guide A images onto target B images",
         description="For every guide and target: E_common(target) with E_separate(guide) through the mask "
         "decoder over the target. Writes GUIDE__on__TARGET.png for each pair and transfer_grid.png "
-        "(guides as rows, targets as columns).",
+        "(guides as rows, targets as columns); a repeated stem gets -2, -3, ... --out must not be a folder "
+        "of inputs.",
     )
     transfer.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
     transfer.add_argument(
@@ -46,6 +48,7 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("--target", required=True, nargs="+", type=Path, help="images (or folders) that receive it")
     transfer.add_argument("--out", required=True, type=Path, help="output folder")
     transfer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    transfer.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     transfer.set_defaults(func=transfer_main)
 
     remove = subparsers.add_parser(
@@ -53,7 +56,8 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="remove the content from images",
         description="Where the mask of [E_common(x), E_separate(x)] is >= THRESHOLD, replace x by the content-free "
         "reconstruction D_A([E_common(x), 0]). Any number of images, in batches, on CPU or CUDA; one "
-        "output PNG per input, same stem.",
+        "output PNG per input, same stem (a repeated stem gets -2, -3, ...). --out must not be a folder of "
+        "inputs.",
     )
     remove.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
     remove.add_argument("--input", required=True, nargs="+", type=Path, help="images, or folders of images")
@@ -66,13 +70,14 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
     remove.add_argument("--out", required=True, type=Path, help="output folder")
     remove.add_argument("--bs", type=int, default=32, help="images per batch (default: %(default)s)")
     remove.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    remove.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     remove.set_defaults(func=remove_main)
 
 
 def transfer_main(args: argparse.Namespace) -> int:
     from evaluate.apply import transfer
 
-    written = transfer(args.run, args.guide, args.target, args.out, args.device)
+    written = transfer(args.run, args.guide, args.target, args.out, args.device, args.overwrite)
     print(f"wrote {len(written) - 1} transfers and {written[-1]}")
     return 0
 
@@ -80,13 +85,14 @@ def transfer_main(args: argparse.Namespace) -> int:
 def remove_main(args: argparse.Namespace) -> int:
     from evaluate.apply import remove
 
-    written = remove(args.run, args.input, args.threshold, args.out, args.device, args.bs)
+    written = remove(args.run, args.input, args.threshold, args.out, args.device, args.bs, args.overwrite)
     print(f"wrote {len(written)} images to {args.out}")
     return 0
 
 
 def main(args: argparse.Namespace) -> int:
     from evaluate.report import evaluate_run
+    from evaluate.segmentation import figure_warnings
 
     report = evaluate_run(
         args.run, args.root, args.device, args.split_seed, progress=not args.no_progress, masks_dir=args.masks
@@ -101,6 +107,8 @@ def main(args: argparse.Namespace) -> int:
         f"test IoU {m['test/iou']:.4f} (per-image mean {m['test/iou_per_image']:.4f}); "
         f"oracle {m['test/iou_oracle']:.4f} at {m['test/threshold_oracle']:.2f}; "
         f"all-ones mask {m['baseline/iou_all_ones']:.4f}\n"
-        f"report: {args.run / 'report.json'}"
+        f"report: {report['paths'][0]}"
     )
+    for note in figure_warnings(m):
+        print(f"warning: {note}")
     return 0

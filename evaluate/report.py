@@ -14,6 +14,7 @@ from evaluate.segmentation import (
     REPORT_FILE,
     ModelMaps,
     SegmentationScores,
+    figure_warnings,
     load_test_annotations,
     predict_maps,
     score_masks,
@@ -28,6 +29,7 @@ CURVES_FILE = "iou_curves.png"
 EXAMPLES_FILE = "examples.png"
 MASKS_FILE = "masks.npz"
 EXAMPLES_PER_SIDE = 4  # best and worst test images shown
+REPORT_FILES = (REPORT_FILE, MARKDOWN_FILE, CURVES_FILE, EXAMPLES_FILE, MASKS_FILE)  # JSON first
 
 
 def load_model(run_dir: Path, device: str = "auto") -> tuple[ContentTransferModel, TrainConfig, int]:
@@ -146,11 +148,13 @@ def markdown(report: dict[str, Any]) -> str:
             )
         )
     baselines = _table("| mask | test IoU | note |", baseline_rows)
+    notes = figure_warnings(m)
+    warnings = "".join(f"> **Warning:** {note}.\n" for note in notes) + ("\n" if notes else "")
     return f"""# Segmentation report
 
 Run `{Path(report["checkpoint"]).parent}`, checkpoint at iteration {report["iteration"]}.
 
-## Headline
+{warnings}## Headline
 
 {headline}
 
@@ -187,16 +191,20 @@ def write_report(
     annotated: AnnotatedImages,
     cfg: TrainConfig,
     iteration: int,
+    checkpoint: Path | None = None,
 ) -> list[Path]:
-    """Write every report file into ``run_dir``; returns their paths (JSON first)."""
+    """Write every report file into ``run_dir``; returns their paths (JSON first).
+
+    ``checkpoint`` names the scored checkpoint (default: the one in ``run_dir``).
+    """
     run_dir = Path(run_dir)
     report = {
         **scores.to_dict(),
-        "checkpoint": str(run_dir / CHECKPOINT_FILE),
+        "checkpoint": str((checkpoint or run_dir / CHECKPOINT_FILE).resolve()),
         "iteration": iteration,
         "config": cfg.to_dict(),
     }
-    paths = [run_dir / name for name in (REPORT_FILE, MARKDOWN_FILE, CURVES_FILE, EXAMPLES_FILE, MASKS_FILE)]
+    paths = [run_dir / name for name in REPORT_FILES]
     write_json(paths[0], report)
     atomic_write(paths[1], lambda tmp: tmp.write_text(markdown(report)))
     plot_curves(paths[2], scores)
@@ -212,11 +220,12 @@ def score_and_report(
     iteration: int,
     run_dir: Path,
     split_seed: int = 0,
+    checkpoint: Path | None = None,
 ) -> tuple[SegmentationScores, list[Path]]:
     """Masks and baseline maps of the annotated images, their scores, and the report files."""
     maps = predict_maps(model, annotated.images)
     scores = score_masks(maps.masks, annotated.masks, annotated.names, split_seed, maps.reconstruction_error)
-    return scores, write_report(run_dir, scores, maps, annotated, cfg, iteration)
+    return scores, write_report(run_dir, scores, maps, annotated, cfg, iteration, checkpoint)
 
 
 def evaluate_run(
@@ -229,10 +238,14 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score a run folder's checkpoint on ``root`` (default: the root it trained on) and write its report.
 
-    Masks come from ``masks_dir``, else ``root/testA_masks/``.
+    Masks come from ``masks_dir``, else ``root/testA_masks/``. Scored against other masks or
+    another root, the report goes to a subfolder ``eval-<name of that folder>/`` beside the
+    run's own report, never over it.
     """
     run_dir = Path(run_dir)
     model, cfg, iteration = load_model(run_dir, device)
+    other = masks_dir or (Path(root) if root and Path(root).resolve() != Path(cfg.root).resolve() else None)
+    out = run_dir / f"eval-{Path(other).resolve().name}" if other else run_dir
     annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress, masks_dir)
-    scores, paths = score_and_report(model, annotated, cfg, iteration, run_dir, split_seed)
-    return {"metrics": scores.metrics, "paths": paths, "unannotated": annotated.unannotated}
+    scores, paths = score_and_report(model, annotated, cfg, iteration, out, split_seed, run_dir / CHECKPOINT_FILE)
+    return {"metrics": scores.metrics, "paths": paths, "unannotated": annotated.unannotated, "report_dir": out}

@@ -132,6 +132,7 @@ def score_masks(
         "test/iou_per_image_ci_low": ci_low,
         "test/iou_per_image_ci_high": ci_high,
         "test/precision": inter / predicted if predicted else 1.0,
+        "test/marked_fraction": predicted / counts.pixels[test].sum().item(),
         "test/recall": inter / true_pixels if true_pixels else 1.0,
         "test/average_precision": float(average_precision_score(test_truth, test_probs))
         if test_truth.any()
@@ -157,6 +158,20 @@ def score_masks(
         test_names=[names[i] for i in test],
         test_image_iou=test_iou.tolist(),
     )
+
+
+def figure_warnings(metrics: dict[str, float]) -> list[str]:
+    """Why a report's headline figures may mean less than they seem; empty when they hold up."""
+    notes = []
+    all_ones, test_iou = metrics.get("baseline/iou_all_ones"), metrics.get("test/iou")
+    if all_ones is not None and test_iou is not None and test_iou <= all_ones:
+        notes.append(f"the mask does not beat marking every pixel: test IoU {test_iou:.4f} <= all-ones {all_ones:.4f}")
+    if metrics.get("test/marked_fraction", 0.0) >= 0.999:
+        notes.append(
+            f"the chosen threshold {metrics.get('val/threshold_best', 0):.2f} marks every pixel as content: "
+            "the mask separates nothing there"
+        )
+    return notes
 
 
 def load_test_annotations(

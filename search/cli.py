@@ -117,15 +117,11 @@ def report_main(args: argparse.Namespace) -> int:
 
     mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
     if args.study:
-        import optuna
-
+        from search.runner import load_existing_study
         from search.study_report import write_study_report
         from search.tracking import PARENT_RUN_ATTR
 
-        try:
-            study = optuna.load_study(study_name=args.study, storage=args.storage)
-        except KeyError as err:
-            raise ValueError(f"no study named {args.study!r} in {args.storage}") from err
+        study = load_existing_study(args.study, args.storage)
         paths = write_study_report(study, args.runs_dir / args.study)
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
         for path in paths:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,25 +20,29 @@ import mlflow
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+from data.files import check_writable
 from data.images import AnnotatedImages, load_domain
 from data.synthetic import write_dataset
 from evaluate.report import score_and_report
-from evaluate.segmentation import load_test_annotations, predict_masks, score_masks
+from evaluate.segmentation import figure_warnings, load_test_annotations, predict_masks, score_masks
 from evaluate.tracking import RUN_FILE, log_scores
 from search.study_file import StudyConfig, StudyFileError, StudySettings
-from search.study_report import param_importances, write_study_report
+from search.study_report import importance_caveat, param_importances, write_study_report
 from search.tracking import PARENT_ROLE, PARENT_RUN_ATTR, RUN_ID_ATTR, ui_command
 from train import tracking
 from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, write_json
 from train.config import TrainConfig
 from train.loop import train
 from train.model import ContentTransferModel
-from train.tracking import check_tracking_server, resolve_tracking_uri, train_params
+from train.step import resolve_device
+from train.tracking import check_tracking_uri, resolve_tracking_uri, sqlite_file, train_params
 
 OBJECTIVE_KEY = "val/iou_best"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 TAKEN = (*FINISHED, optuna.trial.TrialState.RUNNING)  # trials that count towards n_trials
 SQLITE_BUSY_TIMEOUT = 120  # seconds a worker waits for another's write lock on a SQLite file
+STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
+STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to
 FINGERPRINT_ATTR = "mbu_fingerprint"  # Optuna study attribute: the space, fixed settings and data it was made with
 SUMMARY_METRICS = ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones")
 
@@ -64,6 +70,7 @@ class StudySummary:
                 lines.append(f"  {key:<{width}}  {value:.6g}")
             for key in shown:
                 lines.append(f"  {key:<{width}}  {self.best_metrics[key]:.4f}")
+            lines += [f"warning: {note}" for note in figure_warnings(self.best_metrics)]
         lines.append(f"optuna storage: {self.storage}")
         lines.append(f"compare trials: {ui_command(self.tracking_uri)}")
         if self.wall_seconds:
@@ -259,19 +266,30 @@ def summarize(study: optuna.Study, storage: str, tracking_uri: str) -> StudySumm
 def study_summary(config: StudyConfig, storage: str | None = None, tracking_uri: str | None = None) -> str:
     """The summary of an existing study, with importances and report locations; runs nothing."""
     storage = storage or config.study.storage
-    try:
-        study = optuna.load_study(study_name=config.study.name, storage=storage)
-    except KeyError as err:
-        raise ValueError(f"no study named {config.study.name!r} in {storage}: launch it first") from err
+    study = load_existing_study(config.study.name, storage)
     uri = resolve_tracking_uri(tracking_uri or config.study.tracking_uri)
     lines = [summarize(study, storage, uri).format(), "parameter importances:"]
     importances = param_importances(study)
     if isinstance(importances, dict):
+        caveat = importance_caveat(study)
+        lines += [f"  warning: {caveat}"] if caveat else []
         lines += [f"  {name:<12} {value:.3f}" for name, value in importances.items()]
     else:
         lines.append(f"  none yet: {importances}")
     lines.append(f"reports: {config.study_dir}/study_report.md and {config.study_dir}/trial-<n>/report.md")
     return "\n".join(lines)
+
+
+def load_existing_study(name: str, storage: str) -> optuna.Study:
+    """A study that must already exist: a missing SQLite file or study name is an error, and nothing is created."""
+    check_storage_url(storage)
+    database = sqlite_file(storage)
+    if storage.startswith("sqlite") and database is not None and not database.is_file():
+        raise ValueError(f"no Optuna storage at {database} ({storage}): launch the study first, or pass --storage")
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError as err:
+        raise ValueError(f"no study named {name!r} in {storage}: launch it first") from err
 
 
 def _existing_parent(study: optuna.Study) -> str | None:
@@ -289,15 +307,35 @@ def _existing_parent(study: optuna.Study) -> str | None:
 def resolve_settings(
     config: StudyConfig, storage: str | None, tracking_uri: str | None, n_trials: int | None
 ) -> StudyConfig:
-    """Command-line overrides applied over the study file."""
+    """Command-line overrides applied over the study file, and both stores checked before anything is written."""
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise ValueError(f"--n-trials must be a positive integer, got {n_trials!r}")
     settings = replace(
         config.study,
         storage=storage or config.study.storage,
         tracking_uri=resolve_tracking_uri(tracking_uri or config.study.tracking_uri),
         n_trials=n_trials or config.study.n_trials,
     )
-    check_tracking_server(settings.tracking_uri)
+    check_storage_url(settings.storage)
+    check_tracking_uri(settings.tracking_uri)
+    check_writable(config.study_dir, "[study].runs_dir")
+    resolve_device(str(config.train.get("device", "auto")))  # a missing GPU fails here, not in every trial
     return replace(config, study=settings)
+
+
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse, naming it, an Optuna storage URL that cannot be opened, before any study is created."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in STORAGE_SCHEMES:
+        raise ValueError(
+            f"Optuna storage {url!r} is not a database URL: give sqlite:///FILE.db or postgresql://USER@HOST/DB"
+        )
+    database = sqlite_file(url) if scheme == "sqlite" else None
+    if database is not None and not database.resolve().parent.is_dir():
+        raise ValueError(f"Optuna storage {url}: folder {database.resolve().parent} does not exist")
 
 
 # Fixed settings that change how a trial runs or logs, not what it learns: free to edit between launches.
@@ -335,9 +373,70 @@ def open_study(config: StudyConfig) -> optuna.Study:
             f"{' and '.join(changed)} (stored: {json.dumps({k: stored.get(k) for k in changed})}); its trials would "
             "not be comparable. Restore the file, or give [study].name a new name for a new study."
         )
-    for point in config.enqueue:
-        study.enqueue_trial(point, skip_if_exists=True)
+    if STUDY_UID_ATTR not in study.user_attrs:
+        study.set_user_attr(STUDY_UID_ATTR, uuid.uuid4().hex)
+    record_study_folder(config, study)
+    queue_presets(study, config.enqueue, settings.max_retry)
     return study
+
+
+def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry: int) -> None:
+    """Queue each enqueued point that has no live trial; one whose trials failed is queued again, ``max_retry`` times.
+
+    So a preset interrupted by Ctrl-C, a crash or a lost worker still runs on a later launch.
+    """
+    trials = study.get_trials(deepcopy=False)
+    for point in points:
+        same = [t for t in trials if _runs_point(t, point)]
+        failures = sum(t.state == optuna.trial.TrialState.FAIL for t in same)
+        if len(same) == failures and failures <= max_retry:
+            study.enqueue_trial(point)
+
+
+def _runs_point(trial: optuna.trial.FrozenTrial, point: dict[str, float]) -> bool:
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    return all(params.get(name) == value for name, value in point.items())
+
+
+def _storage_identity(url: str) -> str:
+    """The storage URL as the study folder records it: SQLite files absolute, passwords hidden."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def check_study_folder(config: StudyConfig) -> None:
+    """Refuse a run folder that holds another study's trials (same name, other storage, or recreated).
+
+    Runs before anything is written, so the other study's checkpoints and reports stay as they are.
+    """
+    record = config.study_dir / STUDY_RECORD
+    if not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    storage, name = config.study.storage, config.study.name
+    advice = f"set [study].runs_dir to another folder (or move {config.study_dir} away) for this study"
+    if saved["storage"] != _storage_identity(storage):
+        raise StudyFileError(
+            f"{config.study_dir} holds the trials of study {name!r} in {saved['storage']}, not {storage}; {advice}"
+        )
+    try:
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(STUDY_UID_ATTR)
+    except KeyError:
+        stored = None  # the study was deleted from the storage
+    if stored != saved["uid"]:
+        raise StudyFileError(
+            f"{config.study_dir} holds the trials of an earlier study {name!r} in {storage} that no longer "
+            f"exists there; {advice}"
+        )
+
+
+def record_study_folder(config: StudyConfig, study: optuna.Study) -> None:
+    """Write which storage and study the run folder belongs to (checked by :func:`check_study_folder`)."""
+    record = config.study_dir / STUDY_RECORD
+    if not record.is_file():
+        write_json(record, {"storage": _storage_identity(config.study.storage), "study": config.study.name,
+                            "uid": study.user_attrs[STUDY_UID_ATTR]})  # fmt: skip
 
 
 def ensure_parent_run(study: optuna.Study, config: StudyConfig) -> str:
@@ -403,6 +502,7 @@ def run_study(
     config = resolve_settings(config, storage, tracking_uri, n_trials)
     settings = config.study
     with launch_lock(config.study_dir):
+        check_study_folder(config)
         annotated = prepare_inputs(config, progress)
         study = open_study(config)
         remaining = settings.n_trials - count_taken(study)
@@ -446,6 +546,7 @@ def launch_workers(
     config = resolve_settings(config, storage, tracking_uri, n_trials)
     settings = config.study
     with launch_lock(config.study_dir):
+        check_study_folder(config)
         prepare_inputs(config, progress)
         study = open_study(config)
         ensure_parent_run(study, config)

@@ -15,12 +15,14 @@ Every error names the file and the key.
 from __future__ import annotations
 
 import sys
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from data.synthetic import SynthConfig
 from train.config import WEIGHT_NAMES, TrainConfig
+from train.losses import LossWeights
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,7 +90,9 @@ class StudyConfig:
         weights = {k: values.pop(k) for k in list(values) if k in WEIGHT_NAMES}
         base_weights = TrainConfig().weights
         merged = {f.name: weights.get(f.name, getattr(base_weights, f.name)) for f in fields(base_weights)}
-        return TrainConfig(root=str(self.resolved_data_root()), out=str(out), weights=merged, **values)
+        # Absolute paths: the run folder's config then works from any directory (mbu eval --run ...).
+        root, out = self.resolved_data_root().resolve(), Path(out).resolve()
+        return TrainConfig(root=str(root), out=str(out), weights=merged, **values)
 
 
 def _check_keys(where: str, table: dict[str, Any], allowed: set[str], path: Path) -> None:
@@ -97,8 +101,30 @@ def _check_keys(where: str, table: dict[str, Any], allowed: set[str], path: Path
         raise StudyFileError(f"{path}: unknown key {where}.{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
 
 
+# TOML value types a dataclass field of each annotation accepts (an int is a float; a bool is neither).
+_EXPECTED = {int: ("an integer", (int,)), float: ("a number", (int, float)), str: ("a string", (str,)),
+             bool: ("true or false", (bool,))}  # fmt: skip
+
+
+def _check_types(hints: dict[str, Any], where: str, table: dict[str, Any], path: Path) -> None:
+    """A value of the wrong TOML type (``high = "10"``, ``log = "false"``) is an error naming the key."""
+    for key, value in table.items():
+        hint = hints.get(key)
+        accepted = [t for t in typing.get_args(hint) or (hint,) if t in _EXPECTED]
+        if not accepted or value is None:
+            continue
+        if isinstance(value, bool) and bool not in accepted:
+            ok = False
+        else:
+            ok = any(isinstance(value, _EXPECTED[t][1]) for t in accepted)
+        if not ok:
+            expected = " or ".join(_EXPECTED[t][0] for t in accepted)
+            raise StudyFileError(f"{path}: {where}.{key} must be {expected}, got {value!r}")
+
+
 def _typed(cls: type, where: str, table: dict[str, Any], path: Path) -> Any:
     _check_keys(where, table, {f.name for f in fields(cls)}, path)
+    _check_types(typing.get_type_hints(cls), where, table, path)
     try:
         return cls(**table)
     except (TypeError, ValueError) as err:
@@ -150,6 +176,7 @@ def load_study_file(path: Path | str) -> StudyConfig:
 
     train = dict(raw.get("train", {}))
     _check_keys("[train]", train, TRAIN_KEYS, path)
+    _check_types({**typing.get_type_hints(TrainConfig), **typing.get_type_hints(LossWeights)}, "[train]", train, path)
 
     space: dict[str, ParamRange] = {}
     for name, spec in raw.get("space", {}).items():
@@ -172,6 +199,7 @@ def load_study_file(path: Path | str) -> StudyConfig:
     for i, point in enumerate(raw.get("enqueue", [])):
         where = f"[[enqueue]] #{i + 1}"
         _check_keys(where, point, set(space), path)
+        _check_types(dict.fromkeys(point, float), where, point, path)
         for name, value in point.items():
             if not space[name].low <= value <= space[name].high:
                 raise StudyFileError(f"{path}: {where}: {name}={value} is outside [space.{name}]")

@@ -10,11 +10,24 @@ import optuna
 
 from data.files import atomic_write
 from evaluate.report import MARKDOWN_FILE
-from evaluate.segmentation import REPORT_FILE
+from evaluate.segmentation import REPORT_FILE, figure_warnings
 from train.checkpoint import write_json
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"
+# Below this many complete trials, importances are mostly the sampler's noise: shown, but flagged.
+FEW_TRIALS_FOR_IMPORTANCE = 10
+
+
+def importance_caveat(study: optuna.Study) -> str | None:
+    """A warning when the importances come from too few complete trials to mean much."""
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if complete < FEW_TRIALS_FOR_IMPORTANCE:
+        return (
+            f"computed from {complete} complete trials: too few to mean much "
+            f"(read them from about {FEW_TRIALS_FOR_IMPORTANCE} on)"
+        )
+    return None
 
 
 def param_importances(study: optuna.Study) -> dict[str, float] | str:
@@ -54,7 +67,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-"
 
 
-def study_markdown(name: str, rows: list[dict[str, Any]], importances: dict[str, float] | str, states: dict) -> str:
+def study_markdown(
+    name: str,
+    rows: list[dict[str, Any]],
+    importances: dict[str, float] | str,
+    states: dict,
+    caveat: str | None = None,
+    best_warnings: list[str] | None = None,
+) -> str:
     lines = [f"# Study `{name}`", "", "Trials by state: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items()))]
     lines += ["", "## Trials ranked by validation IoU", ""]
     if rows:
@@ -70,10 +90,13 @@ def study_markdown(name: str, rows: list[dict[str, Any]], importances: dict[str,
             lines.append("| " + " | ".join(cells) + " |")
         best = rows[0]["trial"]
         lines += ["", f"Best trial: #{best}; its report: [trial-{best}/{MARKDOWN_FILE}](trial-{best}/{MARKDOWN_FILE})."]
+        lines += [f"\n> **Warning (best trial):** {note}." for note in best_warnings or []]
     else:
         lines.append("No trial has completed yet.")
     lines += ["", "## Parameter importances (Optuna)", ""]
     if isinstance(importances, dict):
+        if caveat:
+            lines += [f"> **Warning:** {caveat}.", ""]
         lines += ["| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
     else:
@@ -92,14 +115,19 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
     if rows:
         path = study_dir / f"trial-{rows[0]['trial']}" / REPORT_FILE
         best_report = json.loads(path.read_text())["metrics"] if path.is_file() else None
+    best_warnings = figure_warnings(best_report or rows[0]) if rows else []
+    caveat = importance_caveat(study) if isinstance(importances, dict) else None
     data = {
         "study": study.study_name,
         "states": states,
         "trials": rows,
         "importances": importances,
+        "importance_warning": caveat,
         "best_trial_report": best_report,
+        "best_trial_warnings": best_warnings,
     }
     json_path, md_path = study_dir / STUDY_REPORT_JSON, study_dir / STUDY_REPORT_MD
     write_json(json_path, data)
-    atomic_write(md_path, lambda tmp: tmp.write_text(study_markdown(study.study_name, rows, importances, states)))
+    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings)
+    atomic_write(md_path, lambda tmp: tmp.write_text(text))
     return [json_path, md_path]

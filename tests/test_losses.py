@@ -20,7 +20,7 @@ def setup():
 
 
 def _hand_terms(model, a, b):
-    """The DESIGN.md table written out with explicit arithmetic (mean |x|, mean x^2, -log)."""
+    """The loss table (``train/losses.py``) written out with explicit arithmetic (mean |x|, mean x^2, -log)."""
     ec_a, es_a, ec_b = model.e_common(a), model.e_separate(a), model.e_common(b)
     zeros = torch.zeros(len(a), 25)
 

@@ -91,3 +91,38 @@ def test_compiled_losses_match_eager_losses(tiny_root: Path, tmp_path: Path) -> 
 def test_bad_amp_mode_is_rejected(tiny_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="amp must be one of"):
         tiny_train_config(tiny_root, tmp_path, amp="fp8")
+
+
+def test_checkpoint_of_the_relu_decoder_model_is_refused(tiny_root: Path, tmp_path: Path) -> None:
+    """mbu 0.1 wrote no model version: its decoders were ReLU, so its weights are refused with the reason."""
+    train(tiny_train_config(tiny_root, tmp_path / "run", iters=1), progress=False)
+    path = tmp_path / "run" / CHECKPOINT_FILE
+    state = torch.load(path, weights_only=True)
+    assert state.pop("model_version") == 2
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"trained by mbu 0\.1.*ReLU.*LeakyReLU\(0\.2\).*train it again"):
+        load_checkpoint(tmp_path / "run")
+
+
+def _disc_gradient_norm_after_step(disc_clip: float) -> float:
+    from train.losses import LossWeights
+    from train.model import ContentTransferModel, ModelConfig
+    from train.step import Optimizers, train_step
+
+    torch.manual_seed(0)
+    model = ContentTransferModel(ModelConfig(resize=64))
+    a, b = torch.rand(2, 4, 3, 64, 64) * 2 - 1
+    train_step(model, Optimizers.create(model, 2e-4, 2e-4), a, b, LossWeights(), disc_clip=disc_clip)
+    return torch.cat([p.grad.flatten() for p in model.disc.parameters()]).norm().item()
+
+
+def test_discriminator_clip_is_off_by_default_and_an_option() -> None:
+    """Default: no discriminator clip, as the reference's code ran; ``disc_clip`` clips it when asked."""
+    from train.config import TrainConfig
+
+    assert TrainConfig().disc_clip == 0
+    unclipped = _disc_gradient_norm_after_step(0.0)
+    assert unclipped > 0.01
+    assert _disc_gradient_norm_after_step(unclipped / 10) == pytest.approx(unclipped / 10, rel=1e-4)
+    with pytest.raises(ValueError, match="disc_clip must be"):
+        TrainConfig(disc_clip=-1.0)

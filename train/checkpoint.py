@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from data.files import atomic_write
+from train.model import MODEL_VERSION
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
@@ -40,7 +41,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     missing = {"model", "config", "iteration"} - set(state)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
+    check_model_version(state, path)
     return state
+
+
+def check_model_version(state: dict[str, Any], source: Path) -> None:
+    """Refuse weights trained for another model: they would load, and silently compute something else."""
+    version = state.get("model_version", 1)  # mbu 0.1 wrote no version
+    if version == MODEL_VERSION:
+        return
+    if version == 1:
+        raise CheckpointError(
+            f"checkpoint {source} was trained by mbu 0.1, whose decoders used ReLU where the paper's model "
+            "(and this version) uses LeakyReLU(0.2); its weights do not fit this model: train it again"
+        )
+    raise CheckpointError(f"checkpoint {source} is of model version {version}; this mbu reads version {MODEL_VERSION}")
 
 
 def check_architecture(state: dict[str, Any], resize: int, sep: int, source: Path) -> None:

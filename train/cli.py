@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
 
-from train.config import AMP_MODES, TrainConfig
+from data.files import check_writable
+from data.images import list_images
+from train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
+from train.config import AMP_MODES, WEIGHT_NAMES, TrainConfig
 from train.losses import LossWeights
+from train.step import resolve_device
 
 _D = TrainConfig()
 _W = LossWeights()
+GIVEN = "given_flags"  # Namespace attribute: the destinations of the flags the user actually typed
+
+
+class _Given(argparse.Action):
+    """``store`` that remembers the flag was given, so ``--load`` can tell a typed value from a default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, GIVEN, set()))
+        setattr(namespace, GIVEN, given | {self.dest})
+
 
 # (flag, type, help). Weight help names the paper's term (Mokady et al., ICLR 2020).
 WEIGHT_FLAGS = {
@@ -27,12 +45,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Every ``mask_train.py`` flag, same name, default and meaning; numbers are typed."""
     data = parser.add_argument_group("data and output")
     data.add_argument(
-        "--root", default=_D.root, help="data root: trainA/ trainB/ testA/ testB/ folders or trainA.txt ... list files"
+        "--root",
+        action=_Given,
+        default=_D.root,
+        help="data root: trainA/ trainB/ testA/ testB/ folders or trainA.txt ... list files",
     )
     data.add_argument(
         "--out", default=_D.out, help="run folder for the checkpoint, config and grids (default: %(default)s)"
     )
-    data.add_argument("--load", default=_D.load, help="resume from the checkpoint in this run folder")
+    data.add_argument("--load", action=_Given, default=_D.load, help="resume from the checkpoint in this run folder")
     data.add_argument(
         "--skip-bad",
         dest="skip_bad",
@@ -43,62 +64,101 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument(
-        "--lr", type=float, default=_D.lr, help="Adam learning rate of encoders and decoders (default: %(default)s)"
+        "--lr",
+        action=_Given,
+        type=float,
+        default=_D.lr,
+        help="Adam learning rate of encoders and decoders (default: %(default)s)",
     )
     opt.add_argument(
-        "--disclr", type=float, default=_D.disclr, help="Adam learning rate of the discriminator (default: %(default)s)"
+        "--disclr",
+        action=_Given,
+        type=float,
+        default=_D.disclr,
+        help="Adam learning rate of the discriminator (default: %(default)s)",
     )
-    opt.add_argument("--bs", type=int, default=_D.bs, help="batch size per domain (default: %(default)s)")
     opt.add_argument(
-        "--iters", type=int, default=_D.iters, help="training iterations; stops exactly there (default: %(default)s)"
+        "--bs", action=_Given, type=int, default=_D.bs, help="batch size per domain (default: %(default)s)"
     )
     opt.add_argument(
-        "--seed", type=int, default=_D.seed, help="seed of weight init and batch order (default: %(default)s)"
+        "--iters",
+        action=_Given,
+        type=int,
+        default=_D.iters,
+        help="training iterations; stops exactly there (default: %(default)s)",
+    )
+    opt.add_argument(
+        "--disc_clip",
+        action=_Given,
+        type=float,
+        default=_D.disc_clip,
+        help="clip the discriminator's gradient norm to this value; 0 = no clip, which is what the reference "
+        "code ran and its published figures came from (it meant to clip at 5, the autoencoder's clip; "
+        "default: %(default)s)",
+    )
+    opt.add_argument(
+        "--seed",
+        action=_Given,
+        type=int,
+        default=_D.seed,
+        help="seed of weight init and batch order (default: %(default)s)",
     )
 
     model = parser.add_argument_group("model")
     model.add_argument(
         "--resize",
+        action=_Given,
         type=int,
         default=_D.resize,
         help="image side, a multiple of 64 (paper: 64, 128, 256; default: %(default)s)",
     )
-    model.add_argument("--sep", type=int, default=_D.sep, help="channels of the separate code (default: %(default)s)")
+    model.add_argument(
+        "--sep", action=_Given, type=int, default=_D.sep, help="channels of the separate code (default: %(default)s)"
+    )
 
     weights = parser.add_argument_group("loss weights (reference names; paper terms in each help)")
     for name, text in WEIGHT_FLAGS.items():
-        weights.add_argument(f"--{name}", type=float, default=getattr(_W, name), help=f"{text} (default: %(default)s)")
+        weights.add_argument(
+            f"--{name}", action=_Given, type=float, default=getattr(_W, name), help=f"{text} (default: %(default)s)"
+        )
 
     log = parser.add_argument_group("logging and checkpoints")
     log.add_argument(
         "--progress_iter",
+        action=_Given,
         type=int,
         default=_D.progress_iter,
         help="log mean losses to MLflow and check they are finite every N iterations (default: %(default)s)",
     )
     log.add_argument(
         "--display_iter",
+        action=_Given,
         type=int,
         default=_D.display_iter,
         help="save image grids every N iterations (default: %(default)s)",
     )
     log.add_argument(
         "--save_iter",
+        action=_Given,
         type=int,
         default=_D.save_iter,
         help="write a checkpoint every N iterations (default: %(default)s)",
     )
     log.add_argument(
         "--num_display",
+        action=_Given,
         type=int,
         default=_D.num_display,
         help="images per side of the image grids (default: %(default)s)",
     )
 
     dev = parser.add_argument_group("device")
-    dev.add_argument("--gpu", type=int, default=None, help="CUDA device index to train on (overrides --device)")
+    dev.add_argument(
+        "--gpu", action=_Given, type=int, default=None, help="CUDA device index to train on (overrides --device)"
+    )
     dev.add_argument(
         "--amp",
+        action=_Given,
         choices=AMP_MODES,
         default=_D.amp,
         help="bf16: forward passes under bfloat16 autocast; faster where bf16 matmul is (recent CPUs, "
@@ -123,14 +183,100 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(weights=weights, **values)
 
 
+# Settings that shape what the model learns. On --load they come from the checkpoint, and a typed
+# flag that contradicts one is an error; the rest (iters, logging, data root, device) may change.
+LEARNING_SETTINGS = ("lr", "disclr", "bs", "resize", "sep", "seed", "amp", "disc_clip", *WEIGHT_NAMES)
+MACHINE_SETTINGS = ("out", "load", "device", "gpu")  # where this run goes and what it runs on: always the flags'
+SWITCHES = ("skip_bad", "channels_last", "compile")  # store_true flags: given when set
+
+
+def typed_flags(args: argparse.Namespace) -> set[str]:
+    """The settings the user typed on the command line (not left at their defaults)."""
+    return set(getattr(args, GIVEN, set())) | {name for name in SWITCHES if getattr(args, name, False)}
+
+
+def resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
+    """``cfg`` resuming a checkpoint: its saved settings, except the typed flags that may change."""
+    saved_cfg = TrainConfig.from_dict(saved)
+
+    def value(config: TrainConfig, name: str) -> object:
+        return getattr(config.weights, name) if name in WEIGHT_NAMES else getattr(config, name)
+
+    conflicts = [
+        f"--{name} {value(cfg, name)} (checkpoint: {value(saved_cfg, name)})"
+        for name in LEARNING_SETTINGS
+        if name in given and value(cfg, name) != value(saved_cfg, name)
+    ]
+    if conflicts:
+        raise ValueError(
+            f"--load {cfg.load}: {', '.join(conflicts)} contradicts the checkpoint it resumes; drop the flag "
+            "to continue with the checkpoint's settings, or train a new run without --load"
+        )
+    values = saved_cfg.to_dict()
+    values.update({name: getattr(cfg, name) for name in MACHINE_SETTINGS})
+    values.update({name: getattr(cfg, name) for name in given if name in values and name not in LEARNING_SETTINGS})
+    values["eval_every"] = 0
+    return TrainConfig.from_dict(values)
+
+
+def check_run_folder(cfg: TrainConfig, overwrite: bool) -> None:
+    """Refuse to train over a run folder that holds a checkpoint, unless resuming it or told to."""
+    out = Path(cfg.out)
+    if overwrite or not (out / CHECKPOINT_FILE).exists():
+        return
+    if cfg.load and Path(cfg.load).resolve() == out.resolve():
+        return
+    raise FileExistsError(
+        f"{out} already holds a trained run ({out / CHECKPOINT_FILE}): resume it with --load {out}, "
+        "choose another --out, or pass --overwrite to replace it"
+    )
+
+
+def clear_run_folder(out: Path) -> None:
+    """Delete what an earlier run left in ``out`` (``--overwrite``): its checkpoint, grids and reports."""
+    import shutil
+
+    from evaluate.report import REPORT_FILES
+    from evaluate.tracking import RUN_FILE
+    from train.loop import GRIDS_DIR, SKIPPED_FILE
+
+    for name in (CHECKPOINT_FILE, CONFIG_FILE, SKIPPED_FILE, RUN_FILE, *REPORT_FILES):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / GRIDS_DIR, ignore_errors=True)
+
+
+def prepare_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's config, checked before anything is written: paths absolute, resume settings applied."""
+    cfg = config_from_args(args)
+    absolute = {name: str(Path(getattr(cfg, name)).resolve()) for name in ("root", "out", "load") if getattr(cfg, name)}
+    cfg = replace(cfg, **absolute)
+    if cfg.load:
+        cfg = resume_config(cfg, load_checkpoint(Path(cfg.load))["config"], typed_flags(args))
+    if not cfg.root:
+        raise ValueError("--root is required: the data root with trainA/ trainB/ (or trainA.txt ...)")
+    check_writable(Path(cfg.out), "--out")
+    check_run_folder(cfg, args.overwrite)
+    resolve_device(cfg.device, cfg.gpu)
+    for domain in ("trainA", "trainB"):
+        list_images(Path(cfg.root), domain)  # a missing or empty domain is an error naming it
+    return cfg
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train one model (the reference mask_train.py flags)",
         description="Train the mask-based content transfer model on a two-domain data root. "
-        "Logs losses to MLflow (default store: sqlite:///mlflow.db, or $MLFLOW_TRACKING_URI).",
+        "Logs losses to MLflow (default store: sqlite:///mlflow.db, or $MLFLOW_TRACKING_URI). "
+        "With --load DIR, training continues from DIR's checkpoint with its own settings.",
     )
     add_train_arguments(parser)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a trained run already in --out (its checkpoint and report files); without it such a "
+        "folder is refused",
+    )
     parser.add_argument("--experiment", default="mbu-train", help="MLflow experiment of the run (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=main)
@@ -139,15 +285,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import mlflow
 
-    from train.loop import train
-    from train.tracking import check_tracking_server, resolve_tracking_uri, train_params
+    from evaluate.tracking import RUN_FILE
+    from train.loop import TrainStatus, train
+    from train.tracking import check_tracking_uri, resolve_tracking_uri, train_params
 
-    cfg = config_from_args(args)
-    check_tracking_server(resolve_tracking_uri())
-    mlflow.set_tracking_uri(resolve_tracking_uri())
+    cfg = prepare_config(args)
+    uri = resolve_tracking_uri()
+    check_tracking_uri(uri)
+    if args.overwrite:
+        clear_run_folder(Path(cfg.out))
+    status = TrainStatus()
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(args.experiment)
-    with mlflow.start_run(run_name=cfg.out):
-        mlflow.log_params(train_params(cfg))
-        result = train(cfg, progress=not args.no_progress)
-    print(f"trained {result.iterations} iterations; checkpoint in {result.run_dir}")
+    try:
+        with mlflow.start_run(run_name=Path(cfg.out).name) as run:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
+            mlflow.log_params(train_params(cfg))
+            result = train(cfg, progress=not args.no_progress, status=status)
+    except KeyboardInterrupt:
+        saved = f"last checkpoint at iteration {status.saved} in {cfg.out}" if status.saved else "no checkpoint saved"
+        resume = f"; resume with: mbu train --out {cfg.out} --load {cfg.out}" if status.saved else ""
+        print(f"mbu train: interrupted at iteration {status.iteration}; {saved}{resume}", file=sys.stderr)
+        return 130
+    if result.start:
+        print(f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}")
+    else:
+        print(f"trained {result.iterations} iterations; checkpoint in {result.run_dir}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -22,6 +23,7 @@ class TrainConfig:
     resize: int = 128  # image side in pixels: a multiple of 64 (64, 128, 256 in the paper)
     sep: int = 25  # channels of the separate code
     weights: LossWeights = field(default_factory=LossWeights)  # the seven loss weights
+    disc_clip: float = 0.0  # discriminator gradient-norm clip; 0 = none, what the reference's code ran (it meant 5)
     progress_iter: int = 100  # log losses (and check they are finite) every N iterations
     display_iter: int = 5000  # save image grids every N iterations
     save_iter: int = 10_000  # write a checkpoint every N iterations
@@ -48,6 +50,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.disc_clip >= 0 and math.isfinite(self.disc_clip)):
+            raise ValueError(f"disc_clip must be a finite number >= 0 (0: no clip), got {self.disc_clip}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.eval_every < 0:

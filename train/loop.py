@@ -23,9 +23,10 @@ from train.checkpoint import (
     write_json,
 )
 from train.config import TrainConfig
-from train.model import ContentTransferModel
+from train.model import MODEL_VERSION, ContentTransferModel
 from train.step import (
     LossFunctions,
+    NonFiniteLossError,
     Optimizers,
     build_model,
     memory_layout,
@@ -42,16 +43,25 @@ SKIPPED_FILE = "skipped_images.txt"
 EvalCallback = Callable[[int, ContentTransferModel], "dict[str, float] | None"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the iteration."""
-
-
 @dataclass
 class TrainResult:
     model: ContentTransferModel
     iterations: int  # iterations completed in total (including any resumed ones)
     metrics: dict[str, float] = field(default_factory=dict)  # last logged train/... values
     run_dir: Path = Path(".")
+    start: int = 0  # the checkpoint's iteration when resumed, else 0
+
+
+@dataclass
+class TrainStatus:
+    """Where a training stands, kept current by :func:`train` for a caller that is interrupted."""
+
+    iteration: int = 0  # iterations completed
+    saved: int = 0  # iteration of the last checkpoint written (0: none yet)
+
+
+# What ``train`` writes into a run folder (with CONFIG_FILE and CHECKPOINT_FILE).
+GRIDS_DIR = "grids"
 
 
 def save_grids(
@@ -61,7 +71,7 @@ def save_grids(
     was_training = model.training
     grids = training_grids(model, images_a, images_b)
     model.train(was_training)
-    folder = run_dir / "grids"
+    folder = run_dir / GRIDS_DIR
     folder.mkdir(exist_ok=True)
     for name, array in grids.items():
         Image.fromarray(array).save(folder / f"{name}_{iteration:07d}.png")
@@ -85,6 +95,7 @@ def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, itera
         "opt_autoencoder": optimizers.autoencoder.state_dict(),
         "opt_disc": optimizers.disc.state_dict(),
         "iteration": iteration,
+        "model_version": MODEL_VERSION,
         "config": cfg.to_dict(),
         # Batches and flips depend only on (seed, iteration); the global RNG is saved for
         # anything random added later, and restored on resume.
@@ -92,15 +103,19 @@ def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, itera
     }
 
 
-def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool = True, status: TrainStatus | None = None
+) -> TrainResult:
     """Train on ``cfg.root`` into ``cfg.out``; logs to the active MLflow run, if any.
 
     Checkpoints go to ``out/checkpoint.pt`` every ``save_iter`` iterations and at
     the end. With ``cfg.load`` set, training resumes from that folder's
     checkpoint and continues exactly where it stopped (batches depend only on
     the seed and the iteration). Raises :class:`NonFiniteLossError` within one
-    ``progress_iter`` interval of the loss becoming NaN or infinite.
+    ``progress_iter`` interval of the loss becoming NaN or infinite. ``status``,
+    when given, follows the iteration and the last checkpoint written.
     """
+    status = status if status is not None else TrainStatus()
     device = resolve_device(cfg.device, cfg.gpu)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +143,7 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
         optimizers.autoencoder.load_state_dict(state["opt_autoencoder"])
         optimizers.disc.load_state_dict(state["opt_disc"])
         start = int(state["iteration"])
+        status.iteration = status.saved = start
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"].cpu())
 
@@ -141,7 +157,9 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
     for iteration in bar:
         a = batches_a.batch(iteration).contiguous(memory_format=layout)
         b = batches_b.batch(iteration).contiguous(memory_format=layout)
-        total, terms, disc_loss = train_step(model, optimizers, a, b, cfg.weights, cfg.amp == "bf16", loss_fns)
+        total, terms, disc_loss = train_step(
+            model, optimizers, a, b, cfg.weights, cfg.amp == "bf16", loss_fns, cfg.disc_clip
+        )
         # Sums stay on the device: no host sync until the interval ends.
         for name, value in {
             "loss_total": total,
@@ -150,7 +168,7 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
         }.items():
             sums[name] = sums[name] + value if name in sums else value.clone()
         count += 1
-        done = iteration + 1
+        done = status.iteration = iteration + 1
 
         if done % cfg.progress_iter == 0 or done == cfg.iters:
             metrics = {f"train/{k}": v.item() / count for k, v in sums.items()}
@@ -165,6 +183,7 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
 
         if done % cfg.save_iter == 0 and done != cfg.iters:
             save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, done, cfg))
+            status.saved = done
 
         if on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0:
             model.eval()
@@ -177,5 +196,6 @@ def train(cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool 
     final_iteration = max(start, cfg.iters)
     save_grids(model, display_a, display_b, run_dir, final_iteration)
     save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, final_iteration, cfg))
+    status.saved = final_iteration
     model.eval()
-    return TrainResult(model=model, iterations=final_iteration, metrics=metrics, run_dir=run_dir)
+    return TrainResult(model=model, iterations=final_iteration, metrics=metrics, run_dir=run_dir, start=start)

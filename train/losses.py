@@ -1,9 +1,23 @@
-"""The seven weighted loss terms and the discriminator loss (DESIGN.md, "The method").
+"""The seven weighted loss terms and the discriminator loss of one training iteration.
+
+With a = A batch, b = B batch, Ec/Es the common/separate encoders, D_A the
+decoder, M the mask decoder (code, background) and 0 a zero separate code:
+
+- recon1_a (``gama``): L1(M([Ec(a), Es(a)], bg = D_A([Ec(a), 0])), a)
+- recon1_b (``delta``): L1(D_A([Ec(b), 0]), b)
+- recon2_a (``alpha1``): L1(M([Ec(a), Es(a)], bg = a), a)
+- recon2_b (``alpha2``): L1(M([Ec(b), 0], bg = b), b)
+- cycle (``beta1``, ``beta2``): c = M([Ec(b), Es(a)], bg = b);
+  MSE(Ec(c), Ec(b)) and MSE(Es(c), Es(a))
+- domain_confusion (``discweight``): BCE(disc(Ec(a)), 0) + BCE(disc(Ec(b)), 0)
+
+and the discriminator's own loss BCE(disc(Ec(a)), 1) + BCE(disc(Ec(b)), 0).
 
 The computation is the reference's with its free work removed: the mask
 decoder's trunk runs once for ``[Ec(a), Es(a)]`` (only the background differs
 between Recon1-A and Recon2-A), and a term whose weight is 0 is not computed.
-Losses and gradients are identical to the reference's two-pass computation.
+Losses and gradients equal the reference's two-pass computation up to float
+rounding (``train/reference.py``, tested).
 """
 
 from __future__ import annotations

@@ -1,8 +1,24 @@
-"""The five networks of mask-based content transfer, as the reference code builds them.
+"""The five networks of mask-based content transfer, layer for layer as the reference code builds them.
 
 Naming follows the reference: domain A holds the extra content, B lacks it.
 A latent code is the flattened common code concatenated with the flattened
 separate code, viewed as ``512 x s x s`` with ``s = resize // 64``.
+
+Every block is [4x4 conv (transposed in the decoders), stride 2, padding 1;
+BatchNorm2d; LeakyReLU(0.2)], with PyTorch's default initialisation and
+BatchNorm settings (the reference sets none of its own):
+
+- ``e_common`` (reference ``e1``): 6 blocks, 3→32→64→128→256→(512−sep)→(512−sep).
+- ``e_separate`` (``e2``): 6 blocks, 3→32→64→128→128→128→sep.
+- ``decoder`` (``d_a``): 5 transposed blocks 512→512→256→128→64→32, then a
+  transposed conv 32→3 and tanh.
+- ``mask_decoder`` (``d_b``): the same 5 blocks, then a transposed conv 32→4;
+  mask = sigmoid(channel 0), content = tanh(channels 1..3), output =
+  mask·content + (1−mask)·background.
+- ``disc``: Linear((512−sep)·s², 512), LeakyReLU(0.2), Linear(512, 1), sigmoid.
+
+``tests/test_architecture.py`` states this table independently and checks the
+built model against it.
 """
 
 from __future__ import annotations
@@ -15,6 +31,10 @@ from torch import nn
 
 LATENT_CHANNELS = 512
 RESIZE_STEP = 64  # six stride-2 blocks halve the side six times
+LEAKY_SLOPE = 0.2  # negative slope of every hidden activation, encoders, decoders and discriminator alike
+# Written into every checkpoint. 1: decoders with ReLU (mbu 0.1, not the paper's model);
+# 2: LeakyReLU(0.2) decoders, as the reference. Checkpoints of another version are refused.
+MODEL_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -121,11 +141,12 @@ def use_stock_kernels(model: nn.Module) -> None:
 
 
 def _down_block(c_in: int, c_out: int) -> list[nn.Module]:
-    return [DownConv(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True)]
+    return [DownConv(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(LEAKY_SLOPE, inplace=True)]
 
 
 def _up_block(c_in: int, c_out: int) -> list[nn.Module]:
-    return [UpConv(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    # LeakyReLU like the encoders, as the reference's decoders (ReLU here lost ~0.16 IoU on real faces).
+    return [UpConv(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(LEAKY_SLOPE, inplace=True)]
 
 
 class Encoder(nn.Module):
@@ -214,7 +235,7 @@ class Discriminator(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(cfg.common_dim, 512),
-            nn.LeakyReLU(0.2, inplace=True),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             nn.Linear(512, 1),
             nn.Sigmoid(),
         )
@@ -247,7 +268,7 @@ class ContentTransferModel(nn.Module):
     def code(common: torch.Tensor, separate: torch.Tensor) -> torch.Tensor:
         return torch.cat([common, separate], dim=1)
 
-    # Uses of a trained model (DESIGN.md, "Uses of a trained model").
+    # Uses of a trained model: transfer, removal and segmentation (README, "Commands").
 
     @torch.no_grad()
     def segment(self, images_a: torch.Tensor) -> torch.Tensor:

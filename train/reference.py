@@ -1,9 +1,11 @@
-"""The reference code's training step, computed the way ``mask_train.py`` does.
+"""The reference code's loss computation, done the way ``mask_train.py`` does it.
 
-Kept as a baseline: tests check that the platform's step gives the same losses
-and gradients, and ``bench/train_step.py`` times it. Its known bugs are fixed
-only where they crash on current PyTorch (integer BCE labels) or where DESIGN.md
-says the reference meant otherwise (the discriminator clip).
+Kept as a baseline: tests check that the platform's faster loss functions give
+the same losses and gradients, and ``bench/train_step.py`` times it. It runs on
+the project's own model, so it proves the fast path equals the slow path, not
+that the model is the paper's: ``tests/test_architecture.py`` checks that
+against an independent layer table. Integer BCE labels, which crash on current
+PyTorch, are floats here.
 """
 
 from __future__ import annotations

@@ -15,7 +15,11 @@ from train.config import TrainConfig
 from train.losses import LossWeights, autoencoder_losses, discriminator_loss
 from train.model import ContentTransferModel
 
-GRAD_CLIP = 5.0  # gradient-norm clip on both optimizers, as the reference meant
+# The reference clips the autoencoder's gradient norm to 5. It means to clip the
+# discriminator's too, but hands clip_grad_norm_ an already exhausted parameter
+# generator, so its published models were trained with no discriminator clip:
+# that is the default here (``disc_clip = 0``), the intended clip an option.
+GRAD_CLIP = 5.0
 ADAM_BETAS = (0.5, 0.999)
 
 
@@ -27,15 +31,32 @@ def place_dataset(images: torch.Tensor, device: torch.device) -> torch.Tensor:
         return images.pin_memory()  # batches are then gathered on the host and copied over
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the iteration."""
+
+
+class DeviceError(ValueError):
+    """A device that does not exist here or cannot be named so."""
+
+
 def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device:
-    """``--gpu N`` wins; ``auto`` means CUDA when present, else CPU."""
+    """``--gpu N`` wins; ``auto`` means CUDA when present, else CPU. Checks the device exists here."""
     if gpu is not None:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--gpu {gpu} was given but CUDA is not available")
-        return torch.device(f"cuda:{gpu}")
+        device = f"cuda:{gpu}"
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} was asked for but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif resolved.type != "cpu":
+        raise DeviceError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 @dataclass
@@ -76,10 +97,12 @@ def train_step(
     weights: LossWeights,
     bf16: bool = False,
     losses: LossFunctions = LossFunctions(),
+    disc_clip: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One autoencoder update then one discriminator update; returns detached losses.
 
     ``bf16`` runs the forward passes under bfloat16 autocast (weights and optimizer stay float32).
+    ``disc_clip`` > 0 clips the discriminator's gradient norm (0: no clip, as the reference ran).
     """
     autocast = torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=bf16)
     # Autoencoder: the seven weighted terms.
@@ -95,7 +118,8 @@ def train_step(
     with autocast:
         disc_loss = losses.disc(model, a, b)
     disc_loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.disc.parameters(), GRAD_CLIP)
+    if disc_clip:
+        torch.nn.utils.clip_grad_norm_(model.disc.parameters(), disc_clip)
     optimizers.disc.step()
     return total.detach(), {k: v.detach() for k, v in terms.items()}, disc_loss.detach()
 

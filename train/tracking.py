@@ -9,6 +9,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -22,6 +23,29 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store
 def resolve_tracking_uri(configured: str = "") -> str:
     """The given URI first, then ``$MLFLOW_TRACKING_URI``, then the local SQLite store."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URL (None for an in-memory database)."""
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse, naming the URI, a tracking store MLflow cannot open, before anything is created in it."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(
+            f"tracking URI {uri!r} is not one MLflow can use here: give sqlite:///FILE.db, "
+            "http(s)://HOST:PORT of an MLflow server, or a database URL (postgresql://...)"
+        )
+    database = sqlite_file(uri) if scheme == "sqlite" else None
+    if database is not None and not database.resolve().parent.is_dir():
+        raise ValueError(f"tracking URI {uri}: folder {database.resolve().parent} does not exist")
+    check_tracking_server(uri)
 
 
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
