@@ -480,7 +480,7 @@ def launch_lock(study_dir: Path) -> Iterator[None]:
     synthetic data, queue the first trials twice or open two parent runs.
     """
     study_dir.mkdir(parents=True, exist_ok=True)
-    with open(study_dir / ".launch.lock", "w") as lock:
+    with open(study_dir / ".launch.lock", "a") as lock:  # "a": taking the lock leaves the file as it is
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         yield
 

@@ -1,0 +1,176 @@
+"""What a user already has is never lost: run folders, inputs, reports, other studies' trials, presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import TINY_DATA_AND_TRAIN, tiny_study
+from mlflow.tracking import MlflowClient
+from test_user_errors import fingerprint
+
+from evaluate.tracking import RUN_FILE
+from mbu import main
+from search.runner import STUDY_RECORD, run_study
+from search.study_file import StudyFileError, load_study_file
+from train.checkpoint import load_checkpoint
+
+TRAIN = ["train", "--resize", "64", "--bs", "4", "--progress_iter", "2", "--no-progress", "--device", "cpu"]
+# Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
+WITH_CTRL_C = "import signal, sys, mbu; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(mbu.main())"
+
+
+@pytest.fixture(scope="module")
+def run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained by `mbu train` (so it has its MLflow run file), scored once by `mbu eval`."""
+    folder = tmp_path_factory.mktemp("protected")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", tracking_uri(folder / "run"))
+        assert main([*TRAIN, "--root", str(tiny_root), "--out", str(folder / "run"), "--iters", "2"]) == 0
+        assert main(["eval", "--run", str(folder / "run"), "--no-progress"]) == 0
+    return folder / "run"
+
+
+def tracking_uri(run: Path) -> str:
+    return f"sqlite:///{run.parent / 'mlflow.db'}"
+
+
+def test_train_paths_are_absolute_and_eval_works_from_anywhere(run: Path, tmp_path: Path, capsys) -> None:
+    config = json.loads((run / "config.json").read_text())
+    assert Path(config["root"]).is_absolute() and Path(config["out"]).is_absolute()
+    assert Path(load_checkpoint(run)["config"]["root"]).is_absolute()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    assert main(["eval", "--run", os.path.relpath(run, elsewhere), "--no-progress"]) == 0
+    assert "test IoU" in capsys.readouterr().out
+
+
+def test_train_records_its_mlflow_run_and_report_logs_to_it(run: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id = json.loads((run / RUN_FILE).read_text())["run_id"]
+    client = MlflowClient(tracking_uri(run))
+    assert client.get_run(run_id).data.params["bs"] == "4"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(run))  # report logs to the same store
+    assert main(["report", str(run), "--no-progress"]) == 0
+    assert f"logged to MLflow run {run_id}" in capsys.readouterr().out
+    assert "report.md" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_resume_continues_with_the_checkpoints_settings(run: Path, tmp_path: Path, capsys) -> None:
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    # Only --load, --out and --iters: root, batch size, resize and weights come from the checkpoint.
+    assert main(["train", "--load", str(resumed), "--out", str(resumed), "--iters", "3", "--no-progress"]) == 0
+    assert "resumed at 2, trained to 3" in capsys.readouterr().out
+    state = load_checkpoint(resumed)
+    assert state["iteration"] == 3 and state["config"]["bs"] == 4 and state["config"]["resize"] == 64
+
+
+def test_eval_with_other_masks_keeps_the_runs_own_report(run: Path, tiny_root: Path, tmp_path: Path) -> None:
+    masks = tmp_path / "my_masks"
+    shutil.copytree(tiny_root / "testA_masks", masks)
+    own = fingerprint(run)
+    own = {path: entry for path, entry in own.items() if Path(path).parent == run}
+    assert main(["eval", "--run", str(run), "--masks", str(masks), "--no-progress"]) == 0
+    after = {path: entry for path, entry in fingerprint(run).items() if Path(path).parent == run}
+    assert {p: e for p, e in after.items() if p in own} == own  # the run's own files untouched
+    assert (run / "eval-my_masks" / "report.json").is_file()
+
+
+def test_overwrite_replaces_the_run_and_its_stale_reports(run: Path, tiny_root: Path, tmp_path: Path) -> None:
+    target = tmp_path / "again"
+    shutil.copytree(run, target)
+    assert (target / "report.md").is_file()
+    assert main([*TRAIN, "--root", str(tiny_root), "--out", str(target), "--iters", "1", "--overwrite"]) == 0
+    assert load_checkpoint(target)["iteration"] == 1
+    assert not (target / "report.md").exists() and not (target / "masks.npz").exists()
+
+
+def test_same_stems_keep_every_output(run: Path, tiny_root: Path, tmp_path: Path, capsys) -> None:
+    image = sorted((tiny_root / "testA").iterdir())[0]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / image.name)
+    inputs = [str(tmp_path / "a" / image.name), str(tmp_path / "b" / image.name)]
+    assert main(["remove", "--run", str(run), "--input", *inputs, "--out", "removed", "--device", "cpu"]) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "removed").iterdir()) == [f"{image.stem}-2.png", f"{image.stem}.png"]
+    target = str(sorted((tiny_root / "testB").iterdir())[0])
+    assert main(["transfer", "--run", str(run), "--guide", *inputs, "--target", target, "--out", "t"]) == 0
+    assert len(list((tmp_path / "t").iterdir())) == 3  # two transfers and the grid
+
+
+def test_a_study_of_the_same_name_in_another_storage_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "study.toml").write_text(tiny_study("twin", train="iters = 2\nprogress_iter = 1\n"))
+    run_study(load_study_file(tmp_path / "study.toml"), progress=False)
+    record = json.loads((tmp_path / "runs" / "twin" / STUDY_RECORD).read_text())
+    assert record["storage"] == f"sqlite:///{tmp_path / 'optuna.db'}" and record["study"] == "twin"
+    kept = fingerprint(tmp_path / "runs")
+
+    with pytest.raises(StudyFileError, match=r"holds the trials of study 'twin' in sqlite:///.*optuna.db"):
+        run_study(load_study_file(tmp_path / "study.toml"), storage="sqlite:///other.db", progress=False)
+    optuna.delete_study(study_name="twin", storage="sqlite:///optuna.db")
+    with pytest.raises(StudyFileError, match="earlier study 'twin' .* no longer exists"):
+        run_study(load_study_file(tmp_path / "study.toml"), progress=False)
+    assert fingerprint(tmp_path / "runs") == kept
+
+
+def test_ctrl_c_in_train_is_one_line_and_resumable(tiny_root: Path, tmp_path: Path) -> None:
+    argv = [*TRAIN, "--root", str(tiny_root), "--out", "run", "--iters", "400", "--save_iter", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", WITH_CTRL_C, *argv], cwd=tmp_path, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len([line for line in lines if line.startswith("mbu train:")]) == 1 and "Traceback" not in err, err
+    last = lines[-1]
+    saved = load_checkpoint(tmp_path / "run")["iteration"]
+    assert last.startswith("mbu train: interrupted at iteration ") and f"iteration {saved} in" in last, last
+    assert f"mbu train --out {tmp_path / 'run'} --load {tmp_path / 'run'}" in last
+
+
+def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) -> None:
+    study = f"""[study]
+name = "preset"
+n_trials = 2
+
+{TINY_DATA_AND_TRAIN}iters = 20
+progress_iter = 2
+device = "cpu"
+
+[space.lr]
+low = 1e-4
+high = 1e-3
+log = true
+
+[[enqueue]]
+lr = 2e-4
+"""
+    (tmp_path / "study.toml").write_text(study)
+    launch = [sys.executable, "-c", WITH_CTRL_C, "search", "study.toml", "--no-progress"]
+    proc = subprocess.Popen(launch, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_file = tmp_path / "runs" / "preset" / "trial-0" / "mlflow_run.json"
+    deadline = time.monotonic() + 120
+    while not run_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # the preset's trial has started: it fails
+    proc.wait(timeout=60)
+
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    trials = optuna.load_study(study_name="preset", storage="sqlite:///optuna.db").get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].params == {"lr": 2e-4}
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 2 and {"lr": 2e-4} in [t.params for t in finished]

@@ -1,0 +1,357 @@
+"""A user's mistakes, command by command: one line on stderr naming the culprit, exit 2, nothing written.
+
+Each row runs ``mbu`` in-process from a fresh working directory and compares a
+fingerprint of every file there (and of the shared data and run it points at)
+before and after: a refused command leaves the disk and the MLflow and Optuna
+stores as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_study, tiny_train_config
+
+from mbu import main
+from train.checkpoint import CHECKPOINT_FILE
+from train.loop import train
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A trained tiny run, a copy of it as mbu 0.1 wrote checkpoints, and a truncated checkpoint."""
+    base = tmp_path_factory.mktemp("shared")
+    run = base / "run"
+    train(tiny_train_config(tiny_root, run, iters=2), progress=False)
+    old = base / "old-run"
+    old.mkdir()
+    state = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    del state["model_version"]
+    torch.save(state, old / CHECKPOINT_FILE)
+    broken = base / "broken-run"
+    broken.mkdir()
+    (broken / CHECKPOINT_FILE).write_bytes((run / CHECKPOINT_FILE).read_bytes()[:5000])
+    return {"root": tiny_root, "run": run, "old": old, "broken": broken}
+
+
+def fingerprint(*folders: Path) -> dict[str, tuple]:
+    """Every file's size, mtime and inode (and content hash when small): any write shows."""
+    result = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            info = path.lstat()
+            entry: tuple = (info.st_size, info.st_mtime_ns, info.st_ino)
+            if path.is_file() and info.st_size < 2**20:
+                entry += (hashlib.sha256(path.read_bytes()).hexdigest(),)
+            result[str(path)] = entry
+    return result
+
+
+@dataclass
+class Mistake:
+    name: str
+    argv: Callable[[dict[str, Path]], list[str]]  # the command line, given the shared paths
+    message: str  # what the one stderr line must contain
+    setup: Callable[[Path, dict[str, Path]], None] = lambda cwd, shared: None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _study(text: str) -> Callable[[Path, dict[str, Path]], None]:
+    return lambda cwd, shared: (cwd / "study.toml").write_text(text)
+
+
+def _foreign(folder: str) -> Callable[[Path, dict[str, Path]], None]:
+    def setup(cwd: Path, shared: dict[str, Path]) -> None:
+        (cwd / folder).mkdir()
+        (cwd / folder / "notes.txt").write_text("the user's own file\n")
+
+    return setup
+
+
+def _copy_inputs(cwd: Path, shared: dict[str, Path]) -> None:
+    (cwd / "photos").mkdir()
+    for image in sorted((shared["root"] / "testA").iterdir())[:2]:
+        shutil.copy(image, cwd / "photos" / image.name)
+    (cwd / "done").mkdir()
+    (cwd / "done" / sorted((cwd / "photos").iterdir())[0].with_suffix(".png").name).write_bytes(b"earlier result")
+
+
+def _file(name: str) -> Callable[[Path, dict[str, Path]], None]:
+    return lambda cwd, shared: (cwd / name).write_text("not a folder\n")
+
+
+TRAIN = ["train", "--resize", "64", "--bs", "4", "--iters", "2", "--no-progress"]
+GOOD_STUDY = tiny_study("mistakes")
+
+
+def _train(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
+    return lambda s: [*TRAIN, "--root", str(s["root"]), *extra]
+
+
+MISTAKES = [
+    # mbu train
+    Mistake("train over a trained run", _train("--out", "{run}"), "already holds a trained run"),
+    Mistake(
+        "train resume with another bs",
+        lambda s: ["train", "--load", str(s["run"]), "--out", str(s["run"]), "--bs", "8"],
+        "--bs 8 (checkpoint: 4) contradicts",
+    ),  # fmt: skip
+    Mistake(
+        "train resume with another weight",
+        lambda s: ["train", "--load", str(s["run"]), "--out", "new", "--gama", "1"],
+        "--gama 1.0 (checkpoint: 7.0) contradicts",
+    ),  # fmt: skip
+    Mistake("train without root", lambda s: ["train", "--out", "r"], "--root is required"),
+    Mistake("train missing root", lambda s: ["train", "--root", "nowhere", "--out", "r"], "nowhere is not a folder"),
+    Mistake("train gpu without cuda", _train("--out", "r", "--gpu", "0"), "CUDA is not available"),
+    Mistake("train unknown device", _train("--out", "r", "--device", "tpu"), "unknown device 'tpu'"),
+    Mistake("train zero batch", _train("--out", "r", "--bs", "0"), "bs must be a positive integer, got 0"),
+    Mistake("train zero iterations", _train("--out", "r", "--iters", "0"), "iters must be a positive integer"),
+    Mistake("train negative lr", _train("--out", "r", "--lr", "-1"), "lr must be > 0"),
+    Mistake("train negative weight", _train("--out", "r", "--alpha1", "-1"), "loss weight alpha1 must be >= 0"),
+    Mistake("train negative disc clip", _train("--out", "r", "--disc_clip", "-1"), "disc_clip must be"),
+    Mistake("train odd resize", _train("--out", "r", "--resize", "100"), "resize must be a multiple of 64"),
+    Mistake("train out under a file", _train("--out", "afile/run"), "afile is a file, not a folder", _file("afile")),
+    Mistake("train missing checkpoint", lambda s: ["train", "--load", "nowhere", "--out", "r"], "no checkpoint at"),
+    Mistake(
+        "train broken checkpoint",
+        lambda s: ["train", "--load", str(s["broken"]), "--out", "r"],
+        "cannot read checkpoint",
+    ),  # fmt: skip
+    Mistake("train old checkpoint", lambda s: ["train", "--load", str(s["old"]), "--out", "r"], "trained by mbu 0.1"),
+    Mistake(
+        "train unknown tracking scheme",
+        _train("--out", "r"),
+        "tracking URI 'bogus://x' is not one",
+        env={"MLFLOW_TRACKING_URI": "bogus://x"},
+    ),  # fmt: skip
+    Mistake(
+        "train tracking db in a missing folder",
+        _train("--out", "r"),
+        "folder",
+        env={"MLFLOW_TRACKING_URI": "sqlite:///no/such/dir/mlflow.db"},
+    ),  # fmt: skip
+    # mbu eval / report / transfer / remove
+    Mistake("eval missing run", lambda s: ["eval", "--run", "nowhere"], "no checkpoint at"),
+    Mistake("eval old checkpoint", lambda s: ["eval", "--run", str(s["old"])], "LeakyReLU(0.2)"),
+    Mistake("eval on cuda", lambda s: ["eval", "--run", str(s["run"]), "--device", "cuda"], "CUDA is not available"),
+    Mistake("report missing run", lambda s: ["report", "nowhere"], "no checkpoint at"),
+    Mistake("report unknown study", lambda s: ["report", "--study", "nope"], "no Optuna storage at"),
+    Mistake(
+        "remove into its input folder",
+        lambda s: ["remove", "--run", str(s["run"]), "--input", "photos", "--out", "photos"],
+        "is a folder of input images",
+        _copy_inputs,
+    ),  # fmt: skip
+    Mistake(
+        "remove beside an input file",
+        lambda s: [
+            "remove",
+            "--run",
+            str(s["run"]),
+            "--input",
+            str(sorted((s["root"] / "testA").iterdir())[0]),
+            "--out",
+            str(s["root"] / "testA"),
+        ],
+        "is a folder of input images",
+    ),  # fmt: skip
+    Mistake(
+        "remove over earlier results",
+        lambda s: ["remove", "--run", str(s["run"]), "--input", "photos", "--out", "done"],
+        "already holds 1 of the output files",
+        _copy_inputs,
+    ),  # fmt: skip
+    Mistake(
+        "remove bad threshold",
+        lambda s: ["remove", "--run", str(s["run"]), "--input", "photos", "--out", "o", "--threshold", "2"],
+        "--threshold must be in [0, 1]",
+        _copy_inputs,
+    ),  # fmt: skip
+    Mistake(
+        "remove zero batch",
+        lambda s: ["remove", "--run", str(s["run"]), "--input", "photos", "--out", "o", "--bs", "0"],
+        "--bs must be a positive integer",
+        _copy_inputs,
+    ),  # fmt: skip
+    Mistake(
+        "transfer into a guide folder",
+        lambda s: [
+            "transfer",
+            "--run",
+            str(s["run"]),
+            "--guide",
+            "photos",
+            "--target",
+            str(s["root"] / "testB"),
+            "--out",
+            "photos",
+        ],
+        "is a folder of input images",
+        _copy_inputs,
+    ),  # fmt: skip
+    Mistake(
+        "transfer missing target",
+        lambda s: ["transfer", "--run", str(s["run"]), "--guide", "photos", "--target", "nowhere", "--out", "o"],
+        "nowhere does not exist",
+        _copy_inputs,
+    ),  # fmt: skip
+    # mbu data
+    Mistake(
+        "synth into a foreign folder",
+        lambda s: ["data", "synth", "--out", "mine", "--no-progress"],
+        "did not write there",
+        _foreign("mine"),
+    ),  # fmt: skip
+    Mistake(
+        "synth over another spec",
+        lambda s: ["data", "synth", "--out", str(s["root"]), "--n-train", "9"],
+        "holds a synthetic data set with spec",
+    ),  # fmt: skip
+    Mistake("synth zero images", lambda s: ["data", "synth", "--out", "d", "--n-train", "0"], "n_train"),
+    Mistake(
+        "folders into a foreign folder",
+        lambda s: ["data", "folders", "--root", str(s["root"]), "--dest", "mine", "--no-progress"],
+        "did not write there",
+        _foreign("mine"),
+    ),  # fmt: skip
+    # mbu search
+    Mistake("search missing study file", lambda s: ["search", "nope.toml"], "study file nope.toml does not exist"),
+    Mistake(
+        "search string for a number",
+        lambda s: ["search", "study.toml"],
+        "[space.lr].high must be a number",
+        _study(GOOD_STUDY.replace("high = 1e-3", 'high = "10"')),
+    ),  # fmt: skip
+    Mistake(
+        "search string for a boolean",
+        lambda s: ["search", "study.toml"],
+        "[space.lr].log must be true or false",
+        _study(GOOD_STUDY.replace("log = true", 'log = "false"')),
+    ),  # fmt: skip
+    Mistake(
+        "search string for a count",
+        lambda s: ["search", "study.toml"],
+        "[study].n_trials must be an integer",
+        _study(GOOD_STUDY.replace("n_trials = 1", 'n_trials = "3"')),
+    ),  # fmt: skip
+    Mistake(
+        "search string for a train value",
+        lambda s: ["search", "study.toml"],
+        "[train].bs must be an integer",
+        _study(GOOD_STUDY.replace("bs = 4", 'bs = "4"')),
+    ),  # fmt: skip
+    Mistake(
+        "search zero trials flag",
+        lambda s: ["search", "study.toml", "--n-trials", "0"],
+        "--n-trials must be a positive integer, got 0",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search negative trials flag",
+        lambda s: ["search", "study.toml", "--n-trials", "-3"],
+        "--n-trials must be a positive integer, got -3",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search zero workers",
+        lambda s: ["search", "study.toml", "--workers", "0"],
+        "--workers must be at least 1",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search storage in a missing folder",
+        lambda s: ["search", "study.toml", "--storage", "sqlite:///no/such/dir/optuna.db"],
+        "does not exist",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search storage of an unknown scheme",
+        lambda s: ["search", "study.toml", "--storage", "redis://x"],
+        "is not a database URL",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search tracking of an unknown scheme",
+        lambda s: ["search", "study.toml", "--tracking-uri", "bogus://x"],
+        "tracking URI 'bogus://x' is not one",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search gpu device without cuda",
+        lambda s: ["search", "study.toml"],
+        "CUDA is not available",
+        _study(GOOD_STUDY.replace('device = "cpu"', 'device = "cuda"')),
+    ),  # fmt: skip
+    Mistake(
+        "search summary of no study",
+        lambda s: ["search", "study.toml", "--summary"],
+        "no Optuna storage at",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search runs_dir under a file",
+        lambda s: ["search", "study.toml"],
+        "afile is a file, not a folder",
+        lambda cwd, s: (
+            _file("afile")(cwd, s),
+            _study(GOOD_STUDY.replace("[study]\n", '[study]\nruns_dir = "afile/runs"\n'))(cwd, s),
+        ),
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=[m.name for m in MISTAKES])
+def test_a_mistake_gets_one_line_and_changes_nothing(
+    mistake: Mistake, shared: dict[str, Path], tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in mistake.env.items():
+        monkeypatch.setenv(name, value)
+    mistake.setup(tmp_path, shared)
+    argv = [arg.format(**{k: str(v) for k, v in shared.items()}) for arg in mistake.argv(shared)]
+    capsys.readouterr()
+    before = fingerprint(tmp_path, *shared.values())
+
+    code = main(argv)
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"mbu {argv[0]}: error: ") and mistake.message in lines[0], lines[0]
+    assert fingerprint(tmp_path, *shared.values()) == before, "a refused command changed files"
+
+
+def test_every_command_has_a_row(shared: dict[str, Path]) -> None:
+    from mbu import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert commands == {m.argv(shared)[0] for m in MISTAKES}
+
+
+def test_a_diverged_training_is_one_line_and_exit_1(shared: dict[str, Path], capsys) -> None:
+    argv = [*TRAIN, "--root", str(shared["root"]), "--out", "r", "--lr", "1e12", "--disclr", "1e12"]
+    argv += ["--iters", "40", "--progress_iter", "2"]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("mbu train: training diverged: non-finite loss at iteration"), lines
+
+
+def test_data_folder_written_by_mbu_is_reused(tmp_path: Path) -> None:
+    """The same spec again is a no-op, and an interrupted write is finished by the next call."""
+    argv = ["data", "synth", "--out", "d", "--n-train", "3", "--n-test", "2", "--no-progress"]
+    assert main(argv) == 0
+    before = fingerprint(tmp_path / "d")
+    assert main(argv) == 0
+    assert fingerprint(tmp_path / "d") == before
+    os.remove(tmp_path / "d" / "synthetic.json")  # as if the first write had been killed before its end
+    (tmp_path / "d" / "synthetic.partial.json").write_text('{"size": 64, "n_train": 3, "n_test": 2, "seed": 0}\n')
+    assert main(argv) == 0 and (tmp_path / "d" / "synthetic.json").is_file()
+    assert not (tmp_path / "d" / "synthetic.partial.json").exists()
