@@ -27,8 +27,13 @@ class ModelMaps:
 
 
 @torch.no_grad()
-def predict_maps(model: ContentTransferModel, images: torch.Tensor, batch_size: int = 64) -> ModelMaps:
-    """Soft masks and content-free reconstruction errors for uint8 A images; model in eval mode."""
+def predict_maps(
+    model: ContentTransferModel, images: torch.Tensor, batch_size: int = 64, reconstruction: bool = True
+) -> ModelMaps:
+    """Soft masks and content-free reconstruction errors for uint8 A images; model in eval mode.
+
+    ``reconstruction=False`` skips the decoder pass: the errors are then empty.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -36,14 +41,15 @@ def predict_maps(model: ContentTransferModel, images: torch.Tensor, batch_size: 
     for start in range(0, len(images), batch_size):
         batch = to_model_range(images[start : start + batch_size].to(device))
         masks.append(model.segment(batch)[:, 0].float().cpu())
-        errors.append(((batch - model.content_free(batch)).abs().mean(1) / 2).float().cpu())
+        if reconstruction:
+            errors.append(((batch - model.content_free(batch)).abs().mean(1) / 2).float().cpu())
     model.train(was_training)
-    return ModelMaps(torch.cat(masks), torch.cat(errors))
+    return ModelMaps(torch.cat(masks), torch.cat(errors) if errors else torch.empty(0))
 
 
 def predict_masks(model: ContentTransferModel, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(N, S, S) soft masks in [0, 1] for uint8 A images, on the CPU."""
-    return predict_maps(model, images, batch_size).masks
+    """(N, S, S) soft masks in [0, 1] for uint8 A images, on the CPU (the mask decoder only)."""
+    return predict_maps(model, images, batch_size, reconstruction=False).masks
 
 
 def validation_split(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "search",
         help="run or resume an Optuna study described by a TOML study file",
         description="Create or resume the study of STUDY (Optuna storage, default sqlite:///optuna.db) and run "
-        "trials until it has [study].n_trials finished ones. Each trial trains, scores its masks, and is "
-        "recorded as a nested MLflow run (default store sqlite:///mlflow.db, or $MLFLOW_TRACKING_URI).",
+        "trials until it has [study].n_trials finished (complete or pruned) ones; failed trials do not count, "
+        "and [study].max_failures failed trials in a row stop the launch. Each trial trains, scores its masks, "
+        "and is recorded as a nested MLflow run (default store sqlite:///mlflow.db, or $MLFLOW_TRACKING_URI). "
+        "Exit codes: 0 target reached, 1 stopped on failures (each failed trial listed) or a worker failed, "
+        "2 a usage error, 130 Ctrl-C.",
     )
     parser.add_argument("study", type=Path, help="study file, e.g. studies/synthetic_glasses.toml")
     parser.add_argument("--storage", default=None, help="Optuna storage URL, overriding [study].storage")
@@ -47,13 +50,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "workers may share one GPU)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Optuna's and MLflow's own log lines and experimental-API warnings (hidden by default)",
+    )
     parser.set_defaults(func=main)
+
+
+def quiet_libraries() -> None:
+    """Keep Optuna's INFO lines, MLflow's database messages and experimental-API warnings off the terminal."""
+    import logging
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(args: argparse.Namespace) -> int:
     from search.runner import run_study
     from search.study_file import load_study_file
 
+    if not args.verbose:
+        quiet_libraries()
     config = load_study_file(args.study)
     if args.summary:
         from search.runner import study_summary
@@ -65,11 +89,27 @@ def main(args: argparse.Namespace) -> int:
     if args.workers == 1 and not args.gpus:
         summary = run_study(config, args.storage, args.tracking_uri, args.n_trials, progress=not args.no_progress)
         print(summary.format())
+        if summary.stopped_on_failures:
+            print(
+                f"mbu search: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
+                "failed trials of this launch:",
+                file=sys.stderr,
+            )
+            for number, error in summary.failed:
+                print(f"  trial {number}: {error}", file=sys.stderr)
+            return 1
         return 0
     from search.runner import launch_workers
 
     summary, codes = launch_workers(
-        config, args.workers, args.gpus, args.storage, args.tracking_uri, args.n_trials, not args.no_progress
+        config,
+        args.workers,
+        args.gpus,
+        args.storage,
+        args.tracking_uri,
+        args.n_trials,
+        not args.no_progress,
+        args.verbose,
     )
     print(summary.format())
     failed = [i for i, code in enumerate(codes) if code != 0]
@@ -111,26 +151,27 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 def report_main(args: argparse.Namespace) -> int:
     import json
 
-    import mlflow
+    from train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
 
-    from train.tracking import resolve_tracking_uri
-
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(uri)
     if args.study:
-        from search.runner import load_existing_study
+        from search.storage import load_existing_study
         from search.study_report import write_study_report
         from search.tracking import PARENT_RUN_ATTR
 
         study = load_existing_study(args.study, args.storage)
         paths = write_study_report(study, args.runs_dir / args.study)
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
-        for path in paths:
-            if parent:
-                mlflow.MlflowClient().log_artifact(parent, str(path))
+        if parent:
+            recorder = Recorder(mlflow_client(uri), parent)
+            for path in paths:
+                recorder.log_artifact(path)
+            recorder.flush()
         print(f"study report: {paths[1]}" + (f" (logged to MLflow run {parent})" if parent else ""))
         return 0
 
-    from evaluate.report import MARKDOWN_FILE, evaluate_run
+    from evaluate.report import evaluate_run
     from evaluate.tracking import RUN_FILE
 
     result = evaluate_run(args.run_dir, args.root, args.device, progress=not args.no_progress)
@@ -138,9 +179,15 @@ def report_main(args: argparse.Namespace) -> int:
     logged = ""
     if run_file.is_file():
         run_id = json.loads(run_file.read_text())["run_id"]
-        client = mlflow.MlflowClient()
+        recorder = Recorder(mlflow_client(uri), run_id)
         for name in result["paths"]:
-            client.log_artifact(run_id, str(name))
-        logged = f" (logged to MLflow run {run_id})"
-    print(f"report: {args.run_dir / MARKDOWN_FILE}{logged}")
+            recorder.log_artifact(name)
+        logged = f" (logged to MLflow run {run_id})" if not recorder.flush() else ""
+    print(f"report: {result['paths'][1]}{logged}")
     return 0
+
+
+def mlflow_client(uri: str):  # noqa: ANN201 - MLflow imported only when a command needs it
+    import mlflow
+
+    return mlflow.MlflowClient(uri)

@@ -55,7 +55,8 @@ class StudySettings:
     runs_dir: str = "runs"  # trial folders go to runs_dir/<name>/trial-<n>/
     heartbeat_interval: int = 60  # seconds between a running trial's heartbeats in the storage
     grace_period: int = 300  # a trial silent this long is failed (its worker died) and retried
-    max_retry: int = 2  # retries of a trial whose worker died; each resumes from the last checkpoint
+    max_retry: int = 2  # retries of a trial whose worker died (or a preset that failed); resumes from its checkpoint
+    max_failures: int = 3  # a launch stops after this many failed trials in a row (exit code 1)
 
 
 @dataclass
@@ -151,7 +152,7 @@ def load_study_file(path: Path | str) -> StudyConfig:
     ):
         if value not in allowed:
             raise StudyFileError(f"{path}: [study].{key} must be one of {allowed}, got {value!r}")
-    for key in ("n_trials", "heartbeat_interval", "grace_period"):
+    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_failures"):
         value = getattr(study, key)
         if not isinstance(value, int) or value < 1:
             raise StudyFileError(f"{path}: [study].{key} must be a positive integer, got {value!r}")

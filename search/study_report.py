@@ -1,22 +1,95 @@
-"""The report of a whole study: trials ranked, the best trial's report, parameter importances."""
+"""What a study has found: its summary, its ranked trials, parameter importances and Optuna's plots.
+
+One summary type (:class:`StudySummary`) serves the line printed at the end of
+``mbu search``, ``mbu search --summary`` and ``study_report.{md,json}``.
+"""
 
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import optuna
 
 from data.files import atomic_write
 from evaluate.report import MARKDOWN_FILE
 from evaluate.segmentation import REPORT_FILE, figure_warnings
+from search.storage import count_states
+from search.tracking import ui_command
 from train.checkpoint import write_json
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"
+SUMMARY_METRICS = ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones")
 # Below this many complete trials, importances are mostly the sampler's noise: shown, but flagged.
 FEW_TRIALS_FOR_IMPORTANCE = 10
+# Optuna's plots (matplotlib backend), file name -> (function name, title in the report).
+PLOTS = {
+    "optimization_history.png": ("plot_optimization_history", "Optimization history"),
+    "parallel_coordinate.png": ("plot_parallel_coordinate", "Parameters against the objective"),
+    "param_importances.png": ("plot_param_importances", "Parameter importances"),
+    "slice.png": ("plot_slice", "Objective against each parameter"),
+}
+
+
+@dataclass
+class StudySummary:
+    """Trials by state and the best trial, read from the storage."""
+
+    study_name: str
+    storage: str
+    tracking_uri: str
+    states: dict[str, int]  # trial count by state
+    best_params: dict[str, float] = field(default_factory=dict)
+    best_number: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)  # the best trial's report metrics
+    wall_seconds: float = 0.0
+    failed: list[tuple[int, str]] = field(default_factory=list)  # this launch's failed trials: (number, error)
+    stopped_on_failures: bool = False  # the launch gave up after max_failures failed trials in a row
+
+    @classmethod
+    def of(cls, study: optuna.Study, storage: str, tracking_uri: str) -> StudySummary:
+        summary = cls(study.study_name, storage, tracking_uri, count_states(study))
+        if summary.states.get("COMPLETE"):
+            best = study.best_trial
+            summary.best_number = best.number
+            summary.best_params = dict(best.params)
+            summary.best_metrics = {k: v for k, v in best.user_attrs.items() if isinstance(v, float)}
+        return summary
+
+    def format(self) -> str:
+        lines = [f"study {self.study_name}: " + ", ".join(f"{n} {s}" for s, n in sorted(self.states.items()))]
+        if self.best_number is None:
+            lines.append("no trial has completed yet")
+        else:
+            lines.append(f"best trial: #{self.best_number}")
+            shown = [k for k in SUMMARY_METRICS if k in self.best_metrics]
+            width = max(len(k) for k in [*self.best_params, *shown])
+            for key, value in sorted(self.best_params.items()):
+                lines.append(f"  {key:<{width}}  {value:.6g}")
+            for key in shown:
+                lines.append(f"  {key:<{width}}  {self.best_metrics[key]:.4f}")
+            lines += [f"warning: {note}" for note in figure_warnings(self.best_metrics)]
+        lines.append(f"optuna storage: {self.storage}")
+        lines.append(f"compare trials: {ui_command(self.tracking_uri)}")
+        if self.wall_seconds:
+            lines.append(f"wall time: {self.wall_seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def param_importances(study: optuna.Study) -> dict[str, float] | str:
+    """Optuna's importances, or why there are none yet."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return f"needs at least 2 complete trials, the study has {len(complete)}"
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError) as err:  # e.g. every trial shares the same parameters
+        return f"not computable: {err}"
 
 
 def importance_caveat(study: optuna.Study) -> str | None:
@@ -30,20 +103,23 @@ def importance_caveat(study: optuna.Study) -> str | None:
     return None
 
 
-def param_importances(study: optuna.Study) -> dict[str, float] | str:
-    """Optuna's importances, or why there are none yet."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 2:
-        return f"needs at least 2 complete trials, the study has {len(complete)}"
-    try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-    except (RuntimeError, ValueError) as err:  # e.g. every trial shares the same parameters
-        return f"not computable: {err}"
+def summary_text(study: optuna.Study, storage: str, tracking_uri: str, study_dir: Path) -> str:
+    """``mbu search --summary``: the summary, importances (flagged when too few) and where the reports are."""
+    lines = [StudySummary.of(study, storage, tracking_uri).format(), "parameter importances:"]
+    importances = param_importances(study)
+    if isinstance(importances, dict):
+        caveat = importance_caveat(study)
+        lines += [f"  warning: {caveat}"] if caveat else []
+        lines += [f"  {name:<12} {value:.3f}" for name, value in importances.items()]
+    else:
+        lines.append(f"  none yet: {importances}")
+    lines.append(f"reports: {study_dir}/{STUDY_REPORT_MD} and {study_dir}/trial-<n>/{MARKDOWN_FILE}")
+    return "\n".join(lines)
 
 
 def ranked_trials(study: optuna.Study) -> list[dict[str, Any]]:
     """Complete trials, best validation IoU first, with their test figures."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
     rows = []
     for t in sorted(complete, key=lambda t: t.value, reverse=reverse):
@@ -51,11 +127,7 @@ def ranked_trials(study: optuna.Study) -> list[dict[str, Any]]:
         rows.append(
             {
                 "trial": t.number,
-                "val/iou_best": t.value,
-                "val/threshold_best": attrs.get("val/threshold_best"),
-                "test/iou": attrs.get("test/iou"),
-                "test/iou_oracle": attrs.get("test/iou_oracle"),
-                "baseline/iou_all_ones": attrs.get("baseline/iou_all_ones"),
+                **{key: (t.value if key == "val/iou_best" else attrs.get(key)) for key in SUMMARY_METRICS},
                 "mlflow_run_id": attrs.get("mlflow_run_id"),
                 "params": dict(t.params),
             }
@@ -63,8 +135,26 @@ def ranked_trials(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else "-"
+def write_plots(study: optuna.Study, study_dir: Path) -> list[Path]:
+    """Optuna's plots as PNG files in ``study_dir``; a plot the study cannot draw yet is left out."""
+    matplotlib.use("Agg")  # files only, never a window
+    from matplotlib import pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    written = []
+    for name, (function, _) in PLOTS.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental-API and empty-plot warnings
+                axes = getattr(optuna_plots, function)(study)
+        except (ValueError, RuntimeError):  # e.g. importances with fewer than 2 complete trials
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        path = study_dir / name
+        atomic_write(path, lambda tmp, figure=figure: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(figure)
+        written.append(path)
+    return written
 
 
 def study_markdown(
@@ -74,6 +164,7 @@ def study_markdown(
     states: dict,
     caveat: str | None = None,
     best_warnings: list[str] | None = None,
+    plots: list[Path] | None = None,
 ) -> str:
     lines = [f"# Study `{name}`", "", "Trials by state: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items()))]
     lines += ["", "## Trials ranked by validation IoU", ""]
@@ -82,10 +173,7 @@ def study_markdown(
         lines.append("| trial | val IoU | threshold | test IoU | oracle | all-ones | " + " | ".join(params) + " |")
         lines.append("|" + "---|" * (6 + len(params)))
         for r in rows:
-            cells = [str(r["trial"])] + [
-                _fmt(r[k])
-                for k in ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones")
-            ]
+            cells = [str(r["trial"])] + [_fmt(r[k]) for k in SUMMARY_METRICS]
             cells += [f"{r['params'][p]:.4g}" if p in r["params"] else "-" for p in params]
             lines.append("| " + " | ".join(cells) + " |")
         best = rows[0]["trial"]
@@ -101,14 +189,19 @@ def study_markdown(
         lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
     else:
         lines.append(f"None yet: {importances}.")
+    if plots:
+        lines += ["", "## Plots (Optuna)", ""]
+        lines += [f"### {PLOTS[p.name][1]}\n\n![{PLOTS[p.name][1]}]({p.name})\n" for p in plots]
     return "\n".join(lines) + "\n"
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
 def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
-    """Write the study's report files into ``study_dir``; returns their paths."""
-    states: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
+    """Write the study's report files and plots into ``study_dir``; returns their paths (JSON, Markdown, PNGs)."""
+    states = count_states(study)
     rows = ranked_trials(study)
     importances = param_importances(study)
     best_report = None
@@ -117,17 +210,20 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
         best_report = json.loads(path.read_text())["metrics"] if path.is_file() else None
     best_warnings = figure_warnings(best_report or rows[0]) if rows else []
     caveat = importance_caveat(study) if isinstance(importances, dict) else None
+    plots = write_plots(study, study_dir)
     data = {
         "study": study.study_name,
+        "objective": (study.metric_names or ["objective"])[0],
         "states": states,
         "trials": rows,
         "importances": importances,
         "importance_warning": caveat,
         "best_trial_report": best_report,
         "best_trial_warnings": best_warnings,
+        "plots": [p.name for p in plots],
     }
     json_path, md_path = study_dir / STUDY_REPORT_JSON, study_dir / STUDY_REPORT_MD
     write_json(json_path, data)
-    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings)
+    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings, plots)
     atomic_write(md_path, lambda tmp: tmp.write_text(text))
-    return [json_path, md_path]
+    return [json_path, md_path, *plots]

@@ -1,16 +1,35 @@
-"""The MLflow side of a study.
+"""The MLflow side of a study: the parent run, one nested run per trial, closing a lost trial's run.
 
-One experiment per study, one parent run per study (reused by every launch), one nested child run per
-trial. Tags on a child: ``trial_number``, ``study``, ``state`` (RUNNING while it
-trains, then COMPLETE / PRUNED / FAIL). The Optuna trial stores the child's run
-id as the user attribute ``mlflow_run_id``.
+One experiment per study, one parent run per study (reused by every launch),
+one nested child run per trial. Tags on a child: ``trial_number``, ``study``,
+``state`` (RUNNING while it trains, then COMPLETE / PRUNED / FAIL, and
+``error`` for a failed one). The Optuna trial stores the child's run id as the
+user attribute ``mlflow_run_id``; the study stores the parent's as
+``mlflow_parent_run_id``. Every write goes through a :class:`Recorder` bound to
+its run, so one process can hold several runs, in several stores, at once.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from evaluate.tracking import RUN_FILE
+from search.study_file import StudyConfig
+from train.checkpoint import write_json
+from train.config import TrainConfig
+from train.tracking import Recorder, train_params
+
 RUN_ID_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study attribute: the study's parent MLflow run
 PARENT_ROLE = "study-parent"  # value of the parent run's ``role`` tag
+# MLflow run status for each way a trial ends.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -18,3 +37,67 @@ def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def open_parent_run(study: optuna.Study, config: StudyConfig) -> Recorder:
+    """The study's parent run, found again on every launch (or new), tagged with this launch."""
+    settings = config.study
+    existing = study.user_attrs.get(PARENT_RUN_ATTR)
+    client = mlflow.MlflowClient(settings.tracking_uri)
+    if existing is not None:
+        try:
+            client.get_run(existing)
+        except mlflow.exceptions.MlflowException:
+            existing = None  # e.g. the study moved to another tracking store: start a new parent
+    tags = {
+        "study": settings.name,
+        "role": PARENT_ROLE,
+        "study_file": str(config.path),
+        "n_trials": settings.n_trials,
+        "last_launch": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    parent = Recorder.start(settings.tracking_uri, settings.name, f"study-{settings.name}", run_id=existing, tags=tags)
+    study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+    return parent
+
+
+def open_trial_run(trial: optuna.Trial, config: StudyConfig, cfg: TrainConfig, parent: Recorder) -> Recorder:
+    """The trial's run, nested under the study's; its id goes to the trial and to the trial's run folder."""
+    settings = config.study
+    tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING"}
+    run = Recorder.start(settings.tracking_uri, settings.name, f"trial-{trial.number}", parent_id=parent.run_id)
+    trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+    write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})
+    run.set_tags(tags)
+    run.log_params(train_params(cfg))
+    return run
+
+
+def close_trial_run(run: Recorder, trial: optuna.Trial, state: str, error: str = "") -> None:
+    """Tag the outcome, end the run; what the tracking server never took is counted on the Optuna trial."""
+    run.set_tags({"state": state, **({"error": error[:5000]} if error else {})})
+    unlogged = run.end(RUN_STATUS[state])
+    if unlogged:
+        trial.set_user_attr("mlflow_unlogged", len(unlogged))
+
+
+class RetryLostTrial:
+    """Run by a live worker for each trial whose worker stopped beating: close its run, queue a retry."""
+
+    def __init__(self, max_retry: int, tracking_uri: str) -> None:
+        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry)
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id is not None:
+            try:
+                client = mlflow.MlflowClient(self.tracking_uri)
+                client.set_tag(run_id, "state", "FAIL")
+                client.set_tag(run_id, "error", "worker lost: no heartbeat within the grace period; retried")
+                client.set_terminated(run_id, "FAILED")
+            except mlflow.exceptions.MlflowException as err:
+                note = f"could not mark the MLflow run {run_id} of lost trial {trial.number} FAILED: {err}"
+                warnings.warn(note, stacklevel=2)
+        self.retry(study, trial)

@@ -15,6 +15,7 @@ from data.images import decode_image, to_model_range
 from evaluate.report import load_model
 from mbu import main
 from train.loop import train
+from train.tracking import Recorder
 from train.visuals import PAD
 
 
@@ -22,11 +23,10 @@ from train.visuals import PAD
 def trained_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     uri = f"sqlite:///{out.parent / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("grids")  # not whatever experiment an earlier test left active
-    with mlflow.start_run() as run:
-        train(tiny_train_config(tiny_root, out, iters=2, display_iter=1, num_display=3), progress=False)
-    (out / "run_id").write_text(run.info.run_id)
+    recorder = Recorder.start(uri, "grids", "run")
+    train(tiny_train_config(tiny_root, out, iters=2, display_iter=1, num_display=3), progress=False, recorder=recorder)
+    recorder.end()
+    (out / "run_id").write_text(recorder.run_id)
     (out / "tracking_uri").write_text(uri)
     return out
 

@@ -19,7 +19,8 @@ from test_user_errors import fingerprint
 
 from evaluate.tracking import RUN_FILE
 from mbu import main
-from search.runner import STUDY_RECORD, run_study
+from search.runner import run_study
+from search.study import STUDY_RECORD
 from search.study_file import StudyFileError, load_study_file
 from train.checkpoint import load_checkpoint
 

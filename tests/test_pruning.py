@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlflow
 import optuna
 from conftest import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 from evaluate.segmentation import load_test_annotations
-from search.runner import make_objective, prepare_data
+from search.runner import prepare_data, resolve_settings, run_trial
 from search.study_file import load_study_file
+from train.tracking import Recorder
 
 STUDY = """
 [study]
@@ -36,12 +36,11 @@ class PruneAtFirstReport(optuna.pruners.BasePruner):
 def test_pruned_trial_is_killed_in_mlflow_with_its_curves(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
     config = load_study_file(tmp_path / "study.toml")
+    config = resolve_settings(config, storage=None, tracking_uri=None, n_trials=None)
     annotated = load_test_annotations(prepare_data(config, progress=False), 64, progress=False)
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment("pruned")
     study = optuna.create_study(direction="maximize", pruner=PruneAtFirstReport())
-    with mlflow.start_run(run_name="launch"):
-        study.optimize(make_objective(config, annotated, progress=False), n_trials=1)
+    parent = Recorder.start(os.environ["MLFLOW_TRACKING_URI"], "pruned", "launch")
+    run_trial(study, study.ask(), config, annotated, parent, progress=False)
 
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED

@@ -98,7 +98,7 @@ def test_shipped_study_files_are_valid(tmp_path: Path) -> None:
 def test_every_sampler_runs_seeded(sampler: str) -> None:
     import optuna
 
-    from search.runner import make_pruner, make_sampler
+    from search.storage import make_pruner, make_sampler
 
     def sample(seed: int) -> list[float]:
         study = optuna.create_study(sampler=make_sampler(sampler, seed), pruner=make_pruner("median"))
@@ -112,6 +112,6 @@ def test_every_sampler_runs_seeded(sampler: str) -> None:
 def test_every_pruner_builds(pruner: str) -> None:
     import optuna
 
-    from search.runner import make_pruner
+    from search.storage import make_pruner
 
     assert isinstance(make_pruner(pruner), optuna.pruners.BasePruner)

@@ -283,11 +283,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import mlflow
-
     from evaluate.tracking import RUN_FILE
     from train.loop import TrainStatus, train
-    from train.tracking import check_tracking_uri, resolve_tracking_uri, train_params
+    from train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri, train_params
 
     cfg = prepare_config(args)
     uri = resolve_tracking_uri()
@@ -295,19 +293,23 @@ def main(args: argparse.Namespace) -> int:
     if args.overwrite:
         clear_run_folder(Path(cfg.out))
     status = TrainStatus()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(args.experiment)
+    recorder = Recorder.start(uri, args.experiment, run_name=Path(cfg.out).name)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
+    recorder.log_params(train_params(cfg))
     try:
-        with mlflow.start_run(run_name=Path(cfg.out).name) as run:
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
-            mlflow.log_params(train_params(cfg))
-            result = train(cfg, progress=not args.no_progress, status=status)
+        result = train(cfg, progress=not args.no_progress, status=status, recorder=recorder)
     except KeyboardInterrupt:
+        recorder.end("KILLED")
         saved = f"last checkpoint at iteration {status.saved} in {cfg.out}" if status.saved else "no checkpoint saved"
         resume = f"; resume with: mbu train --out {cfg.out} --load {cfg.out}" if status.saved else ""
         print(f"mbu train: interrupted at iteration {status.iteration}; {saved}{resume}", file=sys.stderr)
         return 130
+    except BaseException as err:
+        recorder.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        recorder.end("FAILED")
+        raise
+    recorder.end("FINISHED")
     if result.start:
         print(f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}")
     else:

@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from data.batches import DomainBatches
 from data.images import DomainImages, load_display_images, load_domain, to_model_range
-from train import tracking
 from train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -34,6 +33,7 @@ from train.step import (
     resolve_device,
     train_step,
 )
+from train.tracking import Recorder
 from train.visuals import training_grids
 
 SKIPPED_FILE = "skipped_images.txt"
@@ -65,9 +65,14 @@ GRIDS_DIR = "grids"
 
 
 def save_grids(
-    model: ContentTransferModel, images_a: torch.Tensor, images_b: torch.Tensor, run_dir: Path, iteration: int
+    model: ContentTransferModel,
+    images_a: torch.Tensor,
+    images_b: torch.Tensor,
+    run_dir: Path,
+    iteration: int,
+    recorder: Recorder,
 ) -> None:
-    """Write every grid to ``run_dir/grids/`` and, with a run active, to MLflow at this step."""
+    """Write every grid to ``run_dir/grids/`` and to the run's MLflow images at this step."""
     was_training = model.training
     grids = training_grids(model, images_a, images_b)
     model.train(was_training)
@@ -75,18 +80,18 @@ def save_grids(
     folder.mkdir(exist_ok=True)
     for name, array in grids.items():
         Image.fromarray(array).save(folder / f"{name}_{iteration:07d}.png")
-        tracking.log_image(array, key=name, step=iteration)
+        recorder.log_image(array, key=name, step=iteration)
 
 
-def record_skipped(domains: list[DomainImages], run_dir: Path) -> None:
+def record_skipped(domains: list[DomainImages], run_dir: Path, recorder: Recorder) -> None:
     """With ``skip_bad``, list the files left out in ``run_dir/skipped_images.txt`` (and in MLflow)."""
     skipped = [line for domain in domains for line in domain.skipped]
     if not skipped:
         return
     path = run_dir / SKIPPED_FILE
     path.write_text("\n".join(skipped) + "\n")
-    tracking.log_artifact(str(path))
-    tracking.set_tags({"skipped_images": len(skipped)})
+    recorder.log_artifact(path)
+    recorder.set_tags({"skipped_images": len(skipped)})
 
 
 def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, iteration: int, cfg: TrainConfig) -> dict:
@@ -104,9 +109,13 @@ def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, itera
 
 
 def train(
-    cfg: TrainConfig, on_eval: EvalCallback | None = None, progress: bool = True, status: TrainStatus | None = None
+    cfg: TrainConfig,
+    on_eval: EvalCallback | None = None,
+    progress: bool = True,
+    status: TrainStatus | None = None,
+    recorder: Recorder | None = None,
 ) -> TrainResult:
-    """Train on ``cfg.root`` into ``cfg.out``; logs to the active MLflow run, if any.
+    """Train on ``cfg.root`` into ``cfg.out``; losses, grids and eval metrics go to ``recorder``'s run.
 
     Checkpoints go to ``out/checkpoint.pt`` every ``save_iter`` iterations and at
     the end. With ``cfg.load`` set, training resumes from that folder's
@@ -116,6 +125,7 @@ def train(
     when given, follows the iteration and the last checkpoint written.
     """
     status = status if status is not None else TrainStatus()
+    recorder = recorder if recorder is not None else Recorder.off()
     device = resolve_device(cfg.device, cfg.gpu)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +133,7 @@ def train(
 
     # Data: decoded once, kept as uint8 on the training device when it fits there.
     domains = [load_domain(Path(cfg.root), name, cfg.resize, progress, cfg.skip_bad) for name in ("trainA", "trainB")]
-    record_skipped(domains, run_dir)
+    record_skipped(domains, run_dir, recorder)
     train_a, train_b = (place_dataset(domain.images, device) for domain in domains)
     batches_a = DomainBatches(train_a, cfg.bs, cfg.seed, domain=0, device=device)
     batches_b = DomainBatches(train_b, cfg.bs, cfg.seed, domain=1, device=device)
@@ -175,11 +185,11 @@ def train(
             sums, count = {}, 0
             if not math.isfinite(metrics["train/loss_total"]) or not math.isfinite(metrics["train/loss_disc"]):
                 raise NonFiniteLossError(f"non-finite loss at iteration {done}")
-            tracking.log_metrics(metrics, step=done)  # a no-op without an active MLflow run
+            recorder.log_metrics(metrics, step=done)
             bar.set_postfix(loss=f"{metrics['train/loss_total']:.4f}")
 
         if done % cfg.display_iter == 0 and done != cfg.iters:
-            save_grids(model, display_a, display_b, run_dir, done)
+            save_grids(model, display_a, display_b, run_dir, done, recorder)
 
         if done % cfg.save_iter == 0 and done != cfg.iters:
             save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, done, cfg))
@@ -190,11 +200,11 @@ def train(
             eval_metrics = on_eval(done, model)
             model.train()
             if eval_metrics:
-                tracking.log_metrics(eval_metrics, step=done)
+                recorder.log_metrics(eval_metrics, step=done)
 
     bar.close()
     final_iteration = max(start, cfg.iters)
-    save_grids(model, display_a, display_b, run_dir, final_iteration)
+    save_grids(model, display_a, display_b, run_dir, final_iteration, recorder)
     save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, final_iteration, cfg))
     status.saved = final_iteration
     model.eval()

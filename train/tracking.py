@@ -1,4 +1,4 @@
-"""Where MLflow records go, and how a training config becomes MLflow params."""
+"""Where MLflow records go, how a training config becomes MLflow params, and the one recorder that writes them."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from train.config import TrainConfig
 
@@ -77,21 +78,61 @@ def train_params(cfg: TrainConfig) -> dict[str, Any]:
     return {k: ("" if v is None else v) for k, v in params.items()}
 
 
-@dataclass
-class PendingLogs:
-    """MLflow calls made while a trial trains, kept when the tracking server is away.
+class Recorder:
+    """Every MLflow write of one run: an explicit client bound to the run id, never MLflow's global state.
 
-    Training must not stop because the tracking server went down. A failed call
+    Training must not stop because a tracking server went down. A failed call
     is queued; later calls are queued too until ``retry_after`` seconds have
     passed, then the queue is replayed in order before the new call. What never
-    got through is named by :meth:`flush`'s warning at the end of the trial.
+    got through is named by :meth:`flush`'s warning. A recorder with no run
+    (``Recorder.off()``) takes every call and does nothing.
     """
 
-    retry_after: float = 30.0
-    queue: list[tuple[str, Callable[..., Any], tuple, dict]] = field(default_factory=list)
-    failed_at: float = -1e9
+    def __init__(self, client: mlflow.MlflowClient | None, run_id: str | None, retry_after: float = 30.0) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.retry_after = retry_after
+        self.queue: list[tuple[str, Callable[..., Any], tuple, dict]] = []
+        self.failed_at = -1e9
+
+    @classmethod
+    def off(cls) -> Recorder:
+        return cls(None, None)
+
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        run_id: str | None = None,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> Recorder:
+        """A new run in ``experiment`` (created if needed) nested under ``parent_id``; or ``run_id`` running again."""
+        client = mlflow.MlflowClient(tracking_uri)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+        else:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            run_tags = {MLFLOW_RUN_NAME: run_name}
+            if parent_id is not None:
+                run_tags[MLFLOW_PARENT_RUN_ID] = parent_id
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+        recorder = cls(client, run_id)
+        if tags:
+            recorder.set_tags(tags)
+        return recorder
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Make one MLflow call for this run now, or queue it while the server is away."""
+        if not self.active:
+            return
         self.queue.append((what, fn, args, kwargs))
         if len(self.queue) > 1 and time.monotonic() - self.failed_at < self.retry_after:
             return  # the server was away a moment ago: keep it for later, do not stall training
@@ -104,21 +145,50 @@ class PendingLogs:
                 fn(*args, **kwargs)
             except Exception as err:  # any transport or server error: keep the call, carry on
                 if time.monotonic() - self.failed_at >= self.retry_after:
-                    warnings.warn(f"MLflow did not take {what} ({err}); training goes on, logs kept", stacklevel=3)
+                    warnings.warn(f"MLflow did not take {what} ({err}); training goes on, logs kept", stacklevel=4)
                 self.failed_at = time.monotonic()
                 return
             self.queue.pop(0)
 
-    def end_run(self, status: str = "FINISHED") -> None:
-        """End the active run; if the server is away, close it on the server later."""
-        run = mlflow.active_run()
-        if run is None:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
             return
-        try:
-            mlflow.end_run(status)  # leaves the fluent stack even when the request fails
-        except Exception:
-            client = mlflow.MlflowClient()
-            self.call(f"the end of run {run.info.run_id}", client.set_terminated, run.info.run_id, status)
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        self.call(f"{len(batch)} metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_metric_batch(self, what: str, metrics: list[Metric]) -> None:
+        if not self.active:
+            return
+        self.call(what, self.client.log_batch, self.run_id, metrics=metrics)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        batch = [Param(key, str(value)) for key, value in params.items()]
+        self.call(f"{len(batch)} params", self.client.log_batch, self.run_id, params=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        batch = [RunTag(key, str(value)) for key, value in tags.items()]
+        self.call(f"tags {sorted(tags)}", self.client.log_batch, self.run_id, tags=batch)
+
+    def log_artifact(self, path: str | Path) -> None:
+        if not self.active:
+            return
+        self.call(f"artifact {path}", self.client.log_artifact, self.run_id, str(path))
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        if not self.active:
+            return
+        self.call(f"image {key} at step {step}", self.client.log_image, self.run_id, image, key=key, step=step)
+
+    def end(self, status: str = "FINISHED") -> list[str]:
+        """Close the run (FINISHED, FAILED or KILLED) and flush; returns what was never logged."""
+        if self.active:
+            self.call(f"the end of run {self.run_id}", self.client.set_terminated, self.run_id, status)
+        return self.flush()
 
     def flush(self) -> list[str]:
         """Try the queue once more; warn about and return what is still not logged."""
@@ -128,49 +198,3 @@ class PendingLogs:
             shown = "; ".join(left[:5]) + (f"; ... {len(left) - 5} more" if len(left) > 5 else "")
             warnings.warn(f"{len(left)} MLflow call(s) not logged (tracking server unreachable): {shown}", stacklevel=2)
         return left
-
-
-PENDING = PendingLogs()  # one per process: every trial of a worker shares the queue
-
-
-# The active run's logging calls, bound to its run id now (a call replayed later must not land in
-# whatever run is active then) and sent through PENDING.
-
-
-def _active_run_id() -> str | None:
-    run = mlflow.active_run()
-    return None if run is None else run.info.run_id
-
-
-def log_metrics(metrics: dict[str, float], step: int) -> None:
-    run_id = _active_run_id()
-    if run_id is not None:
-        stamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
-        PENDING.call(f"{len(batch)} metrics at step {step}", mlflow.MlflowClient().log_batch, run_id, metrics=batch)
-
-
-def log_params(params: dict[str, Any]) -> None:
-    run_id = _active_run_id()
-    if run_id is not None:
-        batch = [Param(key, str(value)) for key, value in params.items()]
-        PENDING.call(f"{len(batch)} params", mlflow.MlflowClient().log_batch, run_id, params=batch)
-
-
-def set_tags(tags: dict[str, Any]) -> None:
-    run_id = _active_run_id()
-    if run_id is not None:
-        batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        PENDING.call(f"tags {sorted(tags)}", mlflow.MlflowClient().log_batch, run_id, tags=batch)
-
-
-def log_artifact(path: str) -> None:
-    run_id = _active_run_id()
-    if run_id is not None:
-        PENDING.call(f"artifact {path}", mlflow.MlflowClient().log_artifact, run_id, path)
-
-
-def log_image(image: Any, key: str, step: int) -> None:
-    run_id = _active_run_id()
-    if run_id is not None:
-        PENDING.call(f"image {key} at step {step}", mlflow.MlflowClient().log_image, run_id, image, key=key, step=step)

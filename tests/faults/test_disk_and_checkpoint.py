@@ -39,7 +39,8 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Pat
     assert resumed.iterations == done + 2
 
 
-STUDY = tiny_study("full", train="iters = 2\nprogress_iter = 1\n")
+# max_failures = 1: the launch stops at the first failed trial (failed trials do not count towards n_trials).
+STUDY = tiny_study("full", study="max_failures = 1\n", train="iters = 2\nprogress_iter = 1\n")
 
 FILE_SIZE_LIMIT = 64 * 2**20  # smaller than a checkpoint (about 250 MB at 64 px), larger than the databases
 
@@ -61,7 +62,8 @@ def test_full_disk_fails_the_trial_clearly_and_keeps_earlier_trials(tmp_path: Pa
     full = subprocess.run(
         [*command, "--n-trials", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=_small_disk
     )
-    assert full.returncode == 0, full.stdout + full.stderr  # the study reports the failed trial and ends
+    assert full.returncode == 1, full.stdout + full.stderr  # stopped on the failed trial, which it lists
+    assert "trial 1: WriteError: cannot write" in full.stderr
 
     study = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]

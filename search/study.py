@@ -1,0 +1,132 @@
+"""Opening a study: created or found again, refused when its file was edited, its presets queued,
+and its run folder bound to it.
+
+A study remembers what it was made with (search space, fixed training settings,
+data) as a fingerprint; a relaunch whose study file changed any of those is
+refused, since its trials would not be comparable. ``runs/<study>/study.json``
+records the storage and the study's id, so another study of the same name never
+writes into its folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+import warnings
+from pathlib import Path
+
+import optuna
+
+from search.storage import make_pruner, make_sampler, make_storage
+from search.study_file import StudyConfig, StudyFileError
+from search.tracking import RetryLostTrial
+from search.trial import OBJECTIVE_KEY
+from train.checkpoint import write_json
+
+STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
+STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to
+FINGERPRINT_ATTR = "mbu_fingerprint"  # Optuna study attribute: the space, fixed settings and data it was made with
+# Fixed settings that change how a trial runs or logs, not what it learns: free to edit between launches.
+OPERATIONAL_KEYS = {"device", "progress_iter", "display_iter", "save_iter", "num_display", "compile", "channels_last"}
+
+
+def fingerprint(config: StudyConfig) -> dict:
+    """What makes two launches' trials comparable: the search space, fixed settings and data."""
+    value = {
+        "space": {name: [r.low, r.high, r.log] for name, r in sorted(config.space.items())},
+        "train": {k: v for k, v in config.train.items() if k not in OPERATIONAL_KEYS},
+        "data": config.data_root if config.synthetic is None else vars(config.synthetic),
+    }
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def open_study(config: StudyConfig) -> optuna.Study:
+    """Create or load the study, refuse a study file whose space changed, queue the presets."""
+    settings = config.study
+    storage = make_storage(settings, RetryLostTrial(settings.max_retry, settings.tracking_uri))
+    study = optuna.create_study(
+        study_name=settings.name,
+        storage=storage,
+        direction=settings.direction,
+        sampler=make_sampler(settings.sampler, settings.seed),
+        pruner=make_pruner(settings.pruner),
+        load_if_exists=True,
+    )
+    current, stored = fingerprint(config), study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored is None:
+        study.set_user_attr(FINGERPRINT_ATTR, current)
+    elif stored != current:
+        changed = sorted(k for k in current if current[k] != stored.get(k))
+        raise StudyFileError(
+            f"{config.path}: study {settings.name!r} in {settings.storage} was created with a different "
+            f"{' and '.join(changed)} (stored: {json.dumps({k: stored.get(k) for k in changed})}); its trials would "
+            "not be comparable. Restore the file, or give [study].name a new name for a new study."
+        )
+    if study.metric_names is None:  # plots and optuna-dashboard then say what the value is
+        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+            study.set_metric_names([OBJECTIVE_KEY])
+    if STUDY_UID_ATTR not in study.user_attrs:
+        study.set_user_attr(STUDY_UID_ATTR, uuid.uuid4().hex)
+    record_study_folder(config, study)
+    queue_presets(study, config.enqueue, settings.max_retry)
+    return study
+
+
+def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry: int) -> None:
+    """Queue each enqueued point that has no live trial; one whose trials failed is queued again, ``max_retry`` times.
+
+    So a preset interrupted by Ctrl-C, a crash or a lost worker still runs on a later launch.
+    """
+    trials = study.get_trials(deepcopy=False)
+    for point in points:
+        same = [t for t in trials if _runs_point(t, point)]
+        failures = sum(t.state == optuna.trial.TrialState.FAIL for t in same)
+        if len(same) == failures and failures <= max_retry:
+            study.enqueue_trial(point)
+
+
+def _runs_point(trial: optuna.trial.FrozenTrial, point: dict[str, float]) -> bool:
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    return all(params.get(name) == value for name, value in point.items())
+
+
+def storage_identity(url: str) -> str:
+    """The storage URL as the study folder records it: SQLite files absolute, passwords hidden."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def check_study_folder(config: StudyConfig) -> None:
+    """Refuse a run folder that holds another study's trials (same name, other storage, or recreated).
+
+    Runs before anything is written, so the other study's checkpoints and reports stay as they are.
+    """
+    record = config.study_dir / STUDY_RECORD
+    if not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    storage, name = config.study.storage, config.study.name
+    advice = f"set [study].runs_dir to another folder (or move {config.study_dir} away) for this study"
+    if saved["storage"] != storage_identity(storage):
+        raise StudyFileError(
+            f"{config.study_dir} holds the trials of study {name!r} in {saved['storage']}, not {storage}; {advice}"
+        )
+    try:
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(STUDY_UID_ATTR)
+    except KeyError:
+        stored = None  # the study was deleted from the storage
+    if stored != saved["uid"]:
+        raise StudyFileError(
+            f"{config.study_dir} holds the trials of an earlier study {name!r} in {storage} that no longer "
+            f"exists there; {advice}"
+        )
+
+
+def record_study_folder(config: StudyConfig, study: optuna.Study) -> None:
+    """Write which storage and study the run folder belongs to (checked by :func:`check_study_folder`)."""
+    record = config.study_dir / STUDY_RECORD
+    if not record.is_file():
+        uid = study.user_attrs[STUDY_UID_ATTR]
+        write_json(record, {"storage": storage_identity(config.study.storage), "study": config.study.name, "uid": uid})

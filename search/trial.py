@@ -1,0 +1,91 @@
+"""One trial: sample its parameters, train (resuming a lost try's checkpoint), score, report.
+
+No MLflow here: everything the trial logs goes through the :class:`Recorder`
+it is handed, bound to the trial's own run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from data.images import AnnotatedImages
+from evaluate.report import score_and_report
+from evaluate.segmentation import predict_masks, score_masks
+from evaluate.tracking import log_scores
+from search.study_file import StudyConfig
+from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from train.config import TrainConfig
+from train.loop import train
+from train.model import ContentTransferModel
+from train.tracking import Recorder
+
+OBJECTIVE_KEY = "val/iou_best"  # what the study maximises: best-threshold IoU on the validation half
+
+
+def trial_dir(config: StudyConfig, number: int) -> Path:
+    """``runs/<study>/trial-<n>/``: the trial's checkpoint, grids and report."""
+    return config.study_dir / f"trial-{number}"
+
+
+def trial_config(trial: optuna.Trial, config: StudyConfig) -> TrainConfig:
+    """The trial's sampled values over the study's fixed settings; resuming a lost try when there is one."""
+    params = {name: trial.suggest_float(name, rng.low, rng.high, log=rng.log) for name, rng in config.space.items()}
+    cfg = config.trial_config(params, trial_dir(config, trial.number))
+    resume = checkpoint_to_resume(trial, config)
+    if resume is not None:
+        trial.set_user_attr("resumed_from_iteration", resume[1])
+        cfg = replace(cfg, load=str(resume[0].resolve()))
+    return cfg
+
+
+def checkpoint_to_resume(trial: optuna.Trial, config: StudyConfig) -> tuple[Path, int] | None:
+    """For a retry of trials whose worker died: the newest readable checkpoint among them, and its iteration."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+        history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+    for number in reversed(history):
+        run_dir = trial_dir(config, number)
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            continue
+        try:
+            state = load_checkpoint(run_dir)
+        except CheckpointError as err:
+            warnings.warn(f"trial {trial.number}: not resuming from {run_dir}: {err}", stacklevel=2)
+            continue
+        return run_dir, int(state["iteration"])
+    return None
+
+
+def train_and_score(
+    trial: optuna.Trial, cfg: TrainConfig, annotated: AnnotatedImages, recorder: Recorder, progress: bool
+) -> float:
+    """Train, reporting the validation IoU every ``eval_every`` iterations (the pruner's input), then score.
+
+    Raises ``optuna.TrialPruned`` when the pruner stops the trial.
+    """
+
+    def on_eval(iteration: int, model: ContentTransferModel) -> dict[str, float]:
+        scores = score_masks(predict_masks(model, annotated.images), annotated.masks, annotated.names)
+        value = scores.metrics[OBJECTIVE_KEY]
+        trial.report(value, iteration)
+        if trial.should_prune():
+            recorder.log_metrics({OBJECTIVE_KEY: value}, step=iteration)
+            raise optuna.TrialPruned(f"pruned at iteration {iteration} (val IoU {value:.4f})")
+        return {OBJECTIVE_KEY: value, "val/threshold_best": scores.metrics["val/threshold_best"]}
+
+    if cfg.load:
+        resumed_at = trial.user_attrs["resumed_from_iteration"]
+        recorder.set_tags({"resumed_from": cfg.load, "resumed_from_iteration": resumed_at})
+    result = train(cfg, on_eval=on_eval, progress=progress, recorder=recorder)
+    scores, paths = score_and_report(result.model, annotated, cfg, result.iterations, Path(cfg.out))
+    for path in paths:
+        recorder.log_artifact(path)
+    log_scores(scores, result.iterations, recorder)
+    for key, value in scores.metrics.items():
+        trial.set_user_attr(key, value)
+    return scores.metrics[OBJECTIVE_KEY]
