@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.model import (  # noqa: E402
+from mbu.train.model import (  # noqa: E402
     ContentTransferModel,
     DownConv,
     ModelConfig,

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.cache import CACHE_ENV  # noqa: E402
-from data.images import DATASET_FILE, load_domain  # noqa: E402
+from mbu.data.cache import CACHE_ENV  # noqa: E402
+from mbu.data.images import DATASET_FILE, load_domain  # noqa: E402
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> None:

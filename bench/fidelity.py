@@ -40,13 +40,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.batches import DomainBatches  # noqa: E402
-from data.images import AnnotatedImages, load_domain  # noqa: E402
-from data.synthetic import SynthConfig, write_dataset  # noqa: E402
-from evaluate.segmentation import load_test_annotations, predict_masks, score_masks  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.model import ContentTransferModel  # noqa: E402
-from train.step import GRAD_CLIP, Optimizers, build_model, resolve_device, train_step  # noqa: E402
+from mbu.data.batches import DomainBatches  # noqa: E402
+from mbu.data.images import AnnotatedImages, load_domain  # noqa: E402
+from mbu.data.synthetic import SynthConfig, write_dataset  # noqa: E402
+from mbu.evaluate.segmentation import load_test_annotations, predict_masks, score_masks  # noqa: E402
+from mbu.train.config import TrainConfig  # noqa: E402
+from mbu.train.model import ContentTransferModel  # noqa: E402
+from mbu.train.step import GRAD_CLIP, Optimizers, build_model, resolve_device, train_step  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.iou import safe_iou, sweep, threshold_grid  # noqa: E402
+from mbu.evaluate.iou import safe_iou, sweep, threshold_grid  # noqa: E402
 
 
 def per_threshold_loop(probs: torch.Tensor, truth: torch.Tensor, thresholds: torch.Tensor):

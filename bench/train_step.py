@@ -34,13 +34,13 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.batches import DomainBatches  # noqa: E402
-from data.images import list_images, load_domain  # noqa: E402
-from data.synthetic import SynthConfig, write_dataset  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.model import use_stock_kernels  # noqa: E402
-from train.reference import reference_autoencoder_losses, reference_discriminator_loss  # noqa: E402
-from train.step import ADAM_BETAS, GRAD_CLIP, LossFunctions, Optimizers, build_model, train_step  # noqa: E402
+from mbu.data.batches import DomainBatches  # noqa: E402
+from mbu.data.images import list_images, load_domain  # noqa: E402
+from mbu.data.synthetic import SynthConfig, write_dataset  # noqa: E402
+from mbu.train.config import TrainConfig  # noqa: E402
+from mbu.train.model import use_stock_kernels  # noqa: E402
+from mbu.train.reference import reference_autoencoder_losses, reference_discriminator_loss  # noqa: E402
+from mbu.train.step import ADAM_BETAS, GRAD_CLIP, LossFunctions, Optimizers, build_model, train_step  # noqa: E402
 
 VARIANTS = {  # platform configurations: TrainConfig overrides
     "fp32": {},

@@ -10,8 +10,7 @@ batches as an uninterrupted run.
 from __future__ import annotations
 
 import torch
-
-from data.images import to_model_range
+from mbu.data.images import to_model_range
 
 
 def _generator(*key: int) -> torch.Generator:

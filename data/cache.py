@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from data.files import atomic_write
+from mbu.data.files import atomic_write
 
 CACHE_ENV = "MBU_CACHE_DIR"
 FORMAT_VERSION = 1  # bump when the decoding itself changes, so old entries are not reused

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from data.files import check_destination
-from data.images import DATASET_FILE, DataError
+from mbu.data.files import check_destination
+from mbu.data.images import DATASET_FILE, DataError
 
 Condition = tuple[str, int]  # (attribute name, required value: 1 or -1)
 Clause = tuple[Condition, ...]  # holds when any of its conditions holds

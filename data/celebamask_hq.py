@@ -21,10 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
-
-from data.celeba import (
+from mbu.data.celeba import (
     TEST_PARTITION,
     Condition,
     Split,
@@ -36,7 +33,9 @@ from data.celeba import (
     split_domains,
     write_split,
 )
-from data.images import MASK_FOLDER_SUFFIX, DataError
+from mbu.data.images import MASK_FOLDER_SUFFIX, DataError
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 IMAGE_FOLDER = "CelebA-HQ-img"
 ATTRIBUTE_FILE = "CelebAMask-HQ-attribute-anno.txt"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data.synthetic import SynthConfig
+from mbu.data.synthetic import SynthConfig
 
 _S = SynthConfig()
 
@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the CelebA and CelebAMask-HQ commands: which images form A and B."""
-    from data.celeba import CONFIG_NAMES, CONFIGS
+    from mbu.data.celeba import CONFIG_NAMES, CONFIGS
 
     rules = "; ".join(f"{name} ({rule.description})" for name, rule in CONFIGS.items())
     parser.add_argument("--dest", required=True, type=Path, help="folder to write trainA.txt ... into")
@@ -131,13 +131,13 @@ def _add_folders(commands: argparse._SubParsersAction) -> None:
 
 
 def _requirements(args: argparse.Namespace) -> tuple:
-    from data.celeba import parse_requirement
+    from mbu.data.celeba import parse_requirement
 
     return tuple(parse_requirement(text) for text in args.require)
 
 
 def celeba_main(args: argparse.Namespace) -> int:
-    from data.celeba import CelebaConfig, prepare_celeba
+    from mbu.data.celeba import CelebaConfig, prepare_celeba
 
     cfg = CelebaConfig(
         root=args.root,
@@ -156,7 +156,7 @@ def celeba_main(args: argparse.Namespace) -> int:
 
 
 def celebamask_hq_main(args: argparse.Namespace) -> int:
-    from data.celebamask_hq import UNANNOTATED_FILE, MaskHQConfig, prepare_celebamask_hq
+    from mbu.data.celebamask_hq import UNANNOTATED_FILE, MaskHQConfig, prepare_celebamask_hq
 
     cfg = MaskHQConfig(
         root=args.root,
@@ -178,7 +178,7 @@ def celebamask_hq_main(args: argparse.Namespace) -> int:
 
 
 def folders_main(args: argparse.Namespace) -> int:
-    from data.folders import prepare_folders
+    from mbu.data.folders import prepare_folders
 
     counts = prepare_folders(args.root, args.dest, args.skip_bad, progress=not args.no_progress)
     print(f"folders: {', '.join(f'{k} {v}' for k, v in counts.items())} -> {args.dest}")
@@ -186,7 +186,7 @@ def folders_main(args: argparse.Namespace) -> int:
 
 
 def synth_main(args: argparse.Namespace) -> int:
-    from data.synthetic import write_dataset
+    from mbu.data.synthetic import write_dataset
 
     cfg = SynthConfig(size=args.size, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     out = write_dataset(cfg, args.out, progress=not args.no_progress)

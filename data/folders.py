@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.files import check_destination
-from data.images import DATASET_FILE, IMAGE_SUFFIXES, MASK_FOLDER_SUFFIX, DataError, decode_images
+from mbu.data.files import check_destination
+from mbu.data.images import DATASET_FILE, IMAGE_SUFFIXES, MASK_FOLDER_SUFFIX, DataError, decode_images
 
 SPLITS = ("trainA", "trainB", "testA", "testB")
 CHECK_SIZE = 64  # decode at a small size: the check is whether the file reads, not how it looks

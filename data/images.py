@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mbu.data import cache
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
-
-from data import cache
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MASK_FOLDER_SUFFIX = "_masks"

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from mbu.data.files import check_writable
+from mbu.data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
+from mbu.evaluate.report import load_model
+from mbu.train.visuals import transfer_grids
 from PIL import Image
-
-from data.files import check_writable
-from data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
-from evaluate.report import load_model
-from train.visuals import transfer_grids
 
 DEFAULT_BATCH = 32
 GRID_FILE = "transfer_grid.png"

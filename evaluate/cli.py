@@ -75,7 +75,7 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def transfer_main(args: argparse.Namespace) -> int:
-    from evaluate.apply import transfer
+    from mbu.evaluate.apply import transfer
 
     written = transfer(args.run, args.guide, args.target, args.out, args.device, args.overwrite)
     print(f"wrote {len(written) - 1} transfers and {written[-1]}")
@@ -83,7 +83,7 @@ def transfer_main(args: argparse.Namespace) -> int:
 
 
 def remove_main(args: argparse.Namespace) -> int:
-    from evaluate.apply import remove
+    from mbu.evaluate.apply import remove
 
     written = remove(args.run, args.input, args.threshold, args.out, args.device, args.bs, args.overwrite)
     print(f"wrote {len(written)} images to {args.out}")
@@ -91,8 +91,8 @@ def remove_main(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from evaluate.report import evaluate_run
-    from evaluate.segmentation import figure_warnings
+    from mbu.evaluate.report import evaluate_run
+    from mbu.evaluate.segmentation import figure_warnings
 
     report = evaluate_run(
         args.run, args.root, args.device, args.split_seed, progress=not args.no_progress, masks_dir=args.masks

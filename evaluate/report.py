@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
-
-from data.files import atomic_write
-from data.images import AnnotatedImages
-from evaluate.segmentation import (
+from mbu.data.files import atomic_write
+from mbu.data.images import AnnotatedImages
+from mbu.evaluate.segmentation import (
     REPORT_FILE,
     ModelMaps,
     SegmentationScores,
@@ -19,10 +18,10 @@ from evaluate.segmentation import (
     predict_maps,
     score_masks,
 )
-from train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_json
-from train.config import TrainConfig
-from train.model import ContentTransferModel
-from train.step import resolve_device
+from mbu.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_json
+from mbu.train.config import TrainConfig
+from mbu.train.model import ContentTransferModel
+from mbu.train.step import resolve_device
 
 MARKDOWN_FILE = "report.md"
 CURVES_FILE = "iou_curves.png"

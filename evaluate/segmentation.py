@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from mbu.data.images import AnnotatedImages, load_annotated, to_model_range
+from mbu.evaluate.iou import SweepCounts, safe_iou, sweep, threshold_grid
+from mbu.train.model import ContentTransferModel
 from sklearn.metrics import average_precision_score
-
-from data.images import AnnotatedImages, load_annotated, to_model_range
-from evaluate.iou import SweepCounts, safe_iou, sweep, threshold_grid
-from train.model import ContentTransferModel
 
 REPORT_FILE = "report.json"
 BOOTSTRAP_SAMPLES = 1000  # resamples of the test images for the per-image IoU interval

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 import time
 
+from mbu.evaluate.segmentation import SegmentationScores
+from mbu.train.tracking import Recorder
 from mlflow.entities import Metric
-
-from evaluate.segmentation import SegmentationScores
-from train.tracking import Recorder
 
 RUN_FILE = "mlflow_run.json"  # in a run folder: the MLflow run its files belong to
 

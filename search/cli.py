@@ -73,14 +73,14 @@ def quiet_libraries() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from search.runner import run_study
-    from search.study_file import load_study_file
+    from mbu.search.runner import run_study
+    from mbu.search.study_file import load_study_file
 
     if not args.verbose:
         quiet_libraries()
     config = load_study_file(args.study)
     if args.summary:
-        from search.runner import study_summary
+        from mbu.search.runner import study_summary
 
         print(study_summary(config, args.storage, args.tracking_uri))
         return 0
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  trial {number}: {error}", file=sys.stderr)
             return 1
         return 0
-    from search.runner import launch_workers
+    from mbu.search.runner import launch_workers
 
     summary, codes = launch_workers(
         config,
@@ -151,14 +151,14 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 def report_main(args: argparse.Namespace) -> int:
     import json
 
-    from train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
+    from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
     if args.study:
-        from search.storage import load_existing_study
-        from search.study_report import write_study_report
-        from search.tracking import PARENT_RUN_ATTR
+        from mbu.search.storage import load_existing_study
+        from mbu.search.study_report import write_study_report
+        from mbu.search.tracking import PARENT_RUN_ATTR
 
         study = load_existing_study(args.study, args.storage)
         paths = write_study_report(study, args.runs_dir / args.study)
@@ -171,8 +171,8 @@ def report_main(args: argparse.Namespace) -> int:
         print(f"study report: {paths[1]}" + (f" (logged to MLflow run {parent})" if parent else ""))
         return 0
 
-    from evaluate.report import evaluate_run
-    from evaluate.tracking import RUN_FILE
+    from mbu.evaluate.report import evaluate_run
+    from mbu.evaluate.tracking import RUN_FILE
 
     result = evaluate_run(args.run_dir, args.root, args.device, progress=not args.no_progress)
     run_file = args.run_dir / RUN_FILE

@@ -22,20 +22,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import optuna
-
-from data.files import check_writable
-from data.images import AnnotatedImages, load_domain
-from data.synthetic import write_dataset
-from evaluate.segmentation import load_test_annotations
-from search.storage import Heartbeats, check_storage_url, count_taken, load_existing_study
-from search.study import check_study_folder, open_study
-from search.study_file import StudyConfig
-from search.study_report import StudySummary, summary_text, write_study_report
-from search.tracking import close_trial_run, open_parent_run, open_trial_run
-from search.trial import train_and_score, trial_config
-from search.workers import launch_lock, start_workers
-from train.step import resolve_device
-from train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
+from mbu.data.files import check_writable
+from mbu.data.images import AnnotatedImages, load_domain
+from mbu.data.synthetic import write_dataset
+from mbu.evaluate.segmentation import load_test_annotations
+from mbu.search.storage import Heartbeats, check_storage_url, count_taken, load_existing_study
+from mbu.search.study import check_study_folder, open_study
+from mbu.search.study_file import StudyConfig
+from mbu.search.study_report import StudySummary, summary_text, write_study_report
+from mbu.search.tracking import close_trial_run, open_parent_run, open_trial_run
+from mbu.search.trial import train_and_score, trial_config
+from mbu.search.workers import launch_lock, start_workers
+from mbu.train.step import resolve_device
+from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
 
 IN_FLIGHT = 1  # trials a worker holds at once (several per GPU process is the next capability)
 

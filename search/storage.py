@@ -15,10 +15,9 @@ from collections.abc import Callable
 from types import TracebackType
 
 import optuna
+from mbu.search.study_file import StudySettings
+from mbu.train.tracking import sqlite_file
 from optuna.storages import RDBStorage
-
-from search.study_file import StudySettings
-from train.tracking import sqlite_file
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # count towards n_trials
 TAKEN = (*FINISHED, optuna.trial.TrialState.RUNNING)  # finished, or being worked on by some worker

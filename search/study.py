@@ -17,12 +17,11 @@ import warnings
 from pathlib import Path
 
 import optuna
-
-from search.storage import make_pruner, make_sampler, make_storage
-from search.study_file import StudyConfig, StudyFileError
-from search.tracking import RetryLostTrial
-from search.trial import OBJECTIVE_KEY
-from train.checkpoint import write_json
+from mbu.search.storage import make_pruner, make_sampler, make_storage
+from mbu.search.study_file import StudyConfig, StudyFileError
+from mbu.search.tracking import RetryLostTrial
+from mbu.search.trial import OBJECTIVE_KEY
+from mbu.train.checkpoint import write_json
 
 STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
 STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to

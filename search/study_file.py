@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from data.synthetic import SynthConfig
-from train.config import WEIGHT_NAMES, TrainConfig
-from train.losses import LossWeights
+from mbu.data.synthetic import SynthConfig
+from mbu.train.config import WEIGHT_NAMES, TrainConfig
+from mbu.train.losses import LossWeights
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -14,13 +14,12 @@ from typing import Any
 
 import matplotlib
 import optuna
-
-from data.files import atomic_write
-from evaluate.report import MARKDOWN_FILE
-from evaluate.segmentation import REPORT_FILE, figure_warnings
-from search.storage import count_states
-from search.tracking import ui_command
-from train.checkpoint import write_json
+from mbu.data.files import atomic_write
+from mbu.evaluate.report import MARKDOWN_FILE
+from mbu.evaluate.segmentation import REPORT_FILE, figure_warnings
+from mbu.search.storage import count_states
+from mbu.search.tracking import ui_command
+from mbu.train.checkpoint import write_json
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import mlflow
 import optuna
+from mbu.evaluate.tracking import RUN_FILE
+from mbu.search.study_file import StudyConfig
+from mbu.train.checkpoint import write_json
+from mbu.train.config import TrainConfig
+from mbu.train.tracking import Recorder, train_params
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-from evaluate.tracking import RUN_FILE
-from search.study_file import StudyConfig
-from train.checkpoint import write_json
-from train.config import TrainConfig
-from train.tracking import Recorder, train_params
 
 RUN_ID_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study attribute: the study's parent MLflow run

@@ -11,18 +11,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import optuna
+from mbu.data.images import AnnotatedImages
+from mbu.evaluate.report import score_and_report
+from mbu.evaluate.segmentation import predict_masks, score_masks
+from mbu.evaluate.tracking import log_scores
+from mbu.search.study_file import StudyConfig
+from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from mbu.train.config import TrainConfig
+from mbu.train.loop import train
+from mbu.train.model import ContentTransferModel
+from mbu.train.tracking import Recorder
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-from data.images import AnnotatedImages
-from evaluate.report import score_and_report
-from evaluate.segmentation import predict_masks, score_masks
-from evaluate.tracking import log_scores
-from search.study_file import StudyConfig
-from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from train.config import TrainConfig
-from train.loop import train
-from train.model import ContentTransferModel
-from train.tracking import Recorder
 
 OBJECTIVE_KEY = "val/iou_best"  # what the study maximises: best-threshold IoU on the validation half
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from search.study_file import StudyConfig
+from mbu.search.study_file import StudyConfig
 
 WORKER_LOGS = "workers"  # runs/<study>/workers/worker-<i>.log
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from data.cache import CACHE_ENV
-from data.synthetic import SynthConfig, write_dataset
-from train.config import TrainConfig
+from mbu.data.cache import CACHE_ENV
+from mbu.data.synthetic import SynthConfig, write_dataset
+from mbu.train.config import TrainConfig
 
 TINY_SYNTH = SynthConfig(size=64, n_train=8, n_test=6, seed=3)
 # The same tiny data and training size as a study-file fragment; [train] stays open for more keys.

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_train_config
+from mbu.data.images import decode_image, to_model_range
+from mbu.evaluate.report import load_model
+from mbu.train.loop import train
+from mbu.train.tracking import Recorder
+from mbu.train.visuals import PAD
 from PIL import Image
 
-from data.images import decode_image, to_model_range
-from evaluate.report import load_model
-from mbu import main
-from train.loop import train
-from train.tracking import Recorder
-from train.visuals import PAD
+from mbu.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shlex
 
 import pytest
+from mbu.train.cli import config_from_args
 
-from mbu import build_parser
-from train.cli import config_from_args
+from mbu.cli import build_parser
 
 # The published hyperparameter lines of the seed README, verbatim.
 PRESETS = {

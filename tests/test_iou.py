@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mbu.evaluate.iou import EMPTY_IOU, IoUSweep, sweep, threshold_grid
+from mbu.evaluate.segmentation import score_masks, validation_split
 from sklearn.metrics import jaccard_score
-
-from evaluate.iou import EMPTY_IOU, IoUSweep, sweep, threshold_grid
-from evaluate.segmentation import score_masks, validation_split
 
 
 def _sklearn_curves(probs: torch.Tensor, truth: torch.Tensor, thresholds: torch.Tensor):

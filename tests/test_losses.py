@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from train.losses import LossWeights, autoencoder_losses, discriminator_loss
-from train.model import ContentTransferModel, ModelConfig
-from train.reference import reference_autoencoder_losses, reference_discriminator_loss
+from mbu.train.losses import LossWeights, autoencoder_losses, discriminator_loss
+from mbu.train.model import ContentTransferModel, ModelConfig
+from mbu.train.reference import reference_autoencoder_losses, reference_discriminator_loss
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-from train.model import (
+from mbu.train.model import (
     ContentTransferModel,
     DownConv,
     ModelConfig,

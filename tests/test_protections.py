@@ -14,19 +14,21 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import TINY_DATA_AND_TRAIN, tiny_study
+from mbu.evaluate.tracking import RUN_FILE
+from mbu.search.runner import run_study
+from mbu.search.study import STUDY_RECORD
+from mbu.search.study_file import StudyFileError, load_study_file
+from mbu.train.checkpoint import load_checkpoint
 from mlflow.tracking import MlflowClient
 from test_user_errors import fingerprint
 
-from evaluate.tracking import RUN_FILE
-from mbu import main
-from search.runner import run_study
-from search.study import STUDY_RECORD
-from search.study_file import StudyFileError, load_study_file
-from train.checkpoint import load_checkpoint
+from mbu.cli import main
 
 TRAIN = ["train", "--resize", "64", "--bs", "4", "--progress_iter", "2", "--no-progress", "--device", "cpu"]
 # Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
-WITH_CTRL_C = "import signal, sys, mbu; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(mbu.main())"
+WITH_CTRL_C = (
+    "import signal, sys, mbu.cli; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(mbu.cli.main())"
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import optuna
 from conftest import TINY_DATA_AND_TRAIN
+from mbu.evaluate.segmentation import load_test_annotations
+from mbu.search.runner import prepare_data, resolve_settings, run_trial
+from mbu.search.study_file import load_study_file
+from mbu.train.tracking import Recorder
 from mlflow.tracking import MlflowClient
-
-from evaluate.segmentation import load_test_annotations
-from search.runner import prepare_data, resolve_settings, run_trial
-from search.study_file import load_study_file
-from train.tracking import Recorder
 
 STUDY = """
 [study]

@@ -10,11 +10,11 @@ import mlflow
 import optuna
 import torch
 from conftest import TINY_DATA_AND_TRAIN
+from mbu.evaluate.report import load_masks
+from mbu.evaluate.segmentation import score_masks
 from mlflow.tracking import MlflowClient
 
-from evaluate.report import load_masks
-from evaluate.segmentation import score_masks
-from mbu import main
+from mbu.cli import main
 
 STUDY = """
 [study]

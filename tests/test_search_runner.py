@@ -9,12 +9,12 @@ from pathlib import Path
 
 import optuna
 from conftest import tiny_study
+from mbu.search.runner import run_study
+from mbu.search.study_file import load_study_file
+from mbu.search.study_report import PLOTS
 from mlflow.tracking import MlflowClient
 
-from mbu import main
-from search.runner import run_study
-from search.study_file import load_study_file
-from search.study_report import PLOTS
+from mbu.cli import main
 
 DIVERGING_SPACE = "\n[space.lr]\nlow = 1e11\nhigh = 1e12\nlog = true\n"  # every lr here makes the loss non-finite
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from search.study_file import StudyFileError, load_study_file
+from mbu.search.study_file import StudyFileError, load_study_file
 
 VALID = """
 [study]
@@ -97,8 +96,7 @@ def test_shipped_study_files_are_valid(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp", "random"])
 def test_every_sampler_runs_seeded(sampler: str) -> None:
     import optuna
-
-    from search.storage import make_pruner, make_sampler
+    from mbu.search.storage import make_pruner, make_sampler
 
     def sample(seed: int) -> list[float]:
         study = optuna.create_study(sampler=make_sampler(sampler, seed), pruner=make_pruner("median"))
@@ -111,7 +109,6 @@ def test_every_sampler_runs_seeded(sampler: str) -> None:
 @pytest.mark.parametrize("pruner", ["none", "median", "hyperband"])
 def test_every_pruner_builds(pruner: str) -> None:
     import optuna
-
-    from search.storage import make_pruner
+    from mbu.search.storage import make_pruner
 
     assert isinstance(make_pruner(pruner), optuna.pruners.BasePruner)

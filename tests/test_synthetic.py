@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mbu.data.synthetic import SPEC_FILE, SynthConfig, content_mask, render, write_dataset
 from PIL import Image
-
-from data.synthetic import SPEC_FILE, SynthConfig, content_mask, render, write_dataset
 
 
 @pytest.mark.parametrize("size", [64, 128])

@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_train_config
-
-from train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from train.loop import NonFiniteLossError, train
+from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from mbu.train.loop import NonFiniteLossError, train
 
 
 def test_training_writes_checkpoint_and_changes_weights(tiny_root: Path, tmp_path: Path) -> None:
@@ -105,9 +104,9 @@ def test_checkpoint_of_the_relu_decoder_model_is_refused(tiny_root: Path, tmp_pa
 
 
 def _disc_gradient_norm_after_step(disc_clip: float) -> float:
-    from train.losses import LossWeights
-    from train.model import ContentTransferModel, ModelConfig
-    from train.step import Optimizers, train_step
+    from mbu.train.losses import LossWeights
+    from mbu.train.model import ContentTransferModel, ModelConfig
+    from mbu.train.step import Optimizers, train_step
 
     torch.manual_seed(0)
     model = ContentTransferModel(ModelConfig(resize=64))
@@ -118,7 +117,7 @@ def _disc_gradient_norm_after_step(disc_clip: float) -> float:
 
 def test_discriminator_clip_is_off_by_default_and_an_option() -> None:
     """Default: no discriminator clip, as the reference's code ran; ``disc_clip`` clips it when asked."""
-    from train.config import TrainConfig
+    from mbu.train.config import TrainConfig
 
     assert TrainConfig().disc_clip == 0
     unclipped = _disc_gradient_norm_after_step(0.0)

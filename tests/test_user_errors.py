@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_study, tiny_train_config
+from mbu.train.checkpoint import CHECKPOINT_FILE
+from mbu.train.loop import train
 
-from mbu import main
-from train.checkpoint import CHECKPOINT_FILE
-from train.loop import train
+from mbu.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +330,7 @@ def test_a_mistake_gets_one_line_and_changes_nothing(
 
 
 def test_every_command_has_a_row(shared: dict[str, Path]) -> None:
-    from mbu import build_parser
+    from mbu.cli import build_parser
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     assert commands == {m.argv(shared)[0] for m in MISTAKES}

@@ -11,7 +11,7 @@ import optuna
 from conftest import tiny_study
 from mlflow.tracking import MlflowClient
 
-from mbu import main
+from mbu.cli import main
 
 
 def assert_recorded_once(tmp_path: Path, name: str, n_trials: int) -> None:

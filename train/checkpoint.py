@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from data.files import atomic_write
-from train.model import MODEL_VERSION
+from mbu.data.files import atomic_write
+from mbu.train.model import MODEL_VERSION
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"

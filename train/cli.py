@@ -8,12 +8,12 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from data.files import check_writable
-from data.images import list_images
-from train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
-from train.config import AMP_MODES, WEIGHT_NAMES, TrainConfig
-from train.losses import LossWeights
-from train.step import resolve_device
+from mbu.data.files import check_writable
+from mbu.data.images import list_images
+from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
+from mbu.train.config import AMP_MODES, WEIGHT_NAMES, TrainConfig
+from mbu.train.losses import LossWeights
+from mbu.train.step import resolve_device
 
 _D = TrainConfig()
 _W = LossWeights()
@@ -236,9 +236,9 @@ def clear_run_folder(out: Path) -> None:
     """Delete what an earlier run left in ``out`` (``--overwrite``): its checkpoint, grids and reports."""
     import shutil
 
-    from evaluate.report import REPORT_FILES
-    from evaluate.tracking import RUN_FILE
-    from train.loop import GRIDS_DIR, SKIPPED_FILE
+    from mbu.evaluate.report import REPORT_FILES
+    from mbu.evaluate.tracking import RUN_FILE
+    from mbu.train.loop import GRIDS_DIR, SKIPPED_FILE
 
     for name in (CHECKPOINT_FILE, CONFIG_FILE, SKIPPED_FILE, RUN_FILE, *REPORT_FILES):
         (out / name).unlink(missing_ok=True)
@@ -283,9 +283,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from evaluate.tracking import RUN_FILE
-    from train.loop import TrainStatus, train
-    from train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri, train_params
+    from mbu.evaluate.tracking import RUN_FILE
+    from mbu.train.loop import TrainStatus, train
+    from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri, train_params
 
     cfg = prepare_config(args)
     uri = resolve_tracking_uri()

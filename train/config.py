@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from train.losses import LossWeights
-from train.model import ModelConfig
+from mbu.train.losses import LossWeights
+from mbu.train.model import ModelConfig
 
 AMP_MODES = ("none", "bf16")
 

@@ -8,12 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
-from tqdm import tqdm
-
-from data.batches import DomainBatches
-from data.images import DomainImages, load_display_images, load_domain, to_model_range
-from train.checkpoint import (
+from mbu.data.batches import DomainBatches
+from mbu.data.images import DomainImages, load_display_images, load_domain, to_model_range
+from mbu.train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     check_architecture,
@@ -21,9 +18,9 @@ from train.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from train.config import TrainConfig
-from train.model import MODEL_VERSION, ContentTransferModel
-from train.step import (
+from mbu.train.config import TrainConfig
+from mbu.train.model import MODEL_VERSION, ContentTransferModel
+from mbu.train.step import (
     LossFunctions,
     NonFiniteLossError,
     Optimizers,
@@ -33,8 +30,10 @@ from train.step import (
     resolve_device,
     train_step,
 )
-from train.tracking import Recorder
-from train.visuals import training_grids
+from mbu.train.tracking import Recorder
+from mbu.train.visuals import training_grids
+from PIL import Image
+from tqdm import tqdm
 
 SKIPPED_FILE = "skipped_images.txt"
 

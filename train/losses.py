@@ -26,8 +26,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-
-from train.model import ContentTransferModel, composite
+from mbu.train.model import ContentTransferModel, composite
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from train.losses import LossWeights
-from train.model import ContentTransferModel
+from mbu.train.losses import LossWeights
+from mbu.train.model import ContentTransferModel
 
 
 def reference_autoencoder_losses(

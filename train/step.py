@@ -10,10 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from train.config import TrainConfig
-from train.losses import LossWeights, autoencoder_losses, discriminator_loss
-from train.model import ContentTransferModel
+from mbu.train.config import TrainConfig
+from mbu.train.losses import LossWeights, autoencoder_losses, discriminator_loss
+from mbu.train.model import ContentTransferModel
 
 # The reference clips the autoencoder's gradient norm to 5. It means to clip the
 # discriminator's too, but hands clip_grad_norm_ an already exhausted parameter

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mbu.train.config import TrainConfig
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-from train.config import TrainConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store
 

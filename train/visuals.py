@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from mbu.data.images import to_uint8
+from mbu.train.model import ContentTransferModel
 from torchvision.utils import make_grid
-
-from data.images import to_uint8
-from train.model import ContentTransferModel
 
 DISPLAY_THRESHOLD = 0.5  # removal threshold used in the training-time removal grid
 OVERLAY_COLOR = torch.tensor([255.0, 0.0, 0.0])  # segmentation overlay tint

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_train_config
+from mbu.data.images import DataError, list_images, load_domain
+from mbu.train.loop import SKIPPED_FILE, train
 from PIL import Image
 
-from data.images import DataError, list_images, load_domain
-from mbu import main as mbu_main
-from train.loop import SKIPPED_FILE, train
+from mbu.cli import main as mbu_main
 
 
 def _copy_with_corrupt_image(tiny_root: Path, tmp_path: Path) -> tuple[Path, Path]:

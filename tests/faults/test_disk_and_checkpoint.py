@@ -12,10 +12,9 @@ from pathlib import Path
 
 import optuna
 from conftest import tiny_study, tiny_train_config
+from mbu.train.checkpoint import load_checkpoint
+from mbu.train.loop import train
 from mlflow.tracking import MlflowClient
-
-from train.checkpoint import load_checkpoint
-from train.loop import train
 
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Path, tmp_path: Path) -> None:

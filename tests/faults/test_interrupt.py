@@ -27,7 +27,8 @@ device = "cpu"
 def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY.format(iters=40))
     # Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
-    code = "import signal, sys, mbu; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(mbu.main())"
+    code = "import signal, sys, mbu.cli; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    code += "sys.exit(mbu.cli.main())"
     mbu = [sys.executable, "-c", code, "search", "study.toml", "--no-progress"]
     proc = subprocess.Popen(mbu, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run_file = tmp_path / "runs" / "interrupted" / "trial-0" / "mlflow_run.json"

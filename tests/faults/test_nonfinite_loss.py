@@ -9,7 +9,7 @@ import optuna
 from conftest import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
-from mbu import main
+from mbu.cli import main
 
 STUDY = """
 [study]

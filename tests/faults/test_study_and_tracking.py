@@ -7,10 +7,10 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import free_port, tiny_study
+from mbu.search.runner import run_study
+from mbu.search.study_file import StudyFileError, load_study_file
 
-from mbu import main
-from search.runner import run_study
-from search.study_file import StudyFileError, load_study_file
+from mbu.cli import main
 
 STUDY = tiny_study("edited", train="iters = 2\nprogress_iter = 1\n")  # its [space.lr] has high = 1e-3
 

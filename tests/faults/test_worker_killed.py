@@ -13,10 +13,9 @@ from pathlib import Path
 import optuna
 import torch
 from conftest import tiny_study
+from mbu.search.runner import run_study
+from mbu.search.study_file import load_study_file
 from mlflow.tracking import MlflowClient
-
-from search.runner import run_study
-from search.study_file import load_study_file
 
 STUDY = tiny_study(
     "killed",

@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 
-from data import cli as data_cli
-from data.files import WriteError
-from evaluate import cli as evaluate_cli
-from search import cli as search_cli
-from train import cli as train_cli
-from train.checkpoint import CheckpointError
-from train.step import NonFiniteLossError
+from mbu.data import cli as data_cli
+from mbu.data.files import WriteError
+from mbu.evaluate import cli as evaluate_cli
+from mbu.search import cli as search_cli
+from mbu.train import cli as train_cli
+from mbu.train.checkpoint import CheckpointError
+from mbu.train.step import NonFiniteLossError
 
 # Errors a user can fix from the message alone: one line on stderr and exit 2, without a traceback
 # (set MBU_DEBUG=1 to see it). ValueError covers the project's data, study-file, device and
