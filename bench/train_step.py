@@ -13,9 +13,11 @@ Prints images per second (A and B images of one step count as 2 x bs), the
 ratio, and the platform's achieved GFLOP/s against a large float32 matmul
 timed in the same run (the machine's practical ceiling). ``--variants`` picks
 the platform rows: fp32 (the default, identical math), bf16 autocast,
-channels_last, both, torch.compile, and fp32-stock (fp32 on PyTorch's default
+channels_last, both, torch.compile, fp32-stock (fp32 on PyTorch's default
 convolution kernels, to separate the per-layer CPU kernel choice of
-``train.model`` from the removed work). The baseline runs the stock kernels.
+``mbu.train.model`` from the removed work) and fp32-relu-decoders (mbu 0.1's
+ReLU decoders, to time the paper's LeakyReLU against them). The baseline runs
+the stock kernels.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fidelity import use_relu_decoders  # noqa: E402  (bench/ is on sys.path: this script's folder)
 from mbu.data.batches import DomainBatches  # noqa: E402
 from mbu.data.images import list_images, load_domain  # noqa: E402
 from mbu.data.synthetic import SynthConfig, write_dataset  # noqa: E402
@@ -49,8 +52,10 @@ VARIANTS = {  # platform configurations: TrainConfig overrides
     "bf16+channels_last": {"amp": "bf16", "channels_last": True},
     "compile": {"compile": True},
     "fp32-stock": {},  # fp32 on PyTorch's default convolution kernels: the per-layer CPU choice undone
+    "fp32-relu-decoders": {},  # fp32 with mbu 0.1's ReLU decoders: what the paper's LeakyReLU costs
 }
 STOCK_KERNELS = {"fp32-stock"}
+RELU_DECODERS = {"fp32-relu-decoders"}
 BENCH_IMAGES = 256  # per domain: enough distinct files that PIL decoding is real work
 
 
@@ -115,12 +120,14 @@ def _epochs(loader: DataLoader):
 
 
 def platform_stepper(
-    root: Path, cfg: TrainConfig, device: torch.device, stock_kernels: bool = False
+    root: Path, cfg: TrainConfig, device: torch.device, stock_kernels: bool = False, relu_decoders: bool = False
 ) -> tuple[Callable[[], None], float]:
     """One iteration of the platform's step, and its FLOPs (counted on one extra step)."""
     model = build_model(cfg, device)
     if stock_kernels:
         use_stock_kernels(model)
+    if relu_decoders:
+        use_relu_decoders(model)
     opt = Optimizers.create(model, cfg.lr, cfg.disclr)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = [
@@ -209,7 +216,11 @@ def main() -> None:
                     steps["reference"] = baseline_stepper(root, TrainConfig(resize=resize, bs=bs), device)
                 for name, overrides in variants.items():
                     steps[name], flops[name] = platform_stepper(
-                        root, TrainConfig(resize=resize, bs=bs, **overrides), device, name in STOCK_KERNELS
+                        root,
+                        TrainConfig(resize=resize, bs=bs, **overrides),
+                        device,
+                        name in STOCK_KERNELS,
+                        name in RELU_DECODERS,
                     )
                 seconds = interleaved(steps, args.iters, args.rounds, device)
                 base = 2 * bs / seconds["reference"] if "reference" in seconds else None

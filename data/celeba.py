@@ -199,6 +199,8 @@ def split_domains(
     lists (None: all of it). Without, the first ``num_test`` sorted images of
     each domain are its test set, as the reference did.
     """
+    if num_test is not None and (isinstance(num_test, bool) or num_test < 1):
+        raise DataError(f"--num-test must be a positive integer, got {num_test}")
     split = Split()
     for files, train, test in ((files_a, split.train_a, split.test_a), (files_b, split.train_b, split.test_b)):
         ordered = sorted(files)

@@ -164,7 +164,7 @@ def report_main(args: argparse.Namespace) -> int:
         paths = write_study_report(study, args.runs_dir / args.study)
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
         if parent:
-            recorder = Recorder(mlflow_client(uri), parent)
+            recorder = Recorder.of_run(uri, parent)
             for path in paths:
                 recorder.log_artifact(path)
             recorder.flush()
@@ -179,15 +179,9 @@ def report_main(args: argparse.Namespace) -> int:
     logged = ""
     if run_file.is_file():
         run_id = json.loads(run_file.read_text())["run_id"]
-        recorder = Recorder(mlflow_client(uri), run_id)
+        recorder = Recorder.of_run(uri, run_id)
         for name in result["paths"]:
             recorder.log_artifact(name)
         logged = f" (logged to MLflow run {run_id})" if not recorder.flush() else ""
     print(f"report: {result['paths'][1]}{logged}")
     return 0
-
-
-def mlflow_client(uri: str):  # noqa: ANN201 - MLflow imported only when a command needs it
-    import mlflow
-
-    return mlflow.MlflowClient(uri)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_DATA_AND_TRAIN, tiny_study
+from conftest import tiny_study
 from mbu.evaluate.tracking import RUN_FILE
 from mbu.search.runner import run_study
 from mbu.search.study import STUDY_RECORD
@@ -145,22 +145,7 @@ def test_ctrl_c_in_train_is_one_line_and_resumable(tiny_root: Path, tmp_path: Pa
 
 
 def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) -> None:
-    study = f"""[study]
-name = "preset"
-n_trials = 2
-
-{TINY_DATA_AND_TRAIN}iters = 20
-progress_iter = 2
-device = "cpu"
-
-[space.lr]
-low = 1e-4
-high = 1e-3
-log = true
-
-[[enqueue]]
-lr = 2e-4
-"""
+    study = tiny_study("preset", n_trials=2, train="iters = 20\nprogress_iter = 2\n") + "\n[[enqueue]]\nlr = 2e-4\n"
     (tmp_path / "study.toml").write_text(study)
     launch = [sys.executable, "-c", WITH_CTRL_C, "search", "study.toml", "--no-progress"]
     proc = subprocess.Popen(launch, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

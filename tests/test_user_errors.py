@@ -222,6 +222,22 @@ MISTAKES = [
         "did not write there",
         _foreign("mine"),
     ),  # fmt: skip
+    Mistake(
+        "celeba missing attribute file",
+        lambda s: [
+            "data",
+            "celeba",
+            "--root",
+            str(s["root"]),
+            "--attributes",
+            "list_attr.txt",
+            "--config",
+            "glasses",
+            "--dest",
+            "d",
+        ],
+        "list_attr.txt",
+    ),  # fmt: skip
     # mbu search
     Mistake("search missing study file", lambda s: ["search", "nope.toml"], "study file nope.toml does not exist"),
     Mistake(

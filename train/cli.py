@@ -23,7 +23,13 @@ GIVEN = "given_flags"  # Namespace attribute: the destinations of the flags the 
 class _Given(argparse.Action):
     """``store`` that remembers the flag was given, so ``--load`` can tell a typed value from a default."""
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         setattr(namespace, self.dest, values)
         given = set(getattr(namespace, GIVEN, set()))
         setattr(namespace, GIVEN, given | {self.dest})

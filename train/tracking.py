@@ -99,6 +99,11 @@ class Recorder:
         return cls(None, None)
 
     @classmethod
+    def of_run(cls, tracking_uri: str, run_id: str) -> Recorder:
+        """A recorder for an existing run (e.g. to add report files to it)."""
+        return cls(mlflow.MlflowClient(tracking_uri), run_id)
+
+    @classmethod
     def start(
         cls,
         tracking_uri: str,
