@@ -148,7 +148,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     baselines = _table("| mask | test IoU | note |", baseline_rows)
     notes = figure_warnings(m)
-    warnings = "".join(f"> **Warning:** {note}.\n" for note in notes) + ("\n" if notes else "")
+    warnings = "".join(f"> **Warning:** {note}.\n\n" for note in notes)  # one quote block each
     return f"""# Segmentation report
 
 Run `{Path(report["checkpoint"]).parent}`, checkpoint at iteration {report["iteration"]}.

@@ -31,7 +31,7 @@ from mbu.search.study import check_study_folder, open_study
 from mbu.search.study_file import StudyConfig
 from mbu.search.study_report import StudySummary, summary_text, write_study_report
 from mbu.search.tracking import close_trial_run, open_parent_run, open_trial_run
-from mbu.search.trial import train_and_score, trial_config
+from mbu.search.trial import sampled_config, train_and_score
 from mbu.search.workers import launch_lock, start_workers
 from mbu.train.step import resolve_device
 from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
@@ -164,7 +164,7 @@ def run_trial(
     """One trial, from its MLflow run to Optuna's verdict; returns its state and, for a failure, the error."""
     run = None
     try:
-        cfg = trial_config(trial, config)
+        cfg = sampled_config(trial, config)
         run = open_trial_run(trial, config, cfg, parent)
         value = train_and_score(trial, cfg, annotated, run, progress)
     except optuna.TrialPruned:

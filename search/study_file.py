@@ -14,7 +14,7 @@ Every error names the file and the key.
 
 from __future__ import annotations
 
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,11 +24,6 @@ from mbu.data.synthetic import SynthConfig
 from mbu.train.config import WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
 SAMPLERS = ("tpe", "cmaes", "gp", "random")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("maximize", "minimize")
@@ -36,6 +31,11 @@ DIRECTIONS = ("maximize", "minimize")
 MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu"}
 TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(WEIGHT_NAMES)
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
+
+
+def trial_name(number: int) -> str:
+    """``trial-<n>``: a trial's run folder under ``runs/<study>/`` and its MLflow run name."""
+    return f"trial-{number}"
 
 
 class StudyFileError(ValueError):

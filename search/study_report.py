@@ -18,6 +18,7 @@ from mbu.data.files import atomic_write
 from mbu.evaluate.report import MARKDOWN_FILE
 from mbu.evaluate.segmentation import REPORT_FILE, figure_warnings
 from mbu.search.storage import count_states
+from mbu.search.study_file import trial_name
 from mbu.search.tracking import ui_command
 from mbu.train.checkpoint import write_json
 
@@ -140,12 +141,13 @@ def write_plots(study: optuna.Study, study_dir: Path) -> list[Path]:
     from matplotlib import pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
+    objective = (study.metric_names or ["objective"])[0]  # axis labels name the objective, not "Objective Value"
     written = []
     for name, (function, _) in PLOTS.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # experimental-API and empty-plot warnings
-                axes = getattr(optuna_plots, function)(study)
+                axes = getattr(optuna_plots, function)(study, target_name=objective)
         except (ValueError, RuntimeError):  # e.g. importances with fewer than 2 complete trials
             continue
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
@@ -176,7 +178,8 @@ def study_markdown(
             cells += [f"{r['params'][p]:.4g}" if p in r["params"] else "-" for p in params]
             lines.append("| " + " | ".join(cells) + " |")
         best = rows[0]["trial"]
-        lines += ["", f"Best trial: #{best}; its report: [trial-{best}/{MARKDOWN_FILE}](trial-{best}/{MARKDOWN_FILE})."]
+        link = f"{trial_name(best)}/{MARKDOWN_FILE}"
+        lines += ["", f"Best trial: #{best}; its report: [{link}]({link})."]
         lines += [f"\n> **Warning (best trial):** {note}." for note in best_warnings or []]
     else:
         lines.append("No trial has completed yet.")
@@ -205,7 +208,7 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
     importances = param_importances(study)
     best_report = None
     if rows:
-        path = study_dir / f"trial-{rows[0]['trial']}" / REPORT_FILE
+        path = study_dir / trial_name(rows[0]["trial"]) / REPORT_FILE
         best_report = json.loads(path.read_text())["metrics"] if path.is_file() else None
     best_warnings = figure_warnings(best_report or rows[0]) if rows else []
     caveat = importance_caveat(study) if isinstance(importances, dict) else None

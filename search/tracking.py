@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import optuna
 from mbu.evaluate.tracking import RUN_FILE
-from mbu.search.study_file import StudyConfig
+from mbu.search.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import write_json
 from mbu.train.config import TrainConfig
 from mbu.train.tracking import Recorder, train_params
@@ -64,7 +64,7 @@ def open_trial_run(trial: optuna.Trial, config: StudyConfig, cfg: TrainConfig, p
     """The trial's run, nested under the study's; its id goes to the trial and to the trial's run folder."""
     settings = config.study
     tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING"}
-    run = Recorder.start(settings.tracking_uri, settings.name, f"trial-{trial.number}", parent_id=parent.run_id)
+    run = Recorder.start(settings.tracking_uri, settings.name, trial_name(trial.number), parent_id=parent.run_id)
     trial.set_user_attr(RUN_ID_ATTR, run.run_id)
     write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})
     run.set_tags(tags)

@@ -15,7 +15,7 @@ from mbu.data.images import AnnotatedImages
 from mbu.evaluate.report import score_and_report
 from mbu.evaluate.segmentation import predict_masks, score_masks
 from mbu.evaluate.tracking import log_scores
-from mbu.search.study_file import StudyConfig
+from mbu.search.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import train
@@ -28,10 +28,10 @@ OBJECTIVE_KEY = "val/iou_best"  # what the study maximises: best-threshold IoU o
 
 def trial_dir(config: StudyConfig, number: int) -> Path:
     """``runs/<study>/trial-<n>/``: the trial's checkpoint, grids and report."""
-    return config.study_dir / f"trial-{number}"
+    return config.study_dir / trial_name(number)
 
 
-def trial_config(trial: optuna.Trial, config: StudyConfig) -> TrainConfig:
+def sampled_config(trial: optuna.Trial, config: StudyConfig) -> TrainConfig:
     """The trial's sampled values over the study's fixed settings; resuming a lost try when there is one."""
     params = {name: trial.suggest_float(name, rng.low, rng.high, log=rng.log) for name, rng in config.space.items()}
     cfg = config.trial_config(params, trial_dir(config, trial.number))

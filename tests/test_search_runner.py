@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,10 @@ def test_study_plots_are_written_shown_and_logged(tmp_path: Path) -> None:
         assert (folder / name).read_bytes().startswith(b"\x89PNG"), name
     markdown = (folder / "study_report.md").read_text()
     assert all(f"]({name})" in markdown for name in PLOTS)
-    assert optuna.load_study(study_name="pictures", storage="sqlite:///optuna.db").metric_names == ["val/iou_best"]
+    study = optuna.load_study(study_name="pictures", storage="sqlite:///optuna.db")
+    assert study.metric_names == ["val/iou_best"]
+    report = json.loads((folder / "study_report.json").read_text())
+    assert report["objective"] == "val/iou_best" and report["plots"] == list(PLOTS)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("pictures").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("role") == "study-parent")
