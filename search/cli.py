@@ -180,8 +180,10 @@ def report_main(args: argparse.Namespace) -> int:
     if run_file.is_file():
         run_id = json.loads(run_file.read_text())["run_id"]
         recorder = Recorder.of_run(uri, run_id)
+        # Scored on other masks or data: beside the run's own report in MLflow too, never over it.
+        folder = None if result["report_dir"] == args.run_dir else result["report_dir"].name
         for name in result["paths"]:
-            recorder.log_artifact(name)
+            recorder.log_artifact(name, folder)
         logged = f" (logged to MLflow run {run_id})" if not recorder.flush() else ""
     print(f"report: {result['paths'][1]}{logged}")
     return 0

@@ -4,7 +4,8 @@ A launch (one worker) runs until the study has ``n_trials`` finished trials
 (complete or pruned). Failed trials do not count; after ``max_failures``
 failed trials in a row the launch stops. Several workers, here or on other
 machines, may run one study at once: each takes the next trial while finished
-plus running trials are short of the target, so none overshoots it.
+plus running trials are short of the target, so they stop at it (two workers
+asking for the very last trial at the same instant can both get one).
 
 Where each concern lives: ``storage`` (Optuna storage, sampler, pruner,
 heartbeats, counts), ``study`` (opening a study: fingerprint, presets, run

@@ -22,6 +22,7 @@ from mbu.search.study_file import StudyConfig, StudyFileError
 from mbu.search.tracking import RetryLostTrial
 from mbu.search.trial import OBJECTIVE_KEY
 from mbu.train.checkpoint import write_json
+from mbu.train.tracking import sqlite_file
 
 STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
 STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to
@@ -112,10 +113,14 @@ def check_study_folder(config: StudyConfig) -> None:
         raise StudyFileError(
             f"{config.study_dir} holds the trials of study {name!r} in {saved['storage']}, not {storage}; {advice}"
         )
-    try:
-        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(STUDY_UID_ATTR)
-    except KeyError:
-        stored = None  # the study was deleted from the storage
+    database = sqlite_file(storage)
+    if storage.startswith("sqlite") and database is not None and not database.is_file():
+        stored = None  # the whole storage file is gone (loading it would create an empty one)
+    else:
+        try:
+            stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(STUDY_UID_ATTR)
+        except KeyError:
+            stored = None  # the study was deleted from the storage
     if stored != saved["uid"]:
         raise StudyFileError(
             f"{config.study_dir} holds the trials of an earlier study {name!r} in {storage} that no longer "

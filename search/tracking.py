@@ -45,7 +45,8 @@ def open_parent_run(study: optuna.Study, config: StudyConfig) -> Recorder:
     client = mlflow.MlflowClient(settings.tracking_uri)
     if existing is not None:
         try:
-            client.get_run(existing)
+            if client.get_run(existing).info.lifecycle_stage != "active":
+                existing = None  # deleted in the UI: start a new parent
         except mlflow.exceptions.MlflowException:
             existing = None  # e.g. the study moved to another tracking store: start a new parent
     tags = {
@@ -65,8 +66,13 @@ def open_trial_run(trial: optuna.Trial, config: StudyConfig, cfg: TrainConfig, p
     settings = config.study
     tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING"}
     run = Recorder.start(settings.tracking_uri, settings.name, trial_name(trial.number), parent_id=parent.run_id)
-    trial.set_user_attr(RUN_ID_ATTR, run.run_id)
-    write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})
+    try:
+        trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+        write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})
+    except BaseException as err:  # the run exists: never leave it RUNNING
+        run.set_tags({"state": "FAIL", "error": f"{type(err).__name__}: {err}"[:5000]})
+        run.end("FAILED")
+        raise
     run.set_tags(tags)
     run.log_params(train_params(cfg))
     return run

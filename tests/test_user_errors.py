@@ -108,6 +108,11 @@ MISTAKES = [
         lambda s: ["train", "--load", str(s["run"]), "--out", "new", "--gama", "1"],
         "--gama 1.0 (checkpoint: 7.0) contradicts",
     ),  # fmt: skip
+    Mistake(
+        "train overwriting the run it resumes",
+        lambda s: ["train", "--load", str(s["run"]), "--out", str(s["run"]), "--overwrite"],
+        "--overwrite would delete the checkpoint that --load",
+    ),  # fmt: skip
     Mistake("train without root", lambda s: ["train", "--out", "r"], "--root is required"),
     Mistake("train missing root", lambda s: ["train", "--root", "nowhere", "--out", "r"], "nowhere is not a folder"),
     Mistake("train gpu without cuda", _train("--out", "r", "--gpu", "0"), "CUDA is not available"),

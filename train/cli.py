@@ -228,9 +228,10 @@ def resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig
 def check_run_folder(cfg: TrainConfig, overwrite: bool) -> None:
     """Refuse to train over a run folder that holds a checkpoint, unless resuming it or told to."""
     out = Path(cfg.out)
-    if overwrite or not (out / CHECKPOINT_FILE).exists():
-        return
-    if cfg.load and Path(cfg.load).resolve() == out.resolve():
+    resuming_here = bool(cfg.load) and Path(cfg.load).resolve() == out.resolve()
+    if overwrite and resuming_here:
+        raise ValueError(f"--overwrite would delete the checkpoint that --load {cfg.load} resumes; drop --overwrite")
+    if overwrite or not (out / CHECKPOINT_FILE).exists() or resuming_here:
         return
     raise FileExistsError(
         f"{out} already holds a trained run ({out / CHECKPOINT_FILE}): resume it with --load {out}, "
@@ -296,14 +297,14 @@ def main(args: argparse.Namespace) -> int:
     cfg = prepare_config(args)
     uri = resolve_tracking_uri()
     check_tracking_uri(uri)
-    if args.overwrite:
-        clear_run_folder(Path(cfg.out))
     status = TrainStatus()
     recorder = Recorder.start(uri, args.experiment, run_name=Path(cfg.out).name)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
-    recorder.log_params(train_params(cfg))
     try:
+        if args.overwrite:
+            clear_run_folder(Path(cfg.out))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
+        recorder.log_params(train_params(cfg))
         result = train(cfg, progress=not args.no_progress, status=status, recorder=recorder)
     except KeyboardInterrupt:
         recorder.end("KILLED")

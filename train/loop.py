@@ -152,7 +152,9 @@ def train(
         optimizers.autoencoder.load_state_dict(state["opt_autoencoder"])
         optimizers.disc.load_state_dict(state["opt_disc"])
         start = int(state["iteration"])
-        status.iteration = status.saved = start
+        status.iteration = start
+        if Path(cfg.load).resolve() == run_dir.resolve():
+            status.saved = start  # resuming in place: that checkpoint is this run's last one
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"].cpu())
 

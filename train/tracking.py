@@ -36,7 +36,7 @@ def sqlite_file(url: str) -> Path | None:
 
 def check_tracking_uri(uri: str) -> None:
     """Refuse, naming the URI, a tracking store MLflow cannot open, before anything is created in it."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri  # e.g. a bare "databricks"
     if scheme not in TRACKING_SCHEMES:
         raise ValueError(
             f"tracking URI {uri!r} is not one MLflow can use here: give sqlite:///FILE.db, "
@@ -119,6 +119,11 @@ class Recorder:
             client.update_run(run_id, status="RUNNING")
         else:
             found = client.get_experiment_by_name(experiment)
+            if found is not None and found.lifecycle_stage != "active":
+                raise ValueError(
+                    f"MLflow experiment {experiment!r} in {tracking_uri} was deleted: restore it "
+                    f"(mlflow experiments restore --experiment-id {found.experiment_id}) or use another name"
+                )
             experiment_id = found.experiment_id if found else client.create_experiment(experiment)
             run_tags = {MLFLOW_RUN_NAME: run_name}
             if parent_id is not None:
@@ -178,10 +183,11 @@ class Recorder:
         batch = [RunTag(key, str(value)) for key, value in tags.items()]
         self.call(f"tags {sorted(tags)}", self.client.log_batch, self.run_id, tags=batch)
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """``path`` into the run's artifacts, at their root or under ``folder``."""
         if not self.active:
             return
-        self.call(f"artifact {path}", self.client.log_artifact, self.run_id, str(path))
+        self.call(f"artifact {path}", self.client.log_artifact, self.run_id, str(path), folder)
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         if not self.active:
