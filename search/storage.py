@@ -16,7 +16,7 @@ from types import TracebackType
 
 import optuna
 from mbu.search.study_file import StudySettings
-from mbu.train.tracking import sqlite_file
+from mbu.train.tracking import check_database_folder, missing_sqlite_file, url_scheme
 from optuna.storages import RDBStorage
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # count towards n_trials
@@ -29,14 +29,11 @@ StaleTrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 def check_storage_url(url: str) -> None:
     """Refuse, naming it, an Optuna storage URL that cannot be opened, before any study is created."""
-    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
-    if scheme not in STORAGE_SCHEMES:
+    if url_scheme(url) not in STORAGE_SCHEMES:
         raise ValueError(
             f"Optuna storage {url!r} is not a database URL: give sqlite:///FILE.db or postgresql://USER@HOST/DB"
         )
-    database = sqlite_file(url) if scheme == "sqlite" else None
-    if database is not None and not database.resolve().parent.is_dir():
-        raise ValueError(f"Optuna storage {url}: folder {database.resolve().parent} does not exist")
+    check_database_folder(url, "Optuna storage")
 
 
 def make_storage(settings: StudySettings, on_stale_trial: StaleTrialCallback | None = None) -> RDBStorage:
@@ -59,8 +56,8 @@ def make_storage(settings: StudySettings, on_stale_trial: StaleTrialCallback | N
 def load_existing_study(name: str, storage: str) -> optuna.Study:
     """A study that must already exist: a missing SQLite file or study name is an error, and nothing is created."""
     check_storage_url(storage)
-    database = sqlite_file(storage)
-    if storage.startswith("sqlite") and database is not None and not database.is_file():
+    database = missing_sqlite_file(storage)
+    if database is not None:
         raise ValueError(f"no Optuna storage at {database} ({storage}): launch the study first, or pass --storage")
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -95,11 +92,6 @@ def count_states(study: optuna.Study) -> dict[str, int]:
     for trial in study.get_trials(deepcopy=False):
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
     return states
-
-
-def count_finished(study: optuna.Study) -> int:
-    """Complete plus pruned trials: what ``n_trials`` counts."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def count_taken(study: optuna.Study) -> int:

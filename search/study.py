@@ -22,7 +22,7 @@ from mbu.search.study_file import StudyConfig, StudyFileError
 from mbu.search.tracking import RetryLostTrial
 from mbu.search.trial import OBJECTIVE_KEY
 from mbu.train.checkpoint import write_json
-from mbu.train.tracking import sqlite_file
+from mbu.train.tracking import missing_sqlite_file
 
 STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
 STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to
@@ -113,8 +113,7 @@ def check_study_folder(config: StudyConfig) -> None:
         raise StudyFileError(
             f"{config.study_dir} holds the trials of study {name!r} in {saved['storage']}, not {storage}; {advice}"
         )
-    database = sqlite_file(storage)
-    if storage.startswith("sqlite") and database is not None and not database.is_file():
+    if missing_sqlite_file(storage) is not None:
         stored = None  # the whole storage file is gone (loading it would create an empty one)
     else:
         try:

@@ -28,23 +28,38 @@ def resolve_tracking_uri(configured: str = "") -> str:
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
+def url_scheme(url: str) -> str:
+    """``sqlite``, ``postgresql`` (driver suffix dropped), ...; a URL without ``://`` is its own scheme."""
+    return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else url
+
+
 def sqlite_file(url: str) -> Path | None:
-    """The database file of a ``sqlite:///PATH`` URL (None for an in-memory database)."""
-    path = url.split(":///", 1)[1] if ":///" in url else ""
+    """The database file of a ``sqlite:///PATH`` URL (None for another scheme or an in-memory database)."""
+    path = url.split(":///", 1)[1] if url_scheme(url) == "sqlite" and ":///" in url else ""
     return Path(path) if path and path != ":memory:" else None
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL when it does not exist (opening it would create it)."""
+    database = sqlite_file(url)
+    return database if database is not None and not database.is_file() else None
+
+
+def check_database_folder(url: str, what: str) -> None:
+    """A SQLite URL whose folder is missing is an error naming it (``what``: the store's role)."""
+    database = sqlite_file(url)
+    if database is not None and not database.resolve().parent.is_dir():
+        raise ValueError(f"{what} {url}: folder {database.resolve().parent} does not exist")
 
 
 def check_tracking_uri(uri: str) -> None:
     """Refuse, naming the URI, a tracking store MLflow cannot open, before anything is created in it."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri  # e.g. a bare "databricks"
-    if scheme not in TRACKING_SCHEMES:
+    if url_scheme(uri) not in TRACKING_SCHEMES:  # a bare "databricks" included
         raise ValueError(
             f"tracking URI {uri!r} is not one MLflow can use here: give sqlite:///FILE.db, "
             "http(s)://HOST:PORT of an MLflow server, or a database URL (postgresql://...)"
         )
-    database = sqlite_file(uri) if scheme == "sqlite" else None
-    if database is not None and not database.resolve().parent.is_dir():
-        raise ValueError(f"tracking URI {uri}: folder {database.resolve().parent} does not exist")
+    check_database_folder(uri, "tracking URI")
     check_tracking_server(uri)
 
 
