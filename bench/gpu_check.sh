@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine, about 5 minutes: the train-step table at resize 128,
-# batch 32 and 64, for fp32, bf16 autocast, channels_last and torch.compile, each against
-# the reference computation, then the IoU sweep on the GPU. Run from anywhere:
+# One command for a CUDA machine, about 10 minutes: the captured step's tests, the
+# population table (eager and captured, K trials per process, 64 and 128 px, batch 32),
+# the train-step table at resize 128, batch 32 and 64, for fp32, bf16 autocast,
+# channels_last and torch.compile, each against the reference computation, then the IoU
+# sweep on the GPU. Run from anywhere:
 #
 #   bash bench/gpu_check.sh
 #
-# Needs torch, torchvision, numpy, Pillow and tqdm only (the bench scripts import the
-# step, not the MLflow-logging loop), so it also runs where `pip install -e .` cannot.
-# Each stage has its own time limit, so a slow compile cannot hide the other rows.
+# The first two stages need the project installed (`pip install -e ".[test]"`); the
+# train-step and IoU stages need only torch, torchvision, numpy, Pillow and tqdm.
+# Each stage has its own time limit, so a slow stage cannot hide the other rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+echo "== captured step (CUDA graph) against eager: tests =="
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
+echo "== population: trial-iterations per second by K, eager and captured =="
+timeout 300 $PY bench/population.py --device cuda --resize 128 64 --bs 32 --k 1 2 4 8 16 32 \
+  --modes eager captured --iters 20 --warmup 5
 echo "== eager variants =="
 timeout 170 $PY bench/train_step.py --device cuda --resize 128 --bs 32 64 \
   --variants fp32 bf16 channels_last bf16+channels_last --iters 10 --rounds 3

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped from outside (SIGTERM); launching again goes on
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "and [study].max_failures failed trials in a row stop the launch. Each trial trains, scores its masks, "
         "and is recorded as a nested MLflow run (default store sqlite:///mlflow.db, or $MLFLOW_TRACKING_URI). "
         "Exit codes: 0 target reached, 1 stopped on failures (each failed trial listed) or a worker failed, "
-        "2 a usage error, 130 Ctrl-C.",
+        "2 a usage error, 75 stopped by SIGTERM (trials checkpointed and queued to resume), 130 Ctrl-C.",
     )
     parser.add_argument("study", type=Path, help="study file, e.g. studies/synthetic_glasses.toml")
     parser.add_argument("--storage", default=None, help="Optuna storage URL, overriding [study].storage")
@@ -49,6 +51,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="GPU indices to spread the workers over, round-robin (CUDA_VISIBLE_DEVICES per worker; several "
         "workers may share one GPU)",
     )
+    parser.add_argument(
+        "--population",
+        type=int,
+        default=None,
+        metavar="K",
+        help="trials each worker process trains at once on its device, overriding [study].population "
+        "(default 1). On a GPU the K steps overlap (one CUDA stream per trial); on CPU they take turns, as fast "
+        "as K trials one after another. Each trial keeps its own run, checkpoint, evaluations and pruning",
+    )
+    add_slurm_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "-v",
@@ -57,6 +69,97 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also show Optuna's and MLflow's own log lines and experimental-API warnings (hidden by default)",
     )
     parser.set_defaults(func=main)
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--slurm``, ``--wait`` and one flag per ``[slurm]`` key (same name), each overriding the study file."""
+    group = parser.add_argument_group(
+        "SLURM cluster (see README, Studies on a SLURM cluster)",
+        "With --slurm, the study is prepared here as with --workers, then submitted as one array job whose tasks "
+        'are workers of the study (needs submitit: pip install -e ".[slurm]"); it prints the job id and '
+        "the log folder runs/<study>/slurm/. Each flag below overrides its [slurm] key in the study file.",
+    )
+    group.add_argument("--slurm", action="store_true", help="submit the study as a SLURM array job of workers")
+    group.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --slurm: block until every task has ended (printing each task's state changes from squeue), "
+        "then exit 0 if the study has its n_trials finished trials, 1 if not",
+    )
+    group.add_argument(
+        "--partition", default=None, metavar="NAME", help="SLURM partition (default: the cluster's default)"
+    )
+    group.add_argument(
+        "--tasks", type=int, default=None, metavar="N", help="tasks in the array, one worker each (default 2)"
+    )
+    group.add_argument("--gpus-per-task", type=int, default=None, metavar="N", help="GPUs per task (default 0: none)")
+    group.add_argument("--cpus-per-task", type=int, default=None, metavar="N", help="CPU cores per task (default 4)")
+    group.add_argument(
+        "--mem-gb", type=float, default=None, metavar="GB", help="memory per task, GB (default: the partition's)"
+    )
+    group.add_argument(
+        "--time-min", type=int, default=None, metavar="MIN", help="time limit per task in minutes (default 60)"
+    )
+    group.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=None,
+        metavar="S",
+        help="SLURM sends SIGUSR2 this many seconds before the time limit (it may come up to a minute earlier); "
+        "the task's trials then checkpoint, are queued to resume, and the task requeues itself (default 120)",
+    )
+    group.add_argument(
+        "--max-requeue",
+        type=int,
+        default=None,
+        metavar="N",
+        help="time-limit requeues of one task before it ends (default 3)",
+    )
+    group.add_argument(
+        "--single-node",
+        action="store_true",
+        help="the partition is one node: allow SQLite Optuna and MLflow stores, otherwise refused with --slurm "
+        "(SQLite file locking across the nodes of a shared filesystem is not safe)",
+    )
+    group.add_argument(
+        "--sbatch",
+        action="append",
+        default=None,
+        metavar="OPTION",
+        help="an extra sbatch option, e.g. --sbatch=--account=lab (repeatable; added to [slurm].sbatch)",
+    )
+    group.add_argument(
+        "--setup",
+        action="append",
+        default=None,
+        metavar="LINE",
+        help="a shell line each task runs before its worker, e.g. --setup 'module load cuda' "
+        "(repeatable; added to [slurm].setup)",
+    )
+
+
+SLURM_FLAGS = ("partition", "tasks", "gpus_per_task", "cpus_per_task", "mem_gb", "time_min", "signal_delay_s",
+               "max_requeue", "single_node", "sbatch", "setup")  # fmt: skip
+
+
+def slurm_main(args: argparse.Namespace, config) -> int:
+    """``--slurm``: the overrides given, then :func:`mbu.search.slurm.launch_array`."""
+    from mbu.search.slurm import launch_array
+
+    if args.workers != 1 or args.gpus:
+        raise ValueError("--slurm runs one worker per array task: use --tasks and --gpus-per-task, not --workers")
+    overrides = {key: getattr(args, key) for key in SLURM_FLAGS}
+    return launch_array(
+        config,
+        overrides,
+        args.storage,
+        args.tracking_uri,
+        args.n_trials,
+        args.population,
+        args.wait,
+        not args.no_progress,
+        args.verbose,
+    )
 
 
 def quiet_libraries() -> None:
@@ -73,7 +176,9 @@ def quiet_libraries() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mbu.search.runner import run_study
+    import signal
+
+    from mbu.search.runner import run_study, stopping_on
     from mbu.search.study_file import load_study_file
 
     if not args.verbose:
@@ -83,12 +188,32 @@ def main(args: argparse.Namespace) -> int:
         from mbu.search.runner import study_summary
 
         print(study_summary(config, args.storage, args.tracking_uri))
+        from mbu.search.slurm import array_summary
+
+        array = array_summary(config)  # the study's last SLURM array, if it was submitted with --slurm
+        if array is not None:
+            print(array)
         return 0
+    if args.slurm:
+        return slurm_main(args, config)
+    given = [key for key in (*SLURM_FLAGS, "wait") if getattr(args, key) not in (None, False)]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} needs --slurm")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.workers == 1 and not args.gpus:
-        summary = run_study(config, args.storage, args.tracking_uri, args.n_trials, progress=not args.no_progress)
+        with stopping_on(signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint the trials and leave
+            summary = run_study(
+                config, args.storage, args.tracking_uri, args.n_trials, not args.no_progress, args.population
+            )
         print(summary.format())
+        if summary.stopped_by:
+            print(
+                f"mbu search: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
+                "to resume; launch the study again to go on",
+                file=sys.stderr,
+            )
+            return STOPPED_EXIT
         if summary.stopped_on_failures:
             print(
                 f"mbu search: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
@@ -110,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
         args.n_trials,
         not args.no_progress,
         args.verbose,
+        args.population,
     )
     print(summary.format())
     failed = [i for i, code in enumerate(codes) if code != 0]

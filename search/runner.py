@@ -7,19 +7,25 @@ machines, may run one study at once: each takes the next trial while finished
 plus running trials are short of the target, so they stop at it (two workers
 asking for the very last trial at the same instant can both get one).
 
+A worker holds up to ``population`` trials at once (:mod:`.population`).
+
 Where each concern lives: ``storage`` (Optuna storage, sampler, pruner,
 heartbeats, counts), ``study`` (opening a study: fingerprint, presets, run
-folder), ``trial`` (one trial's training and scoring, no MLflow), ``tracking``
+folder), ``trial`` (one trial's training and scoring, no MLflow),
+``population`` (a worker's trials in flight, stepped in turn), ``tracking``
 (MLflow parent and trial runs), ``workers`` (launch lock, worker processes),
 ``study_report`` (summary, ranked trials, plots).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 import warnings
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -27,35 +33,78 @@ from mbu.data.files import check_writable
 from mbu.data.images import AnnotatedImages, load_domain
 from mbu.data.synthetic import write_dataset
 from mbu.evaluate.segmentation import load_test_annotations
+from mbu.search.population import Outcome, Population
 from mbu.search.storage import Heartbeats, check_storage_url, count_taken, load_existing_study
 from mbu.search.study import check_study_folder, open_study
 from mbu.search.study_file import StudyConfig
 from mbu.search.study_report import StudySummary, summary_text, write_study_report
-from mbu.search.tracking import close_trial_run, open_parent_run, open_trial_run
-from mbu.search.trial import sampled_config, train_and_score
+from mbu.search.tracking import open_parent_run
 from mbu.search.workers import launch_lock, start_workers
-from mbu.train.step import resolve_device
+from mbu.train.step import check_step_device, resolve_device
 from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
 
-IN_FLIGHT = 1  # trials a worker holds at once (several per GPU process is the next capability)
+_stop_reason: str | None = None  # set by request_stop: this worker checkpoints its trials and ends
+
+
+def request_stop(reason: str) -> None:
+    """Ask this worker to stop (safe from a signal handler).
+
+    At their next iteration its trials write a checkpoint, are recorded FAIL
+    (error ``stopped: <reason>; ...``) with a retry queued that resumes from
+    that checkpoint, and the worker asks for no more trials.
+    """
+    global _stop_reason
+    _stop_reason = _stop_reason or reason
+
+
+def stop_reason() -> str | None:
+    return _stop_reason
+
+
+@contextmanager
+def stopping_on(*signals: int) -> Iterator[None]:
+    """Within: these signals (e.g. SIGTERM from ``kill``, ``scancel`` or a scheduler) call :func:`request_stop`.
+
+    The previous handlers come back on the way out.
+    """
+    previous = {number: signal.getsignal(number) for number in signals}
+    for number in signals:
+        signal.signal(number, lambda received, _frame: request_stop(signal.Signals(received).name))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
 
 
 def resolve_settings(
-    config: StudyConfig, storage: str | None, tracking_uri: str | None, n_trials: int | None
+    config: StudyConfig,
+    storage: str | None,
+    tracking_uri: str | None,
+    n_trials: int | None,
+    population: int | None = None,
 ) -> StudyConfig:
     """Command-line overrides applied over the study file, everything checked before anything is written."""
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
-        raise ValueError(f"--n-trials must be a positive integer, got {n_trials!r}")
+    _positive("--n-trials", n_trials)
+    _positive("--population", population)
     settings = replace(
         config.study,
         storage=storage or config.study.storage,
         tracking_uri=resolve_tracking_uri(tracking_uri or config.study.tracking_uri),
         n_trials=n_trials or config.study.n_trials,
+        population=population or config.study.population,
     )
     check_storage_url(settings.storage)
     check_tracking_uri(settings.tracking_uri)
     check_writable(config.study_dir, "[study].runs_dir")
-    resolve_device(str(config.train.get("device", "auto")))  # a missing GPU fails here, not in every trial
+    # A missing GPU (or a captured step without one) fails here, not in every trial.
+    sample = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir / "check")
+    check_step_device(sample, resolve_device(sample.device, sample.gpu))
     return replace(config, study=settings)
 
 
@@ -99,52 +148,88 @@ def run_study(
     tracking_uri: str | None = None,
     n_trials: int | None = None,
     progress: bool = True,
+    population: int | None = None,
 ) -> StudySummary:
-    """Create or resume the study and run trials until it has ``n_trials`` finished ones (or stops on failures)."""
+    """Create or resume the study and run trials until it has ``n_trials`` finished ones (or stops).
+
+    It stops early after ``max_failures`` failed trials in a row, or when :func:`request_stop` is called.
+    """
+    global _stop_reason
+    _stop_reason = None  # a stop asked of an earlier run in this process is not this run's
     started = time.monotonic()
-    config = resolve_settings(config, storage, tracking_uri, n_trials)
+    config = resolve_settings(config, storage, tracking_uri, n_trials, population)
     study, annotated, parent = prepare_study(config, progress)
-    failed: list[tuple[int, str]] = []
-    stopped = False
+    ended = TrialsEnded()
     if parent is not None:
         status = "KILLED"  # unless the trials loop ends normally
         try:
-            failed, stopped = run_trials(study, config, annotated, parent, progress)
+            ended = run_trials(study, config, annotated, parent, progress)
             for path in write_study_report(study, config.study_dir):
                 parent.log_artifact(path)
             status = "FINISHED"
         finally:
             parent.end(status)
     summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
-    summary.failed, summary.stopped_on_failures = failed, stopped
+    summary.failed, summary.stopped_on_failures, summary.stopped_by = ended.failed, ended.on_failures, ended.stopped_by
     summary.wall_seconds = time.monotonic() - started
     return summary
 
 
+@dataclass
+class TrialsEnded:
+    """What a worker's trials loop saw: its failed trials and why it stopped short of the target, if it did."""
+
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (trial number, error)
+    on_failures: bool = False  # max_failures failed trials in a row
+    stopped_by: str | None = None  # the reason given to request_stop
+
+
 def run_trials(
     study: optuna.Study, config: StudyConfig, annotated: AnnotatedImages, parent: Recorder, progress: bool
-) -> tuple[list[tuple[int, str]], bool]:
-    """Ask, run, tell, until the target is taken; returns this worker's failed trials and whether they stopped it."""
+) -> TrialsEnded:
+    """Ask, run, tell, with up to ``population`` trials in flight, until the target is taken (or a stop)."""
     settings = config.study
-    failed: list[tuple[int, str]] = []
+    ended = TrialsEnded()
     in_a_row = 0
+
+    def record(outcome: Outcome) -> None:
+        nonlocal in_a_row
+        heartbeats.remove(outcome.trial)
+        if outcome.state == "FAIL":
+            ended.failed.append((outcome.number, outcome.error))
+            print(f"trial {outcome.number} failed: {outcome.error}", file=sys.stderr, flush=True)
+        in_a_row = in_a_row + 1 if outcome.state == "FAIL" else 0
+        # Once that many failed in a row the worker asks for no more, even if a trial in flight completes.
+        ended.on_failures = ended.on_failures or in_a_row >= settings.max_failures
+
+    population = Population(study, config, annotated, parent, progress)
     with Heartbeats(study, settings.heartbeat_interval) as heartbeats:
-        while count_taken(study) < settings.n_trials:
-            if in_a_row >= settings.max_failures:
-                return failed, True
-            trials = [ask(study) for _ in range(IN_FLIGHT)]
-            for trial in trials:
-                heartbeats.add(trial)
-            for trial in trials:
-                try:
-                    state, error = run_trial(study, trial, config, annotated, parent, progress)
-                finally:
-                    heartbeats.remove(trial)
-                if state == "FAIL":
-                    failed.append((trial.number, error))
-                    print(f"trial {trial.number} failed: {error}", file=sys.stderr, flush=True)
-                in_a_row = in_a_row + 1 if state == "FAIL" else 0
-    return failed, False
+        try:
+            while True:
+                while not population.full and stop_reason() is None and not ended.on_failures:
+                    if count_taken(study) >= settings.n_trials:
+                        break
+                    trial = ask(study)
+                    heartbeats.add(trial)
+                    outcome = population.start(trial)
+                    if outcome is not None:
+                        record(outcome)
+                if stop_reason() is not None:
+                    for outcome in population.stop(stop_reason()):
+                        record(outcome)
+                    ended.stopped_by = stop_reason()
+                    break
+                if not population.slots:
+                    break
+                for outcome in population.advance(stop_reason):
+                    record(outcome)
+        except BaseException as err:  # Ctrl-C, a storage error: no trial of this worker is left RUNNING
+            population.abandon(err)
+            raise
+        finally:
+            population.close()
+    ended.on_failures = ended.on_failures and ended.stopped_by is None and count_taken(study) < settings.n_trials
+    return ended
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
@@ -152,38 +237,6 @@ def ask(study: optuna.Study) -> optuna.Trial:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         return study.ask()
-
-
-def run_trial(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    config: StudyConfig,
-    annotated: AnnotatedImages,
-    parent: Recorder,
-    progress: bool,
-) -> tuple[str, str]:
-    """One trial, from its MLflow run to Optuna's verdict; returns its state and, for a failure, the error."""
-    run = None
-    try:
-        cfg = sampled_config(trial, config)
-        run = open_trial_run(trial, config, cfg, parent)
-        value = train_and_score(trial, cfg, annotated, run, progress)
-    except optuna.TrialPruned:
-        close_trial_run(run, trial, "PRUNED")
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return "PRUNED", ""
-    except (Exception, KeyboardInterrupt) as err:  # recorded, never left RUNNING; Ctrl-C then stops the worker
-        error = f"{type(err).__name__}: {err}"
-        if run is not None:
-            close_trial_run(run, trial, "FAIL", error)
-        trial.set_user_attr("error", error[:1000])
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if isinstance(err, KeyboardInterrupt):
-            raise
-        return "FAIL", error
-    close_trial_run(run, trial, "COMPLETE")
-    study.tell(trial, value)
-    return "COMPLETE", ""
 
 
 def launch_workers(
@@ -195,10 +248,11 @@ def launch_workers(
     n_trials: int | None = None,
     progress: bool = True,
     verbose: bool = False,
+    population: int | None = None,
 ) -> tuple[StudySummary, list[int]]:
     """Prepare the study here, then run ``workers`` worker processes on it; returns the summary and exit codes."""
     started = time.monotonic()
-    config = resolve_settings(config, storage, tracking_uri, n_trials)
+    config = resolve_settings(config, storage, tracking_uri, n_trials, population)
     _, _, parent = prepare_study(config, progress)
     if parent is not None:
         parent.end("FINISHED")  # each worker opens it again through the study and logs to it

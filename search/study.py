@@ -28,7 +28,10 @@ STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a
 STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to
 FINGERPRINT_ATTR = "mbu_fingerprint"  # Optuna study attribute: the space, fixed settings and data it was made with
 # Fixed settings that change how a trial runs or logs, not what it learns: free to edit between launches.
-OPERATIONAL_KEYS = {"device", "progress_iter", "display_iter", "save_iter", "num_display", "compile", "channels_last"}
+OPERATIONAL_KEYS = {
+    *("device", "progress_iter", "display_iter", "save_iter", "num_display"),
+    *("compile", "channels_last", "cuda_graph"),
+}
 
 
 def fingerprint(config: StudyConfig) -> dict:

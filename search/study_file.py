@@ -3,11 +3,13 @@
 Layout::
 
     [study]            name, direction, n_trials, sampler, seed, pruner, storage, tracking_uri, runs_dir,
-                       heartbeat_interval, grace_period, max_retry
+                       heartbeat_interval, grace_period, max_retry, max_failures, population
     [data]             root = "DIR"   or   [data.synthetic] size, n_train, n_test, seed
     [train]            fixed training settings (the ``mbu train`` flag names)
     [space.NAME]       low, high, log: one table per sampled parameter
     [[enqueue]]        parameter values to try first (e.g. the published presets)
+    [slurm]            partition, tasks, gpus_per_task, cpus_per_task, mem_gb, time_min, signal_delay_s,
+                       max_requeue, single_node, sbatch, setup: ``mbu search --slurm`` (see ``search.slurm``)
 
 Every error names the file and the key.
 """
@@ -57,6 +59,48 @@ class StudySettings:
     grace_period: int = 300  # a trial silent this long is failed (its worker died) and retried
     max_retry: int = 2  # retries of a trial whose worker died (or a preset that failed); resumes from its checkpoint
     max_failures: int = 3  # a launch stops after this many failed trials in a row (exit code 1)
+    population: int = 1  # trials one worker process trains at once on its device (see README "Populations")
+
+
+@dataclass
+class SlurmSettings:
+    """``mbu search --slurm``: one array job whose tasks are ordinary workers of the study."""
+
+    partition: str = ""  # SLURM partition; empty: the cluster's default partition
+    tasks: int = 2  # tasks in the array, each one worker process of the study
+    gpus_per_task: int = 0  # GPUs per task (0: none requested)
+    cpus_per_task: int = 4  # CPU cores per task (also the worker's thread count)
+    mem_gb: float = 0  # memory per task in GB (0: the partition's default)
+    time_min: int = 60  # time limit per task, in minutes
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint, requeue
+    max_requeue: int = 3  # requeues of one task after time-limit signals; then it ends
+    single_node: bool = False  # the partition is one node: allows a SQLite storage (unsafe across nodes)
+    sbatch: list[str] = field(default_factory=list)  # extra sbatch options, e.g. ["--account=lab", "--qos=high"]
+    setup: list[str] = field(default_factory=list)  # shell lines run before the worker (module load, activate)
+
+
+def slurm_problem(settings: SlurmSettings) -> tuple[str, str] | None:
+    """The first bad ``[slurm]`` value as (key, what is wrong), or None."""
+    for key in ("tasks", "cpus_per_task", "time_min", "signal_delay_s"):
+        value = getattr(settings, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return key, f"must be a positive integer, got {value!r}"
+    for key in ("gpus_per_task", "max_requeue"):
+        value = getattr(settings, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return key, f"must be an integer >= 0, got {value!r}"
+    if isinstance(settings.mem_gb, bool) or not isinstance(settings.mem_gb, int | float) or settings.mem_gb < 0:
+        return "mem_gb", f"must be a number >= 0, got {settings.mem_gb!r}"
+    if settings.signal_delay_s >= settings.time_min * 60:
+        return "signal_delay_s", f"must be shorter than the time limit ({settings.time_min * 60} s)"
+    for key in ("sbatch", "setup"):
+        value = getattr(settings, key)
+        if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+            return key, f"must be a list of strings, got {value!r}"
+    for option in settings.sbatch:
+        if not option.startswith("--") or option == "--":
+            return "sbatch", f"options are written --name=value or --flag, got {option!r}"
+    return None
 
 
 @dataclass
@@ -75,6 +119,7 @@ class StudyConfig:
     train: dict[str, Any] = field(default_factory=dict)  # fixed training settings
     space: dict[str, ParamRange] = field(default_factory=dict)  # sampled parameters
     enqueue: list[dict[str, float]] = field(default_factory=list)  # first trials
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)  # mbu search --slurm
 
     @property
     def study_dir(self) -> Path:
@@ -111,6 +156,8 @@ def _check_types(hints: dict[str, Any], where: str, table: dict[str, Any], path:
     """A value of the wrong TOML type (``high = "10"``, ``log = "false"``) is an error naming the key."""
     for key, value in table.items():
         hint = hints.get(key)
+        if typing.get_origin(hint) in (list, dict):
+            continue  # containers ([slurm].sbatch, setup) are checked by their table's own checks
         accepted = [t for t in typing.get_args(hint) or (hint,) if t in _EXPECTED]
         if not accepted or value is None:
             continue
@@ -140,7 +187,7 @@ def load_study_file(path: Path | str) -> StudyConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise StudyFileError(f"{path}: not valid TOML: {err}") from err
-    _check_keys("", raw, {"study", "data", "train", "space", "enqueue"}, path)
+    _check_keys("", raw, {"study", "data", "train", "space", "enqueue", "slurm"}, path)
 
     if "study" not in raw or "name" not in raw["study"]:
         raise StudyFileError(f"{path}: missing key [study].name")
@@ -152,7 +199,7 @@ def load_study_file(path: Path | str) -> StudyConfig:
     ):
         if value not in allowed:
             raise StudyFileError(f"{path}: [study].{key} must be one of {allowed}, got {value!r}")
-    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_failures"):
+    for key in ("n_trials", "heartbeat_interval", "grace_period", "max_failures", "population"):
         value = getattr(study, key)
         if not isinstance(value, int) or value < 1:
             raise StudyFileError(f"{path}: [study].{key} must be a positive integer, got {value!r}")
@@ -206,7 +253,12 @@ def load_study_file(path: Path | str) -> StudyConfig:
                 raise StudyFileError(f"{path}: {where}: {name}={value} is outside [space.{name}]")
         enqueue.append({k: float(v) for k, v in point.items()})
 
-    config = StudyConfig(path, study, data_root, synthetic, train, space, enqueue)
+    slurm = _typed(SlurmSettings, "[slurm]", raw.get("slurm", {}), path)
+    problem = slurm_problem(slurm)
+    if problem is not None:
+        raise StudyFileError(f"{path}: [slurm].{problem[0]} {problem[1]}")
+
+    config = StudyConfig(path, study, data_root, synthetic, train, space, enqueue, slurm)
     # Build one trial's config now so a bad fixed value fails here, not after data generation.
     try:
         config.trial_config({name: rng.low for name, rng in space.items()}, config.study_dir / "check")

@@ -50,6 +50,7 @@ class StudySummary:
     wall_seconds: float = 0.0
     failed: list[tuple[int, str]] = field(default_factory=list)  # this launch's failed trials: (number, error)
     stopped_on_failures: bool = False  # the launch gave up after max_failures failed trials in a row
+    stopped_by: str | None = None  # a stop was asked (a signal): its trials were checkpointed and queued to resume
 
     @classmethod
     def of(cls, study: optuna.Study, storage: str, tracking_uri: str) -> StudySummary:

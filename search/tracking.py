@@ -3,7 +3,8 @@
 One experiment per study, one parent run per study (reused by every launch),
 one nested child run per trial. Tags on a child: ``trial_number``, ``study``,
 ``state`` (RUNNING while it trains, then COMPLETE / PRUNED / FAIL, and
-``error`` for a failed one). The Optuna trial stores the child's run id as the
+``error`` for a failed one), and under SLURM the job and task ids
+(``SLURM_TAGS``). The Optuna trial stores the child's run id as the
 user attribute ``mlflow_run_id``; the study stores the parent's as
 ``mlflow_parent_run_id``. Every write goes through a :class:`Recorder` bound to
 its run, so one process can hold several runs, in several stores, at once.
@@ -11,6 +12,7 @@ its run, so one process can hold several runs, in several stores, at once.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +31,13 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study attribute: the study's 
 PARENT_ROLE = "study-parent"  # value of the parent run's ``role`` tag
 # MLflow run status for each way a trial ends.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# Trial-run tags naming the SLURM job a trial ran in (``mbu search --slurm``): environment variable -> tag.
+SLURM_TAGS = {
+    "SLURM_ARRAY_JOB_ID": "slurm_array_job_id",  # the array, as squeue and scancel name it
+    "SLURM_ARRAY_TASK_ID": "slurm_array_task_id",
+    "SLURM_JOB_ID": "slurm_job_id",  # this task's own job id
+    "SLURM_RESTART_COUNT": "slurm_restart_count",  # times the task was requeued before this run
+}
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -61,10 +70,15 @@ def open_parent_run(study: optuna.Study, config: StudyConfig) -> Recorder:
     return parent
 
 
+def slurm_tags() -> dict[str, str]:
+    """The SLURM job (and array task) this worker runs in, from its environment; empty outside SLURM."""
+    return {tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)}
+
+
 def open_trial_run(trial: optuna.Trial, config: StudyConfig, cfg: TrainConfig, parent: Recorder) -> Recorder:
     """The trial's run, nested under the study's; its id goes to the trial and to the trial's run folder."""
     settings = config.study
-    tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING"}
+    tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING", **slurm_tags()}
     run = Recorder.start(settings.tracking_uri, settings.name, trial_name(trial.number), parent_id=parent.run_id)
     try:
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
@@ -86,13 +100,32 @@ def close_trial_run(run: Recorder, trial: optuna.Trial, state: str, error: str =
         trial.set_user_attr("mlflow_unlogged", len(unlogged))
 
 
+# Optuna trial attribute: how many times this trial's chain of tries was stopped from outside (SIGTERM, a
+# time limit); carried to each retry. Stops are not deaths: they do not spend ``max_retry``.
+STOPS_ATTR = "stops"
+
+
+def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A WAITING copy of ``trial`` (same parameters), which resumes from the checkpoints of its chain of tries."""
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
+
+
 class RetryLostTrial:
-    """Run by a live worker for each trial whose worker stopped beating: close its run, queue a retry."""
+    """Run by a live worker for each trial whose worker stopped beating: close its run, queue a retry.
+
+    A chain of tries is retried after at most ``max_retry`` deaths; its stops from outside are not counted.
+    """
 
     def __init__(self, max_retry: int, tracking_uri: str) -> None:
-        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
-            self.retry = RetryHeartbeatStaleTrialCallback(max_retry)
+        self.max_retry = max_retry
         self.tracking_uri = tracking_uri
+
+    def retry(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+            tries = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1
+        if tries - int(trial.user_attrs.get(STOPS_ATTR, 0)) <= self.max_retry:
+            queue_retry(study, trial)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)

@@ -18,7 +18,7 @@ from mbu.evaluate.tracking import log_scores
 from mbu.search.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from mbu.train.config import TrainConfig
-from mbu.train.loop import train
+from mbu.train.loop import Training, TrainingData
 from mbu.train.model import ContentTransferModel
 from mbu.train.tracking import Recorder
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -60,12 +60,17 @@ def checkpoint_to_resume(trial: optuna.Trial, config: StudyConfig) -> tuple[Path
     return None
 
 
-def train_and_score(
-    trial: optuna.Trial, cfg: TrainConfig, annotated: AnnotatedImages, recorder: Recorder, progress: bool
-) -> float:
-    """Train, reporting the validation IoU every ``eval_every`` iterations (the pruner's input), then score.
+def start_training(
+    trial: optuna.Trial,
+    cfg: TrainConfig,
+    annotated: AnnotatedImages,
+    recorder: Recorder,
+    progress: bool,
+    data: TrainingData | None = None,
+) -> Training:
+    """The trial's training, ready to step; it reports the validation IoU every ``eval_every`` iterations.
 
-    Raises ``optuna.TrialPruned`` when the pruner stops the trial.
+    A step raises ``optuna.TrialPruned`` when the pruner stops the trial.
     """
 
     def on_eval(iteration: int, model: ContentTransferModel) -> dict[str, float]:
@@ -80,8 +85,13 @@ def train_and_score(
     if cfg.load:
         resumed_at = trial.user_attrs["resumed_from_iteration"]
         recorder.set_tags({"resumed_from": cfg.load, "resumed_from_iteration": resumed_at})
-    result = train(cfg, on_eval=on_eval, progress=progress, recorder=recorder)
-    scores, paths = score_and_report(result.model, annotated, cfg, result.iterations, Path(cfg.out))
+    return Training(cfg, on_eval=on_eval, progress=progress, recorder=recorder, data=data)
+
+
+def score_trial(trial: optuna.Trial, training: Training, annotated: AnnotatedImages, recorder: Recorder) -> float:
+    """Once trained: final checkpoint, report, scores logged and kept on the trial; returns the objective."""
+    result = training.finish()
+    scores, paths = score_and_report(result.model, annotated, training.cfg, result.iterations, result.run_dir)
     for path in paths:
         recorder.log_artifact(path)
     log_scores(scores, result.iterations, recorder)

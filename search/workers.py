@@ -34,19 +34,28 @@ def launch_lock(study_dir: Path) -> Iterator[None]:
         yield
 
 
+def worker_arguments(config: StudyConfig, verbose: bool = False) -> list[str]:
+    """The ``mbu`` arguments of one worker of the (prepared) study: its resolved settings, spelt out.
+
+    ``start_workers`` runs them as processes here; ``search.slurm`` runs them in each array task.
+    """
+    settings = config.study
+    arguments = ["search", str(config.path), "--no-progress"]
+    arguments += ["--storage", settings.storage, "--tracking-uri", settings.tracking_uri]
+    arguments += ["--n-trials", str(settings.n_trials), "--population", str(settings.population)]
+    return arguments + (["--verbose"] if verbose else [])
+
+
 def start_workers(config: StudyConfig, workers: int, gpus: list[str] | None, verbose: bool = False) -> list[int]:
     """Run ``workers`` processes of ``mbu search`` on the (prepared) study; returns their exit codes.
 
     Workers are spread round-robin over ``gpus`` (``CUDA_VISIBLE_DEVICES``); CPU
     threads are shared out. Each worker's output goes to ``runs/<study>/workers/worker-<i>.log``.
     """
-    settings = config.study
     logs = config.study_dir / WORKER_LOGS
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    command = [sys.executable, "-m", "mbu", "search", str(config.path), "--no-progress"]
-    command += ["--storage", settings.storage, "--tracking-uri", settings.tracking_uri]
-    command += ["--n-trials", str(settings.n_trials)] + (["--verbose"] if verbose else [])
+    command = [sys.executable, "-m", "mbu", *worker_arguments(config, verbose)]
     processes = []
     for i in range(workers):
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}

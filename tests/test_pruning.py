@@ -8,7 +8,8 @@ from pathlib import Path
 import optuna
 from conftest import TINY_DATA_AND_TRAIN
 from mbu.evaluate.segmentation import load_test_annotations
-from mbu.search.runner import prepare_data, resolve_settings, run_trial
+from mbu.search.population import Population
+from mbu.search.runner import prepare_data, resolve_settings
 from mbu.search.study_file import load_study_file
 from mbu.train.tracking import Recorder
 from mlflow.tracking import MlflowClient
@@ -39,7 +40,12 @@ def test_pruned_trial_is_killed_in_mlflow_with_its_curves(tmp_path: Path) -> Non
     annotated = load_test_annotations(prepare_data(config, progress=False), 64, progress=False)
     study = optuna.create_study(direction="maximize", pruner=PruneAtFirstReport())
     parent = Recorder.start(os.environ["MLFLOW_TRACKING_URI"], "pruned", "launch")
-    run_trial(study, study.ask(), config, annotated, parent, progress=False)
+    population = Population(study, config, annotated, parent, progress=False)
+    assert population.start(study.ask()) is None
+    outcomes = []
+    while population.slots:
+        outcomes += population.advance(stop=lambda: None)
+    assert [o.state for o in outcomes] == ["PRUNED"]
 
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED

@@ -46,6 +46,13 @@ def test_valid_file_parses_into_typed_config(tmp_path: Path) -> None:
     assert trial.weights.alpha1 == 0.7  # unset weights keep the reference defaults
 
 
+def test_slurm_table_parses_into_typed_settings(tmp_path: Path) -> None:
+    text = VALID.replace("[[enqueue]]", '[slurm]\ntasks = 8\nmem_gb = 2.5\nsbatch = ["--qos=high"]\n[[enqueue]]')
+    slurm = load_study_file(_write(tmp_path, text)).slurm
+    assert slurm.tasks == 8 and slurm.mem_gb == 2.5 and slurm.sbatch == ["--qos=high"] and slurm.setup == []
+    assert load_study_file(_write(tmp_path, VALID)).slurm.tasks == 2  # no table: the defaults
+
+
 @pytest.mark.parametrize(
     "old, new, message",
     [
@@ -63,6 +70,16 @@ def test_valid_file_parses_into_typed_config(tmp_path: Path) -> None:
             "[data.synthetic]\nsize = 64\nn_train = 8\nn_test = 4",
             '[data]\nroot = "/nonexistent/data"',
             r"\[data\].root /nonexistent/data is not a folder",
+        ),
+        ("[[enqueue]]", "[slurm]\nqueue = 1\n[[enqueue]]", r"unknown key \[slurm\].queue"),
+        ("[[enqueue]]", "[slurm]\ntasks = 0\n[[enqueue]]", r"\[slurm\].tasks must be a positive integer"),
+        ("[[enqueue]]", "[slurm]\npartition = 3\n[[enqueue]]", r"\[slurm\].partition must be a string"),
+        ("[[enqueue]]", '[slurm]\nsetup = "module load x"\n[[enqueue]]', r"\[slurm\].setup must be a list"),
+        ("[[enqueue]]", '[slurm]\nsbatch = ["qos=high"]\n[[enqueue]]', r"\[slurm\].sbatch options are written"),
+        (
+            "[[enqueue]]",
+            "[slurm]\ntime_min = 1\nsignal_delay_s = 60\n[[enqueue]]",
+            r"\[slurm\].signal_delay_s must be shorter than the time limit \(60 s\)",
         ),
     ],
 )

@@ -125,3 +125,21 @@ def test_discriminator_clip_is_off_by_default_and_an_option() -> None:
     assert _disc_gradient_norm_after_step(unclipped / 10) == pytest.approx(unclipped / 10, rel=1e-4)
     with pytest.raises(ValueError, match="disc_clip must be"):
         TrainConfig(disc_clip=-1.0)
+
+
+def test_optimizer_state_keeps_this_runs_capturable_option(tiny_root: Path, tmp_path: Path) -> None:
+    """A checkpoint written by a captured (CUDA graph) run resumes eagerly here, and on CPU."""
+    from mbu.train.step import Optimizers, build_model
+
+    cfg = tiny_train_config(tiny_root, tmp_path / "run", iters=2)
+    train(cfg, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for key in ("opt_autoencoder", "opt_disc"):  # as a captured run writes them
+        for group in state[key]["param_groups"]:
+            group["capturable"] = True
+    model = build_model(cfg, torch.device("cpu"))
+    optimizers = Optimizers.create(model, cfg.lr, cfg.disclr)
+    optimizers.load_state_dict(state)
+    groups = optimizers.autoencoder.param_groups + optimizers.disc.param_groups
+    assert [g["capturable"] for g in groups] == [False] * len(groups)
+    assert int(optimizers.autoencoder.state[next(iter(model.autoencoder_parameters()))]["step"]) == 2

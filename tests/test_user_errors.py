@@ -117,6 +117,16 @@ MISTAKES = [
     Mistake("train missing root", lambda s: ["train", "--root", "nowhere", "--out", "r"], "nowhere is not a folder"),
     Mistake("train gpu without cuda", _train("--out", "r", "--gpu", "0"), "CUDA is not available"),
     Mistake("train unknown device", _train("--out", "r", "--device", "tpu"), "unknown device 'tpu'"),
+    Mistake(
+        "train captured step on cpu",
+        _train("--out", "r", "--device", "cpu", "--cuda-graph"),
+        "cuda_graph needs a CUDA device",
+    ),  # fmt: skip
+    Mistake(
+        "train captured step with compile",
+        _train("--out", "r", "--cuda-graph", "--compile"),
+        "cuda_graph and compile cannot be combined",
+    ),  # fmt: skip
     Mistake("train zero batch", _train("--out", "r", "--bs", "0"), "bs must be a positive integer, got 0"),
     Mistake("train zero iterations", _train("--out", "r", "--iters", "0"), "iters must be a positive integer"),
     Mistake("train negative lr", _train("--out", "r", "--lr", "-1"), "lr must be > 0"),
@@ -288,6 +298,30 @@ MISTAKES = [
         _study(GOOD_STUDY),
     ),  # fmt: skip
     Mistake(
+        "search slurm with a SQLite storage",
+        lambda s: ["search", "study.toml", "--slurm"],
+        "file locking over a shared filesystem is not safe",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search slurm flag without --slurm",
+        lambda s: ["search", "study.toml", "--tasks", "3"],
+        "--tasks needs --slurm",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search slurm zero tasks",
+        lambda s: ["search", "study.toml", "--slurm", "--tasks", "0"],
+        "--tasks (over [slurm].tasks) must be a positive integer, got 0",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search slurm bad sbatch option in the study file",
+        lambda s: ["search", "study.toml", "--slurm"],
+        "[slurm].sbatch options are written --name=value or --flag",
+        _study(GOOD_STUDY + '\n[slurm]\nsbatch = ["account=lab"]\n'),
+    ),  # fmt: skip
+    Mistake(
         "search storage in a missing folder",
         lambda s: ["search", "study.toml", "--storage", "sqlite:///no/such/dir/optuna.db"],
         "does not exist",
@@ -310,6 +344,24 @@ MISTAKES = [
         lambda s: ["search", "study.toml"],
         "CUDA is not available",
         _study(GOOD_STUDY.replace('device = "cpu"', 'device = "cuda"')),
+    ),  # fmt: skip
+    Mistake(
+        "search captured step on cpu",
+        lambda s: ["search", "study.toml"],
+        "cuda_graph needs a CUDA device",
+        _study(GOOD_STUDY.replace('device = "cpu"', 'device = "cpu"\ncuda_graph = true')),
+    ),  # fmt: skip
+    Mistake(
+        "search population flag zero",
+        lambda s: ["search", "study.toml", "--population", "0"],
+        "--population must be a positive integer, got 0",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search population key zero",
+        lambda s: ["search", "study.toml"],
+        "[study].population must be a positive integer, got 0",
+        _study(GOOD_STUDY.replace("[study]\n", "[study]\npopulation = 0\n")),
     ),  # fmt: skip
     Mistake(
         "search summary of no study",

@@ -13,7 +13,7 @@ from mbu.data.images import list_images
 from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
 from mbu.train.config import AMP_MODES, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
-from mbu.train.step import resolve_device
+from mbu.train.step import check_step_device, resolve_device
 
 _D = TrainConfig()
 _W = LossWeights()
@@ -177,6 +177,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the loss computations: minutes of compilation first, then faster steps on GPUs",
     )
     dev.add_argument(
+        "--cuda-graph",
+        dest="cuda_graph",
+        action="store_true",
+        help="CUDA only: capture the whole training step (both updates, clipping, BatchNorm statistics) as one "
+        "CUDA graph after 3 eager iterations and replay it; same losses, far fewer kernel launches. Not with "
+        "--compile",
+    )
+    dev.add_argument(
         "--device",
         default=_D.device,
         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: %(default)s)",
@@ -193,7 +201,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # flag that contradicts one is an error; the rest (iters, logging, data root, device) may change.
 LEARNING_SETTINGS = ("lr", "disclr", "bs", "resize", "sep", "seed", "amp", "disc_clip", *WEIGHT_NAMES)
 MACHINE_SETTINGS = ("out", "load", "device", "gpu")  # where this run goes and what it runs on: always the flags'
-SWITCHES = ("skip_bad", "channels_last", "compile")  # store_true flags: given when set
+SWITCHES = ("skip_bad", "channels_last", "compile", "cuda_graph")  # store_true flags: given when set
 
 
 def typed_flags(args: argparse.Namespace) -> set[str]:
@@ -263,7 +271,7 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
         raise ValueError("--root is required: the data root with trainA/ trainB/ (or trainA.txt ...)")
     check_writable(Path(cfg.out), "--out")
     check_run_folder(cfg, args.overwrite)
-    resolve_device(cfg.device, cfg.gpu)
+    check_step_device(cfg, resolve_device(cfg.device, cfg.gpu))
     for domain in ("trainA", "trainB"):
         list_images(Path(cfg.root), domain)  # a missing or empty domain is an error naming it
     return cfg

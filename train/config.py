@@ -36,6 +36,7 @@ class TrainConfig:
     amp: str = "none"  # "bf16": autocast forward passes to bfloat16 (faster on recent CPUs/GPUs; see README)
     channels_last: bool = False  # NHWC memory layout for convolutions
     compile: bool = False  # torch.compile the loss computations (long first iteration)
+    cuda_graph: bool = False  # CUDA only: capture the whole step as one CUDA graph and replay it
     skip_bad: bool = False  # leave unreadable images out (listed in skipped_images.txt) instead of stopping
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class TrainConfig:
             raise ValueError(f"disc_clip must be a finite number >= 0 (0: no clip), got {self.disc_clip}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph and compile cannot be combined: choose one (compile has its own graphs)")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from mbu.data.batches import DomainBatches
-from mbu.data.images import DomainImages, load_display_images, load_domain, to_model_range
+from mbu.data.images import load_display_images, load_domain, to_model_range
 from mbu.train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -21,14 +21,14 @@ from mbu.train.checkpoint import (
 from mbu.train.config import TrainConfig
 from mbu.train.model import MODEL_VERSION, ContentTransferModel
 from mbu.train.step import (
-    LossFunctions,
     NonFiniteLossError,
     Optimizers,
     build_model,
+    check_step_device,
+    make_step,
     memory_layout,
     place_dataset,
     resolve_device,
-    train_step,
 )
 from mbu.train.tracking import Recorder
 from mbu.train.visuals import training_grids
@@ -82,9 +82,8 @@ def save_grids(
         recorder.log_image(array, key=name, step=iteration)
 
 
-def record_skipped(domains: list[DomainImages], run_dir: Path, recorder: Recorder) -> None:
+def record_skipped(skipped: list[str], run_dir: Path, recorder: Recorder) -> None:
     """With ``skip_bad``, list the files left out in ``run_dir/skipped_images.txt`` (and in MLflow)."""
-    skipped = [line for domain in domains for line in domain.skipped]
     if not skipped:
         return
     path = run_dir / SKIPPED_FILE
@@ -96,8 +95,7 @@ def record_skipped(domains: list[DomainImages], run_dir: Path, recorder: Recorde
 def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, iteration: int, cfg: TrainConfig) -> dict:
     return {
         "model": model.state_dict(),
-        "opt_autoencoder": optimizers.autoencoder.state_dict(),
-        "opt_disc": optimizers.disc.state_dict(),
+        **optimizers.state_dict(),
         "iteration": iteration,
         "model_version": MODEL_VERSION,
         "config": cfg.to_dict(),
@@ -105,6 +103,170 @@ def _checkpoint_state(model: ContentTransferModel, optimizers: Optimizers, itera
         # anything random added later, and restored on resume.
         "rng_cpu": torch.get_rng_state(),
     }
+
+
+@dataclass
+class TrainingData:
+    """What a training reads: both domains on the device, their batches' source, the display images.
+
+    Loaded once and shared by every training of a population (same root, size and device).
+    """
+
+    train_a: torch.Tensor  # uint8 (N, 3, S, S), on the device when it fits there
+    train_b: torch.Tensor
+    display_a: torch.Tensor  # float in [-1, 1] on the device, for the image grids
+    display_b: torch.Tensor
+    skipped: list[str] = field(default_factory=list)  # files left out with skip_bad
+
+    @classmethod
+    def load(cls, cfg: TrainConfig, device: torch.device, progress: bool) -> TrainingData:
+        root = Path(cfg.root)
+        domains = [load_domain(root, name, cfg.resize, progress, cfg.skip_bad) for name in ("trainA", "trainB")]
+        train_a, train_b = (place_dataset(domain.images, device) for domain in domains)
+        display = load_display_images(root, cfg.resize, cfg.num_display, cfg.skip_bad)
+        display_a, display_b = (to_model_range(x.to(device)) for x in display)
+        return cls(train_a, train_b, display_a, display_b, [line for d in domains for line in d.skipped])
+
+
+def data_key(cfg: TrainConfig) -> tuple:
+    """Trainings whose configs agree on this read the same :class:`TrainingData`."""
+    return (str(Path(cfg.root).resolve()), cfg.resize, cfg.num_display, cfg.skip_bad, cfg.device, cfg.gpu)
+
+
+class Training:
+    """One training run, advanced an iteration at a time by :meth:`step` (see :func:`train`).
+
+    A population interleaves the steps of several trainings in one process;
+    each keeps its own model, optimizers, batches (a function of its seed and
+    iteration), checkpoint and MLflow run, so a training stepped among others
+    computes exactly what it computes alone.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        on_eval: EvalCallback | None = None,
+        progress: bool = True,
+        status: TrainStatus | None = None,
+        recorder: Recorder | None = None,
+        data: TrainingData | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.on_eval = on_eval
+        self.status = status if status is not None else TrainStatus()
+        self.recorder = recorder if recorder is not None else Recorder.off()
+        self.device = resolve_device(cfg.device, cfg.gpu)
+        check_step_device(cfg, self.device)
+        self.run_dir = Path(cfg.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / CONFIG_FILE, cfg.to_dict())
+
+        # Data: decoded once, kept as uint8 on the training device when it fits there.
+        self.data = data if data is not None else TrainingData.load(cfg, self.device, progress)
+        record_skipped(self.data.skipped, self.run_dir, self.recorder)
+        self.batches_a = DomainBatches(self.data.train_a, cfg.bs, cfg.seed, domain=0, device=self.device)
+        self.batches_b = DomainBatches(self.data.train_b, cfg.bs, cfg.seed, domain=1, device=self.device)
+
+        # Model and optimizers, fresh or resumed.
+        self.model = build_model(cfg, self.device)
+        self.optimizers = Optimizers.create(self.model, cfg.lr, cfg.disclr, capturable=cfg.cuda_graph)
+        self.start = 0
+        if cfg.load:
+            self._resume(Path(cfg.load))
+        self.iteration = self.start
+        self.layout = memory_layout(cfg)
+        self.step_fn = make_step(self.model, self.optimizers, cfg)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.metrics: dict[str, float] = {}
+        self.model.train()
+        self.bar = tqdm(
+            total=cfg.iters, initial=self.start, desc="train", disable=not progress, unit="it", dynamic_ncols=True
+        )
+
+    def _resume(self, load: Path) -> None:
+        state = load_checkpoint(load, map_location=self.device)
+        check_architecture(state, self.cfg.resize, self.cfg.sep, load)
+        self.model.load_state_dict(state["model"])
+        self.optimizers.load_state_dict(state)
+        self.start = int(state["iteration"])
+        self.status.iteration = self.start
+        if load.resolve() == self.run_dir.resolve():
+            self.status.saved = self.start  # resuming in place: that checkpoint is this run's last one
+        if "rng_cpu" in state:
+            torch.set_rng_state(state["rng_cpu"].cpu())
+
+    @property
+    def done(self) -> bool:
+        return self.iteration >= self.cfg.iters
+
+    def iterations_to_next_log(self) -> int:
+        """Iterations left until the next loss log (or the end): a natural chunk to run without switching."""
+        cfg = self.cfg
+        return min(cfg.progress_iter - self.iteration % cfg.progress_iter, cfg.iters - self.iteration)
+
+    def step(self) -> None:
+        """One iteration, then whatever falls due at it: loss log and finite check, grids, checkpoint, eval.
+
+        Raises :class:`NonFiniteLossError` at the first loss log after the loss became NaN or infinite;
+        whatever ``on_eval`` raises (e.g. ``optuna.TrialPruned``) passes through.
+        """
+        cfg = self.cfg
+        a = self.batches_a.batch(self.iteration).contiguous(memory_format=self.layout)
+        b = self.batches_b.batch(self.iteration).contiguous(memory_format=self.layout)
+        total, terms, disc_loss = self.step_fn(a, b)
+        # Sums stay on the device: no host sync until the interval ends.
+        for name, value in {
+            "loss_total": total,
+            "loss_disc": disc_loss,
+            **{f"loss_{k}": v for k, v in terms.items()},
+        }.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += 1
+        done = self.iteration = self.status.iteration = self.iteration + 1
+        self.bar.update(1)
+
+        if done % cfg.progress_iter == 0 or done == cfg.iters:
+            self.metrics = {f"train/{k}": v.item() / self.count for k, v in self.sums.items()}
+            self.sums, self.count = {}, 0
+            if not all(math.isfinite(self.metrics[f"train/{k}"]) for k in ("loss_total", "loss_disc")):
+                raise NonFiniteLossError(f"non-finite loss at iteration {done}")
+            self.recorder.log_metrics(self.metrics, step=done)
+            self.bar.set_postfix(loss=f"{self.metrics['train/loss_total']:.4f}")
+
+        if done % cfg.display_iter == 0 and done != cfg.iters:
+            save_grids(self.model, self.data.display_a, self.data.display_b, self.run_dir, done, self.recorder)
+
+        if done % cfg.save_iter == 0 and done != cfg.iters:
+            self.save()
+
+        if self.on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            self.model.eval()
+            eval_metrics = self.on_eval(done, self.model)
+            self.model.train()
+            if eval_metrics:
+                self.recorder.log_metrics(eval_metrics, step=done)
+
+    def save(self) -> None:
+        """Write the checkpoint at the current iteration (also what a stopped training calls)."""
+        if self.status.saved == self.iteration and (self.run_dir / CHECKPOINT_FILE).is_file():
+            return
+        state = _checkpoint_state(self.model, self.optimizers, self.iteration, self.cfg)
+        save_checkpoint(self.run_dir / CHECKPOINT_FILE, state)
+        self.status.saved = self.iteration
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def finish(self) -> TrainResult:
+        """Final grids and checkpoint; the model in eval mode."""
+        self.close()
+        final_iteration = max(self.start, self.cfg.iters)
+        save_grids(self.model, self.data.display_a, self.data.display_b, self.run_dir, final_iteration, self.recorder)
+        self.iteration = final_iteration
+        self.save()
+        self.model.eval()
+        return TrainResult(self.model, final_iteration, self.metrics, self.run_dir, self.start)
 
 
 def train(
@@ -123,90 +285,10 @@ def train(
     ``progress_iter`` interval of the loss becoming NaN or infinite. ``status``,
     when given, follows the iteration and the last checkpoint written.
     """
-    status = status if status is not None else TrainStatus()
-    recorder = recorder if recorder is not None else Recorder.off()
-    device = resolve_device(cfg.device, cfg.gpu)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / CONFIG_FILE, cfg.to_dict())
-
-    # Data: decoded once, kept as uint8 on the training device when it fits there.
-    domains = [load_domain(Path(cfg.root), name, cfg.resize, progress, cfg.skip_bad) for name in ("trainA", "trainB")]
-    record_skipped(domains, run_dir, recorder)
-    train_a, train_b = (place_dataset(domain.images, device) for domain in domains)
-    batches_a = DomainBatches(train_a, cfg.bs, cfg.seed, domain=0, device=device)
-    batches_b = DomainBatches(train_b, cfg.bs, cfg.seed, domain=1, device=device)
-    display_a, display_b = (
-        to_model_range(x.to(device))
-        for x in load_display_images(Path(cfg.root), cfg.resize, cfg.num_display, cfg.skip_bad)
-    )
-
-    # Model and optimizers, fresh or resumed.
-    model = build_model(cfg, device)
-    optimizers = Optimizers.create(model, cfg.lr, cfg.disclr)
-    start = 0
-    if cfg.load:
-        state = load_checkpoint(Path(cfg.load), map_location=device)
-        check_architecture(state, cfg.resize, cfg.sep, Path(cfg.load))
-        model.load_state_dict(state["model"])
-        optimizers.autoencoder.load_state_dict(state["opt_autoencoder"])
-        optimizers.disc.load_state_dict(state["opt_disc"])
-        start = int(state["iteration"])
-        status.iteration = start
-        if Path(cfg.load).resolve() == run_dir.resolve():
-            status.saved = start  # resuming in place: that checkpoint is this run's last one
-        if "rng_cpu" in state:
-            torch.set_rng_state(state["rng_cpu"].cpu())
-
-    layout = memory_layout(cfg)
-    loss_fns = LossFunctions.create(cfg.compile)
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    metrics: dict[str, float] = {}
-    model.train()
-    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="train", disable=not progress, unit="it")
-    for iteration in bar:
-        a = batches_a.batch(iteration).contiguous(memory_format=layout)
-        b = batches_b.batch(iteration).contiguous(memory_format=layout)
-        total, terms, disc_loss = train_step(
-            model, optimizers, a, b, cfg.weights, cfg.amp == "bf16", loss_fns, cfg.disc_clip
-        )
-        # Sums stay on the device: no host sync until the interval ends.
-        for name, value in {
-            "loss_total": total,
-            "loss_disc": disc_loss,
-            **{f"loss_{k}": v for k, v in terms.items()},
-        }.items():
-            sums[name] = sums[name] + value if name in sums else value.clone()
-        count += 1
-        done = status.iteration = iteration + 1
-
-        if done % cfg.progress_iter == 0 or done == cfg.iters:
-            metrics = {f"train/{k}": v.item() / count for k, v in sums.items()}
-            sums, count = {}, 0
-            if not math.isfinite(metrics["train/loss_total"]) or not math.isfinite(metrics["train/loss_disc"]):
-                raise NonFiniteLossError(f"non-finite loss at iteration {done}")
-            recorder.log_metrics(metrics, step=done)
-            bar.set_postfix(loss=f"{metrics['train/loss_total']:.4f}")
-
-        if done % cfg.display_iter == 0 and done != cfg.iters:
-            save_grids(model, display_a, display_b, run_dir, done, recorder)
-
-        if done % cfg.save_iter == 0 and done != cfg.iters:
-            save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, done, cfg))
-            status.saved = done
-
-        if on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0:
-            model.eval()
-            eval_metrics = on_eval(done, model)
-            model.train()
-            if eval_metrics:
-                recorder.log_metrics(eval_metrics, step=done)
-
-    bar.close()
-    final_iteration = max(start, cfg.iters)
-    save_grids(model, display_a, display_b, run_dir, final_iteration, recorder)
-    save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(model, optimizers, final_iteration, cfg))
-    status.saved = final_iteration
-    model.eval()
-    return TrainResult(model=model, iterations=final_iteration, metrics=metrics, run_dir=run_dir, start=start)
+    training = Training(cfg, on_eval, progress, status, recorder)
+    try:
+        while not training.done:
+            training.step()
+    finally:
+        training.close()
+    return training.finish()

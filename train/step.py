@@ -58,18 +58,39 @@ def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device
     return resolved
 
 
+def check_step_device(cfg: TrainConfig, device: torch.device) -> None:
+    """A captured step needs CUDA: say so before anything runs."""
+    if cfg.cuda_graph and device.type != "cuda":
+        raise DeviceError(f"cuda_graph needs a CUDA device; this run is on {device} (drop --cuda-graph)")
+
+
 @dataclass
 class Optimizers:
     autoencoder: torch.optim.Adam
     disc: torch.optim.Adam
 
     @classmethod
-    def create(cls, model: ContentTransferModel, lr: float, disclr: float) -> Optimizers:
-        # fused: one kernel for all parameters instead of a loop over them (same update rule).
+    def create(cls, model: ContentTransferModel, lr: float, disclr: float, capturable: bool = False) -> Optimizers:
+        """Fused Adam (one kernel for all parameters, same update rule); ``capturable`` for a CUDA graph."""
+        options = dict(betas=ADAM_BETAS, fused=True, capturable=capturable)
         return cls(
-            torch.optim.Adam(model.autoencoder_parameters(), lr=lr, betas=ADAM_BETAS, fused=True),
-            torch.optim.Adam(model.disc.parameters(), lr=disclr, betas=ADAM_BETAS, fused=True),
+            torch.optim.Adam(model.autoencoder_parameters(), lr=lr, **options),
+            torch.optim.Adam(model.disc.parameters(), lr=disclr, **options),
         )
+
+    def state_dict(self) -> dict[str, dict]:
+        return {"opt_autoencoder": self.autoencoder.state_dict(), "opt_disc": self.disc.state_dict()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Load a checkpoint's optimizer states, whether written by a captured (CUDA graph) run or an eager one.
+
+        A saved state carries its run's ``capturable`` option; this run keeps its own.
+        """
+        for optimizer, key in ((self.autoencoder, "opt_autoencoder"), (self.disc, "opt_disc")):
+            capturable = [group["capturable"] for group in optimizer.param_groups]
+            optimizer.load_state_dict(state[key])
+            for group, value in zip(optimizer.param_groups, capturable, strict=True):
+                group["capturable"] = value
 
 
 @dataclass(frozen=True)
@@ -97,13 +118,15 @@ def train_step(
     bf16: bool = False,
     losses: LossFunctions = LossFunctions(),
     disc_clip: float = 0.0,
+    capturing: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One autoencoder update then one discriminator update; returns detached losses.
 
     ``bf16`` runs the forward passes under bfloat16 autocast (weights and optimizer stay float32).
     ``disc_clip`` > 0 clips the discriminator's gradient norm (0: no clip, as the reference ran).
+    ``capturing``: recorded into a CUDA graph, where autocast must not cache casts across replays.
     """
-    autocast = torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not capturing)
     # Autoencoder: the seven weighted terms.
     optimizers.autoencoder.zero_grad(set_to_none=True)
     with autocast:
@@ -121,6 +144,20 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.disc.parameters(), disc_clip)
     optimizers.disc.step()
     return total.detach(), {k: v.detach() for k, v in terms.items()}, disc_loss.detach()
+
+
+StepFunction = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]"]
+
+
+def make_step(model: ContentTransferModel, optimizers: Optimizers, cfg: TrainConfig) -> StepFunction:
+    """``(a, b) -> losses``: :func:`train_step` with ``cfg``'s settings, eager or as a captured CUDA graph."""
+    if cfg.cuda_graph:
+        from mbu.train.graph import CapturedStep
+
+        return CapturedStep(model, optimizers, cfg.weights, cfg.amp == "bf16", cfg.disc_clip)
+    losses = LossFunctions.create(cfg.compile)
+    bf16 = cfg.amp == "bf16"
+    return lambda a, b: train_step(model, optimizers, a, b, cfg.weights, bf16, losses, cfg.disc_clip)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> ContentTransferModel:

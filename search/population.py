@@ -1,0 +1,232 @@
+"""K trials in one worker process: a population of slots, each holding one trial, stepped in turn.
+
+Each trial keeps everything a trial has on its own: its model, optimizers and
+batches (a function of its seed and iteration), its checkpoint in the
+single-trial format, its MLflow run, its evaluations, pruning and report. The
+slots share only the decoded training data. A trial that completes, is pruned
+or fails leaves its slot to the next asked trial, so slots run at their own
+iterations.
+
+How the slots share the device:
+
+- on CPU they run one after another, each for a stretch of iterations up to
+  its next loss log: the same work as trials run one after another, in the
+  same order of operations (measured in ``bench/population.py``);
+- on CUDA each slot steps one iteration at a time on its own stream, so the K
+  steps (each launched by the host in turn) overlap on the GPU; with
+  ``cuda_graph`` a step is one graph replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+from mbu.data.images import AnnotatedImages
+from mbu.search.study_file import StudyConfig
+from mbu.search.tracking import STOPS_ATTR, close_trial_run, open_trial_run, queue_retry
+from mbu.search.trial import sampled_config, score_trial, start_training
+from mbu.train.config import TrainConfig
+from mbu.train.loop import Training, TrainingData, data_key
+from mbu.train.step import resolve_device
+from mbu.train.tracking import Recorder
+from tqdm import tqdm
+
+StopCheck = Callable[[], "str | None"]  # the reason to stop this worker, or None to go on
+
+
+@dataclass
+class Outcome:
+    """How a trial of this worker ended."""
+
+    trial: optuna.Trial
+    state: str  # COMPLETE, PRUNED or FAIL
+    error: str = ""  # for FAIL
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+class Slot:
+    """One trial of the population, from its MLflow run to Optuna's verdict."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, stream: torch.cuda.Stream | None) -> None:
+        self.study = study
+        self.trial = trial
+        self.stream = stream
+        self.run: Recorder | None = None
+        self.training: Training | None = None
+        self.told = False  # Optuna has this trial's verdict: nothing more may be recorded for it
+
+    def tell(self, state: optuna.trial.TrialState, value: float | None = None) -> None:
+        self.study.tell(self.trial, value, state=state)
+        self.told = True
+
+    def on_stream(self) -> contextlib.AbstractContextManager:
+        """Everything of this trial (allocations included) on its own CUDA stream; nothing on CPU."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def start(self, population: Population) -> Outcome | None:
+        """Open the trial's run and build its training; an outcome if it failed already."""
+        try:
+            cfg = sampled_config(self.trial, population.config)
+            self.run = open_trial_run(self.trial, population.config, cfg, population.parent)
+            with self.on_stream():
+                data = population.data_for(cfg)
+                self.training = start_training(
+                    self.trial, cfg, population.annotated, self.run, population.bar_per_trial, data
+                )
+        except (Exception, KeyboardInterrupt) as err:
+            return self.fail(err)
+        return None
+
+    def advance(self, iterations: int, annotated: AnnotatedImages, stop: StopCheck) -> Outcome | None:
+        """Up to ``iterations`` training steps (fewer once a stop is asked); the outcome once the trial ends."""
+        try:
+            with self.on_stream():
+                for _ in range(iterations):
+                    if self.training.done or stop() is not None:
+                        break
+                    self.training.step()
+                if not self.training.done:
+                    return None
+                value = score_trial(self.trial, self.training, annotated, self.run)
+        except optuna.TrialPruned:
+            self.training.close()
+            close_trial_run(self.run, self.trial, "PRUNED")
+            self.tell(optuna.trial.TrialState.PRUNED)
+            return Outcome(self.trial, "PRUNED")
+        except (Exception, KeyboardInterrupt) as err:
+            return self.fail(err)
+        close_trial_run(self.run, self.trial, "COMPLETE")
+        self.tell(optuna.trial.TrialState.COMPLETE, value)
+        return Outcome(self.trial, "COMPLETE")
+
+    def fail(self, err: BaseException) -> Outcome:
+        """Record the trial FAIL (never left RUNNING); Ctrl-C is passed on once recorded."""
+        error = str(err) if isinstance(err, StoppedError) else f"{type(err).__name__}: {err}"
+        if self.training is not None:
+            self.training.close()
+        if self.run is not None:
+            close_trial_run(self.run, self.trial, "FAIL", error)
+        self.trial.set_user_attr("error", error[:1000])
+        self.tell(optuna.trial.TrialState.FAIL)
+        if isinstance(err, KeyboardInterrupt):
+            raise err
+        return Outcome(self.trial, "FAIL", error)
+
+    def stop(self, reason: str) -> Outcome:
+        """Checkpoint now, record the trial FAIL and queue its retry, which resumes from that checkpoint.
+
+        A stop from outside (SIGTERM, a time limit, preemption) is no fault of the trial: its retry is
+        queued whatever ``max_retry`` says, so a long trial survives any number of scheduler slots.
+        """
+        iteration = 0
+        if self.training is not None:
+            with self.on_stream():
+                self.training.save()
+            iteration = self.training.iteration
+        self.trial.set_user_attr(STOPS_ATTR, int(self.trial.user_attrs.get(STOPS_ATTR, 0)) + 1)
+        outcome = self.fail(StoppedError(f"stopped: {reason}; checkpoint at iteration {iteration}, queued to resume"))
+        queue_retry(self.study, next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.trial.number))
+        return outcome
+
+
+class StoppedError(RuntimeError):
+    """A trial stopped from outside (a signal): checkpointed and queued to resume."""
+
+
+class Population:
+    """The worker's slots on one device, and the training data they share."""
+
+    def __init__(
+        self, study: optuna.Study, config: StudyConfig, annotated: AnnotatedImages, parent: Recorder, progress: bool
+    ) -> None:
+        self.study = study
+        self.config = config
+        self.annotated = annotated
+        self.parent = parent
+        self.size = config.study.population
+        self.device = resolve_device(str(config.train.get("device", "auto")), config.train.get("gpu"))
+        # One bar per trial reads well for one trial; a population shows one bar of all its iterations.
+        self.bar_per_trial = progress and self.size == 1
+        self.bar = tqdm(desc="population", unit="it", disable=not progress or self.size == 1, dynamic_ncols=True)
+        self.slots: list[Slot] = []
+        self.free_streams = [torch.cuda.Stream(self.device) for _ in range(self.size)] if self._cuda else []
+        self._data: dict[tuple, TrainingData] = {}
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def data_for(self, cfg: TrainConfig) -> TrainingData:
+        """Decoded once per worker, shared by all its trials (they share size and root)."""
+        key = data_key(cfg)
+        if key not in self._data:
+            self._data[key] = TrainingData.load(cfg, resolve_device(cfg.device, cfg.gpu), self.bar_per_trial)
+        return self._data[key]
+
+    @property
+    def full(self) -> bool:
+        return len(self.slots) >= self.size
+
+    def start(self, trial: optuna.Trial) -> Outcome | None:
+        """The trial in a free slot; its outcome if it failed before training."""
+        slot = Slot(self.study, trial, self.free_streams.pop() if self._cuda else None)
+        self.slots.append(slot)
+        outcome = slot.start(self)  # on Ctrl-C the slot stays for abandon() (which skips it once told)
+        if outcome is not None:
+            self._release(slot)
+        return outcome
+
+    def advance(self, stop: StopCheck) -> list[Outcome]:
+        """One round: each slot steps (CPU: up to its next loss log; CUDA: one iteration); the trials that ended."""
+        ended = []
+        for slot in list(self.slots):
+            before = slot.training.iteration
+            chunk = 1 if self._cuda else slot.training.iterations_to_next_log()
+            outcome = slot.advance(chunk, self.annotated, stop)
+            if outcome is not None:
+                self._release(slot)
+                ended.append(outcome)
+            self.bar.update(slot.training.iteration - before)
+            self.bar.set_postfix(trials=",".join(str(s.trial.number) for s in self.slots), refresh=False)
+        return ended
+
+    def stop(self, reason: str) -> list[Outcome]:
+        """Every trial checkpointed, recorded FAIL and queued to resume (a signal asked this worker to stop)."""
+        outcomes = []
+        for slot in list(self.slots):
+            try:
+                outcomes.append(slot.stop(reason))
+            except Exception as err:  # e.g. the checkpoint could not be written: never leave the trial RUNNING
+                if not slot.told:
+                    outcomes.append(slot.fail(err))
+            self._release(slot)
+        return outcomes
+
+    def abandon(self, err: BaseException) -> None:
+        """The worker is going down (Ctrl-C, a storage error): every trial not yet told is recorded FAIL.
+
+        Each on its own, so one that cannot be recorded leaves the others recorded (a live worker
+        later fails and retries it through its stale heartbeat).
+        """
+        for slot in list(self.slots):
+            if not slot.told:
+                try:
+                    slot.fail(err)
+                except BaseException:  # the error that brought the worker down is raised next
+                    pass
+            self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        self.slots.remove(slot)
+        if slot.stream is not None:
+            self.free_streams.append(slot.stream)
+
+    def close(self) -> None:
+        self.bar.close()

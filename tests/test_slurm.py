@@ -1,0 +1,230 @@
+"""Studies on a real SLURM: ``mbu search --slurm`` on a throwaway one-node cluster (tests/slurm_cluster.py).
+
+An array of workers against PostgreSQL and an MLflow server; a task cancelled
+mid-trial; a task that reaches its time limit and is requeued. Skipped where
+SLURM is not installed, unless MBU_REQUIRE_SLURM=1 (set by `.ci/run`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import TrackingServer, tiny_study
+from mbu.train.checkpoint import load_checkpoint
+from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from slurm_cluster import SlurmCluster, missing
+
+REASON = missing()
+if REASON is not None and os.environ.get("MBU_REQUIRE_SLURM") != "1":
+    pytest.skip(REASON, allow_module_level=True)
+
+try:
+    from test_postgres import postgres_url  # noqa: F401  (the throwaway PostgreSQL fixture)
+except pytest.skip.Exception:  # PostgreSQL absent here and not required: only the first test needs it
+    postgres_url = None
+
+# Heartbeats every 2 s: a task killed before it could stop is noticed within the grace period.
+FAST_HEARTBEATS = "heartbeat_interval = 2\ngrace_period = 10\n"
+# One core per task: two tasks fit the CI machine's two cores.
+ONE_CORE = ["--cpus-per-task", "1"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    assert REASON is None, f"MBU_REQUIRE_SLURM=1 but {REASON}"
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm_env(slurm: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[SlurmCluster]:
+    """The cluster, with its SLURM_CONF in this test's environment (so in mbu's and in the tasks')."""
+    for name, value in slurm.env.items():
+        monkeypatch.setenv(name, value)
+    yield slurm
+    slurm.cancel_all()  # a failed test's tasks must not hold the node's cores for the next test
+
+
+def mbu_search(cwd: Path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress", *args]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, cluster: SlurmCluster, cwd: Path, timeout: float = 600) -> str:
+    """The launch's output once it has ended; on a failure, the task logs and the daemons' too."""
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output = process.communicate()[0] + "\n(timed out)"
+    if process.returncode != 0:
+        logs = [f"--- {p.name}\n{p.read_text()}" for p in sorted(cwd.glob("runs/*/slurm/*_log.out"))]
+        pytest.fail(f"exit {process.returncode}\n{output}\n" + "\n".join(logs) + "\n" + cluster.logs())
+    return output
+
+
+def job_id_of(output: str) -> str:
+    found = re.search(r"submitted array job (\d+)", output)
+    assert found, output
+    return found.group(1)
+
+
+def child_runs(client: MlflowClient, study: str) -> tuple[list, list]:
+    runs = client.search_runs([client.get_experiment_by_name(study).experiment_id])
+    children = [r for r in runs if r.data.tags.get("role") != "study-parent"]
+    return children, [r for r in runs if r.data.tags.get("role") == "study-parent"]
+
+
+@pytest.fixture
+def shared_storage(request: pytest.FixtureRequest) -> str:
+    if postgres_url is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    return request.getfixturevalue("postgres_url")
+
+
+def test_a_four_trial_study_runs_as_a_two_task_array_against_postgresql_and_an_mlflow_server(
+    tmp_path: Path, slurm_env: SlurmCluster, shared_storage: str, tracking_server: TrackingServer
+) -> None:
+    (tmp_path / "study.toml").write_text(tiny_study("array", 4, study=FAST_HEARTBEATS))
+    stores = ["--storage", shared_storage, "--tracking-uri", tracking_server.uri]
+    output = finish(mbu_search(tmp_path, "--slurm", "--tasks", "2", *ONE_CORE, "--wait", *stores), slurm_env, tmp_path)
+    job_id = job_id_of(output)
+    assert "study array: 4 COMPLETE" in output
+    assert "sacct" not in output and "UNKNOWN" not in output  # no accounting: states come from squeue
+    assert f"slurm job {job_id} task 1: COMPLETED" in output
+
+    trials = optuna.load_study(study_name="array", storage=shared_storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+
+    client = MlflowClient(tracking_server.uri)
+    children, parents = child_runs(client, "array")
+    assert len(parents) == 1
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == [0, 1, 2, 3]
+    assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    assert all(r.info.status == "FINISHED" for r in children + parents)
+    assert {r.data.tags["slurm_array_job_id"] for r in children} == {job_id}
+    assert {r.data.tags["slurm_array_task_id"] for r in children} <= {"0", "1"}
+    assert all(r.data.tags["slurm_job_id"] for r in children)
+
+    summary = subprocess.run(
+        [sys.executable, "-m", "mbu", "search", "study.toml", "--summary", *stores],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"slurm array job {job_id}: 2 tasks" in summary
+    assert "task 0: COMPLETED" in summary and "task 1: COMPLETED" in summary
+
+
+def wait_for_checkpoint(study_dir: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
+    """The first trial folder holding a checkpoint (its trial is mid-training)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        found = sorted(study_dir.glob("trial-*/checkpoint.pt"))
+        if found and (found[0].parent / "mlflow_run.json").is_file():
+            return found[0].parent
+        time.sleep(0.5)
+    raise AssertionError(f"no trial wrote a checkpoint (launch exit code {process.poll()})")
+
+
+def assert_resumed(study: optuna.Study, first: int, reason: str) -> list[optuna.trial.FrozenTrial]:
+    """Trial ``first`` was stopped (error containing ``reason``) and retried until a retry completed.
+
+    Returns the tries, first to last: each stopped one recorded FAIL, each retry resumed from the
+    checkpoint its predecessor wrote when it stopped.
+    """
+    trials = {t.number: t for t in study.get_trials()}
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+        history = {t.number: RetryHeartbeatStaleTrialCallback.retry_history(t) for t in trials.values()}
+    last = [t for t in trials.values() if t.state == optuna.trial.TrialState.COMPLETE and first in history[t.number]]
+    assert len(last) == 1, trials
+    tries = [trials[n] for n in [*history[last[0].number], last[0].number]]
+    assert tries[0].number == first
+    for before, after in itertools.pairwise(tries):
+        assert before.state == optuna.trial.TrialState.FAIL and reason in before.user_attrs["error"], before
+        checkpoint = load_checkpoint(Path(f"runs/{study.study_name}/trial-{before.number}"))
+        assert after.user_attrs["resumed_from_iteration"] == int(checkpoint["iteration"]) > 0
+    return tries
+
+
+def test_a_task_cancelled_mid_trial_leaves_its_trial_to_resume_from_its_checkpoint(
+    tmp_path: Path, slurm_env: SlurmCluster
+) -> None:
+    # SQLite on this one-node cluster (--single-node); trials of ~20 s, a checkpoint every 10 iterations.
+    train = "iters = 60\nprogress_iter = 10\nsave_iter = 10\n"
+    (tmp_path / "study.toml").write_text(
+        tiny_study("cancel", 2, study=FAST_HEARTBEATS + "max_retry = 2\n", train=train)
+    )
+    launch = mbu_search(tmp_path, "--slurm", "--single-node", "--tasks", "2", *ONE_CORE, "--wait")
+    trial_dir = wait_for_checkpoint(tmp_path / "runs" / "cancel", launch)
+    run_id = json.loads((trial_dir / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    tags = client.get_run(run_id).data.tags
+    task = f"{tags['slurm_array_job_id']}_{tags['slurm_array_task_id']}"
+    subprocess.run(["scancel", task], check=True)
+    output = finish(launch, slurm_env, tmp_path)
+    assert f"slurm job {tags['slurm_array_job_id']} task {tags['slurm_array_task_id']}: CANCELLED" in output
+
+    stopped = int(trial_dir.name.split("-")[1])
+    study = optuna.load_study(study_name="cancel", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    # scancel's SIGTERM stopped the worker: it checkpointed and recorded the trial itself (no lost heartbeat).
+    _, retry = assert_resumed(study, stopped, "stopped: SIGTERM")
+    states = sorted(t.state.name for t in study.get_trials())
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+    children, parents = child_runs(client, "cancel")
+    assert len(parents) == 1
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(t.number for t in study.get_trials())
+    by_number = {int(r.data.tags["trial_number"]): r for r in children}
+    assert by_number[stopped].info.status == "FAILED" and by_number[stopped].data.tags["state"] == "FAIL"
+    assert by_number[retry.number].info.status == "FINISHED"
+
+
+def test_a_task_reaching_its_time_limit_is_requeued_and_its_trial_resumes(
+    tmp_path: Path, slurm_env: SlurmCluster
+) -> None:
+    # A 2-minute limit and SIGUSR2 60 s before it. SLURM checks limits once a minute on its own clock and
+    # signals up to a minute early: each run of the task trains for 25-85 s, so the ~95 s trial cannot finish
+    # in one run and takes two to five. A stop from outside does not use up max_retry (here the default 2).
+    train = "iters = 300\nprogress_iter = 10\nsave_iter = 1000\n"
+    study = FAST_HEARTBEATS
+    (tmp_path / "study.toml").write_text(tiny_study("limit", 1, study=study, train=train))
+    limits = ["--time-min", "2", "--signal-delay-s", "60", "--max-requeue", "6"]
+    launch = mbu_search(tmp_path, "--slurm", "--single-node", "--tasks", "1", *ONE_CORE, *limits, "--wait")
+    output = finish(launch, slurm_env, tmp_path, timeout=900)
+    job_id = job_id_of(output)
+    assert "PENDING (BeginTime)" in output  # the requeued task waiting to start again
+    log = (tmp_path / "runs" / "limit" / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert "requeueing job" in log, log
+
+    study = optuna.load_study(study_name="limit", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    tries = assert_resumed(study, 0, "stopped: SLURM SIGUSR2")
+    assert len(tries) >= 2 and len(study.get_trials()) == len(tries)
+
+    # One MLflow run per try, each in its own run of the task: the requeue count grows along the chain.
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    children, _ = child_runs(client, "limit")
+    by_number = {int(r.data.tags["trial_number"]): r for r in children}
+    assert sorted(by_number) == [t.number for t in tries]
+    restarts = [int(by_number[t.number].data.tags.get("slurm_restart_count", "0")) for t in tries]
+    assert restarts[0] == 0 and all(a < b for a, b in itertools.pairwise(restarts)), restarts
+    assert {by_number[t.number].data.tags["slurm_job_id"] for t in tries} == {job_id}
+    assert [by_number[t.number].info.status for t in tries] == ["FAILED"] * (len(tries) - 1) + ["FINISHED"]
