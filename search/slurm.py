@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,19 @@ def requeue_this_task(restarts: int) -> None:
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
 
 
+def check_controller() -> None:
+    """A submit host whose controller answers, checked before the study is prepared (minutes of work)."""
+    if shutil.which("sbatch") is None:
+        raise ValueError("--slurm: sbatch is not on PATH: run this on a SLURM submit (login) node")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ValueError(f"--slurm: the SLURM controller does not answer (scontrol ping: {err})") from err
+    last_line = ((ping.stdout + ping.stderr).strip().splitlines() or [""])[-1]
+    if ping.returncode != 0 or "DOWN" in ping.stdout:
+        raise ValueError(f"--slurm: the SLURM controller does not answer (scontrol ping: {last_line})")
+
+
 def submit_array(config: StudyConfig, verbose: bool = False) -> str:
     """Submit the prepared study's array job; returns its job id and records it in ``job.json``."""
     from mbu.search.workers import worker_arguments
@@ -298,6 +312,7 @@ def launch_array(
     import_submitit()  # before anything is prepared
     config = resolve_settings(config, storage, tracking_uri, n_trials, population)
     check_shared_stores(config.study.storage, config.study.tracking_uri, slurm)
+    check_controller()
     config = replace(config, slurm=slurm)
     _, _, parent = prepare_study(config, progress)
     settings = config.study

@@ -304,6 +304,13 @@ MISTAKES = [
         _study(GOOD_STUDY),
     ),  # fmt: skip
     Mistake(
+        "search slurm where no controller answers",
+        lambda s: ["search", "study.toml", "--slurm", "--single-node"],
+        "--slurm: ",  # "sbatch is not on PATH" or "the SLURM controller does not answer", as the machine has
+        _study(GOOD_STUDY),
+        env={"SLURM_CONF": "/nonexistent/slurm.conf"},
+    ),  # fmt: skip
+    Mistake(
         "search slurm flag without --slurm",
         lambda s: ["search", "study.toml", "--tasks", "3"],
         "--tasks needs --slurm",
