@@ -28,7 +28,7 @@ import torch
 from mbu.data.images import AnnotatedImages
 from mbu.search.study_file import StudyConfig
 from mbu.search.tracking import STOPS_ATTR, close_trial_run, open_trial_run, queue_retry
-from mbu.search.trial import sampled_config, score_trial, start_training
+from mbu.search.trial import frozen_trial, sampled_config, score_trial, start_training
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData, data_key
 from mbu.train.step import resolve_device
@@ -132,7 +132,7 @@ class Slot:
             iteration = self.training.iteration
         self.trial.set_user_attr(STOPS_ATTR, int(self.trial.user_attrs.get(STOPS_ATTR, 0)) + 1)
         outcome = self.fail(StoppedError(f"stopped: {reason}; checkpoint at iteration {iteration}, queued to resume"))
-        queue_retry(self.study, next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.trial.number))
+        queue_retry(self.study, frozen_trial(self.trial))
         return outcome
 
 

@@ -42,9 +42,14 @@ def sampled_config(trial: optuna.Trial, config: StudyConfig) -> TrainConfig:
     return cfg
 
 
+def frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The storage's record of a running trial (its system attributes: the retry history)."""
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
 def checkpoint_to_resume(trial: optuna.Trial, config: StudyConfig) -> tuple[Path, int] | None:
     """For a retry of trials whose worker died: the newest readable checkpoint among them, and its iteration."""
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    frozen = frozen_trial(trial)
     with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
         history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
     for number in reversed(history):

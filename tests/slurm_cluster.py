@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 SYSTEM_MUNGE_KEY = Path("/etc/munge/munge.key")
 PARTITION = "debug"
@@ -38,12 +40,6 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "the throwaway SLURM cluster runs its daemons as root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -130,8 +126,8 @@ class SlurmCluster:
         home, host = self.home, socket.gethostname().split(".")[0]
         return f"""ClusterName=mbu-test
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
