@@ -68,6 +68,18 @@ def load(key: str) -> CachedDomain | None:
     return CachedDomain(images, [Path(p) for p in meta["paths"]], list(meta["skipped"]))
 
 
+def cached_count(key: str) -> int | None:
+    """How many images the entry for ``key`` holds, from its small JSON record alone; None when absent."""
+    folder = cache_dir()
+    array_file, meta_file = folder / f"{key}.npy", folder / f"{key}.json"
+    if not (array_file.is_file() and meta_file.is_file()):
+        return None
+    try:
+        return int(json.loads(meta_file.read_text())["shape"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None  # unreadable: decoded again, as :func:`load` would
+
+
 def store(key: str, entry: CachedDomain) -> None:
     """Write the entry atomically; a failure to write (disk full, read-only) only warns."""
     folder = cache_dir()

@@ -58,7 +58,10 @@ def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)``, then rename over ``path``: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # its message would name the temporary file, which the user never sees
+        raise WriteError(f"cannot write {path}: no file can be created in {path.parent} ({err.strerror})") from err
     os.close(fd)
     try:
         write(Path(tmp))

@@ -169,17 +169,40 @@ def load_domain(
     if hit is not None:
         domain = DomainImages(torch.from_numpy(hit.images), hit.paths, hit.skipped)
     else:
-        images, kept, skipped = decode_images(paths, resize, f"decode {name}", progress, crop, skip_bad)
-        if not kept:
-            raise DataError(f"no readable image in {root}/{name} ({len(skipped)} skipped)")
-        domain = DomainImages(images, kept, skipped)
-        if use_cache:
-            cache.store(key, cache.CachedDomain(images.numpy(), kept, skipped))
+        domain = _decode_domain(root, name, paths, resize, crop, progress, skip_bad, key)
     if domain.skipped:
         shown = "".join(f"\n  {line}" for line in domain.skipped[:10])
         more = f"\n  ... and {len(domain.skipped) - 10} more" if len(domain.skipped) > 10 else ""
         print(f"warning: skipped {len(domain.skipped)} unreadable image(s) in {name}:{shown}{more}", file=sys.stderr)
     return domain
+
+
+def _decode_domain(
+    root: Path, name: str, paths: list[Path], resize: int, crop: int | None, progress: bool, skip_bad: bool, key: str
+) -> DomainImages:
+    """Decode ``paths``; with a cache ``key``, store the result for the next reader."""
+    images, kept, skipped = decode_images(paths, resize, f"decode {name}", progress, crop, skip_bad)
+    if not kept:
+        raise DataError(f"no readable image in {root}/{name} ({len(skipped)} skipped)")
+    if key:
+        cache.store(key, cache.CachedDomain(images.numpy(), kept, skipped))
+    return DomainImages(images, kept, skipped)
+
+
+def count_domain(root: Path, name: str, resize: int, progress: bool = True, skip_bad: bool = False) -> int:
+    """How many images of ``root/name`` a training would use, checking that it can read them.
+
+    Answered from the decode cache's record when the domain is cached; otherwise the
+    domain is decoded now (an unreadable file raises :class:`DataError` naming it, unless
+    ``skip_bad``) and cached, so :func:`load_domain` then reads it without decoding again.
+    """
+    paths = list_images(root, name)
+    crop = read_crop(root)
+    key = cache.cache_key(paths, resize, crop, skip_bad)
+    count = cache.cached_count(key)
+    if count is None:
+        count = len(_decode_domain(root, name, paths, resize, crop, progress, skip_bad, key))
+    return count
 
 
 @dataclass
@@ -190,6 +213,16 @@ class AnnotatedImages:
     masks: torch.Tensor
     names: list[str]
     unannotated: list[str] = field(default_factory=list)  # images of the split with no mask, left out
+
+
+def count_annotated(root: Path, split: str = "test", masks_dir: Path | None = None) -> int | None:
+    """How many ``{split}A`` images have a mask (by file stem), from the file names alone; None without masks."""
+    root = Path(root)
+    mask_dir = Path(masks_dir) if masks_dir is not None else root / f"{split}A{MASK_FOLDER_SUFFIX}"
+    if not mask_dir.is_dir():
+        return None
+    stems = {p.stem for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    return sum(p.stem in stems for p in list_images(root, f"{split}A"))
 
 
 def load_annotated(

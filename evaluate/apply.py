@@ -13,6 +13,7 @@ from PIL import Image
 
 DEFAULT_BATCH = 32
 GRID_FILE = "transfer_grid.png"
+PAIR_PATTERN = "{guide}__on__{target}.png"  # one transfer: the guide's content on the target
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -85,12 +86,14 @@ def transfer(
     check_output_folder(out, [*guides, *targets], [*guide_paths, *target_paths])
     guide_stems = [name[: -len(".png")] for name in output_names(guide_paths)]
     target_stems = [name[: -len(".png")] for name in output_names(target_paths)]
-    names = [f"{g}__on__{t}.png" for g in guide_stems for t in target_stems] + [GRID_FILE]
+    names = [PAIR_PATTERN.format(guide=g, target=t) for g in guide_stems for t in target_stems] + [GRID_FILE]
     check_not_written(out, names, overwrite)
     model, cfg, _ = load_model(run_dir, device)
     dev = next(model.parameters()).device
     out.mkdir(parents=True, exist_ok=True)
     targets_t = _load(target_paths, cfg.resize, dev)
+    if overwrite:
+        clear_transfers(out)
     written = []
     with torch.no_grad():
         for guide_path in guide_paths:
@@ -103,6 +106,16 @@ def transfer(
     grid_path = out / GRID_FILE
     Image.fromarray(grid).save(grid_path)
     return [*written, grid_path]
+
+
+def clear_transfers(out: Path) -> list[Path]:
+    """Delete what an earlier ``transfer`` wrote in ``out`` (its pair images and grid), nothing else; returns them."""
+    out = Path(out)
+    earlier = [p for p in out.glob(PAIR_PATTERN.format(guide="*", target="*")) if p.is_file()]
+    earlier += [out / GRID_FILE] if (out / GRID_FILE).is_file() else []
+    for path in earlier:
+        path.unlink()
+    return earlier
 
 
 def remove(

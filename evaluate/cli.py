@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Predict masks for the annotated test A images (testA/ with testA_masks/), compute IoU at "
         "every threshold 0.00..1.00, pick the threshold on a validation half and report IoU on the other "
         "half (plus the optimistic best-on-test 'oracle' figure). Writes RUN/report.json (with --masks, or a "
-        "--root other than the run's, RUN/eval-NAME/report.json: the run's own report is kept).",
+        "--root other than the run's, RUN/eval-NAME-HASH/report.json, NAME that folder's name and HASH a digest "
+        "of its full path: the run's own report and those of other folders are kept).",
     )
     parser.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
     parser.add_argument("--root", default=None, help="data root to score on (default: the root the run trained on)")
@@ -48,7 +49,12 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("--target", required=True, nargs="+", type=Path, help="images (or folders) that receive it")
     transfer.add_argument("--out", required=True, type=Path, help="output folder")
     transfer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    transfer.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    transfer.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results already in --out: every GUIDE__on__TARGET.png and the grid an earlier transfer "
+        "wrote there are deleted first (other files are kept)",
+    )
     transfer.set_defaults(func=transfer_main)
 
     remove = subparsers.add_parser(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
-from mbu.data.files import atomic_write
-from mbu.data.images import AnnotatedImages
+from mbu.data.files import atomic_write, check_writable
+from mbu.data.images import MASK_FOLDER_SUFFIX, AnnotatedImages
 from mbu.evaluate.segmentation import (
     REPORT_FILE,
     ModelMaps,
@@ -149,9 +150,11 @@ def markdown(report: dict[str, Any]) -> str:
     baselines = _table("| mask | test IoU | note |", baseline_rows)
     notes = figure_warnings(m)
     warnings = "".join(f"> **Warning:** {note}.\n\n" for note in notes)  # one quote block each
+    scored = report["scored_on"]
     return f"""# Segmentation report
 
-Run `{Path(report["checkpoint"]).parent}`, checkpoint at iteration {report["iteration"]}.
+Run `{Path(report["checkpoint"]).parent}`, checkpoint at iteration {report["iteration"]}; scored on the test A
+images of `{scored["root"]}` against the masks in `{scored["masks"]}`.
 
 {warnings}## Headline
 
@@ -191,16 +194,19 @@ def write_report(
     cfg: TrainConfig,
     iteration: int,
     checkpoint: Path | None = None,
+    scored_on: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write every report file into ``run_dir``; returns their paths (JSON first).
 
-    ``checkpoint`` names the scored checkpoint (default: the one in ``run_dir``).
+    ``checkpoint`` names the scored checkpoint (default: the one in ``run_dir``); ``scored_on`` the
+    data root and masks folder scored (default: the training root and its ``testA_masks/``).
     """
     run_dir = Path(run_dir)
     report = {
         **scores.to_dict(),
         "checkpoint": str((checkpoint or run_dir / CHECKPOINT_FILE).resolve()),
         "iteration": iteration,
+        "scored_on": scored_on or scoring_source(cfg.root),
         "config": cfg.to_dict(),
     }
     paths = [run_dir / name for name in REPORT_FILES]
@@ -220,11 +226,33 @@ def score_and_report(
     run_dir: Path,
     split_seed: int = 0,
     checkpoint: Path | None = None,
+    scored_on: dict[str, str] | None = None,
 ) -> tuple[SegmentationScores, list[Path]]:
     """Masks and baseline maps of the annotated images, their scores, and the report files."""
     maps = predict_maps(model, annotated.images)
     scores = score_masks(maps.masks, annotated.masks, annotated.names, split_seed, maps.reconstruction_error)
-    return scores, write_report(run_dir, scores, maps, annotated, cfg, iteration, checkpoint)
+    return scores, write_report(run_dir, scores, maps, annotated, cfg, iteration, checkpoint, scored_on)
+
+
+def scoring_source(root: str | Path, masks_dir: Path | None = None) -> dict[str, str]:
+    """The data root and masks folder a scoring reads, as absolute paths (masks: ``ROOT/testA_masks/`` by default)."""
+    root = Path(root).resolve()
+    masks = Path(masks_dir).resolve() if masks_dir is not None else root / f"testA{MASK_FOLDER_SUFFIX}"
+    return {"root": str(root), "masks": str(masks)}
+
+
+def report_folder(run_dir: Path, cfg: TrainConfig, scored_on: dict[str, str]) -> Path:
+    """The run folder for the data it trained on; ``eval-<masks or root name>-<hash>/`` inside it for any other.
+
+    The hash is of the resolved root and masks paths, so two masks folders of the same name
+    get two reports, and scoring the same folders again replaces that one report.
+    """
+    if scored_on == scoring_source(cfg.root):
+        return Path(run_dir)
+    root_masks = scored_on["masks"] == scoring_source(scored_on["root"])["masks"]  # another root's own masks
+    name = Path(scored_on["root"] if root_masks else scored_on["masks"]).name
+    digest = hashlib.sha256(f"{scored_on['root']}\n{scored_on['masks']}".encode()).hexdigest()[:8]
+    return Path(run_dir) / f"eval-{name}-{digest}"
 
 
 def evaluate_run(
@@ -238,13 +266,15 @@ def evaluate_run(
     """Score a run folder's checkpoint on ``root`` (default: the root it trained on) and write its report.
 
     Masks come from ``masks_dir``, else ``root/testA_masks/``. Scored against other masks or
-    another root, the report goes to a subfolder ``eval-<name of that folder>/`` beside the
-    run's own report, never over it.
+    another root, the report goes to a subfolder ``eval-<name>-<hash>/`` (:func:`report_folder`)
+    beside the run's own report, never over it; the report names the root and masks it scored.
     """
     run_dir = Path(run_dir)
     model, cfg, iteration = load_model(run_dir, device)
-    other = masks_dir or (Path(root) if root and Path(root).resolve() != Path(cfg.root).resolve() else None)
-    out = run_dir / f"eval-{Path(other).resolve().name}" if other else run_dir
+    scored_on = scoring_source(root or cfg.root, masks_dir)
+    out = report_folder(run_dir, cfg, scored_on)
+    check_writable(out, "report folder")
     annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress, masks_dir)
-    scores, paths = score_and_report(model, annotated, cfg, iteration, out, split_seed, run_dir / CHECKPOINT_FILE)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    scores, paths = score_and_report(model, annotated, cfg, iteration, out, split_seed, checkpoint, scored_on)
     return {"metrics": scores.metrics, "paths": paths, "unannotated": annotated.unannotated, "report_dir": out}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from mbu.data import cli as data_cli
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print(f"mbu {args.command}: interrupted", file=sys.stderr)
+        again = ""
+        if args.command == "search":  # its trials in flight were recorded FAIL: a relaunch retries them
+            again = f"; the trials in flight were recorded FAIL; relaunch with: mbu {shlex.join(argv or sys.argv[1:])}"
+        print(f"mbu {args.command}: interrupted{again}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -207,26 +207,10 @@ def main(args: argparse.Namespace) -> int:
                 config, args.storage, args.tracking_uri, args.n_trials, not args.no_progress, args.population
             )
         print(summary.format())
-        if summary.stopped_by:
-            print(
-                f"mbu search: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
-                "to resume; launch the study again to go on",
-                file=sys.stderr,
-            )
-            return STOPPED_EXIT
-        if summary.stopped_on_failures:
-            print(
-                f"mbu search: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
-                "failed trials of this launch:",
-                file=sys.stderr,
-            )
-            for number, error in summary.failed:
-                print(f"  trial {number}: {error}", file=sys.stderr)
-            return 1
-        return 0
+        return exit_code(summary, config)
     from mbu.search.runner import launch_workers
 
-    summary, codes = launch_workers(
+    summary, ended = launch_workers(
         config,
         args.workers,
         args.gpus,
@@ -238,10 +222,34 @@ def main(args: argparse.Namespace) -> int:
         args.population,
     )
     print(summary.format())
-    failed = [i for i, code in enumerate(codes) if code != 0]
+    if ended.stopped_by == "SIGINT":
+        raise KeyboardInterrupt  # the workers recorded their trials; mbu.cli prints how to relaunch
+    failed = [i for i, code in enumerate(ended.codes) if code not in (0, STOPPED_EXIT)]
     if failed:
         print(f"workers {failed} exited with an error; see their logs", file=sys.stderr)
-    return 1 if failed else 0
+        return 1
+    return exit_code(summary, config)
+
+
+def exit_code(summary, config) -> int:
+    """0 at the target; 75 stopped by a signal (relaunch to go on); 1 stopped on failures (listed)."""
+    if summary.stopped_by:
+        print(
+            f"mbu search: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
+            f"to resume; launch the study again to go on: mbu search {config.path}",
+            file=sys.stderr,
+        )
+        return STOPPED_EXIT
+    if summary.stopped_on_failures:
+        print(
+            f"mbu search: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
+            "failed trials of this launch:",
+            file=sys.stderr,
+        )
+        for number, error in summary.failed:
+            print(f"  trial {number}: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -19,11 +19,13 @@ folder), ``trial`` (one trial's training and scoring, no MLflow),
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,15 +36,24 @@ from mbu.data.images import AnnotatedImages, load_domain
 from mbu.data.synthetic import write_dataset
 from mbu.evaluate.segmentation import load_test_annotations
 from mbu.search.population import Outcome, Population
-from mbu.search.storage import Heartbeats, check_storage_url, count_taken, load_existing_study
+from mbu.search.sampler import record_draw
+from mbu.search.storage import (
+    Heartbeats,
+    check_storage_url,
+    count_finished,
+    count_taken,
+    heartbeat_ages,
+    load_existing_study,
+)
 from mbu.search.study import check_study_folder, open_study
-from mbu.search.study_file import StudyConfig
+from mbu.search.study_file import StudyConfig, StudySettings
 from mbu.search.study_report import StudySummary, summary_text, write_study_report
 from mbu.search.tracking import open_parent_run
-from mbu.search.workers import launch_lock, start_workers
+from mbu.search.workers import WorkersEnded, launch_lock, start_workers
 from mbu.train.step import check_step_device, resolve_device
 from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
 
+WORKER_ATTR = "worker"  # Optuna trial attribute: host:pid of the worker process that ran it
 _stop_reason: str | None = None  # set by request_stop: this worker checkpoints its trials and ends
 
 
@@ -104,7 +115,7 @@ def resolve_settings(
     check_writable(config.study_dir, "[study].runs_dir")
     # A missing GPU (or a captured step without one) fails here, not in every trial.
     sample = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir / "check")
-    check_step_device(sample, resolve_device(sample.device, sample.gpu))
+    check_step_device(sample, resolve_device(sample.device, sample.gpu), f"{config.path}: [train].cuda_graph = true")
     return replace(config, study=settings)
 
 
@@ -132,13 +143,14 @@ def prepare_inputs(config: StudyConfig, progress: bool) -> AnnotatedImages:
 def prepare_study(config: StudyConfig, progress: bool) -> tuple[optuna.Study, AnnotatedImages, Recorder | None]:
     """Under the launch lock: the run folder checked, data and cache ready, the study open, its parent run.
 
-    The parent run is opened only when trials remain to be run.
+    The parent run is opened only while the study is short of its target.
     """
     with launch_lock(config.study_dir):
         check_study_folder(config)
         annotated = prepare_inputs(config, progress)
         study = open_study(config)
-        parent = open_parent_run(study, config) if count_taken(study) < config.study.n_trials else None
+        count_taken(study)  # fails (and queues retries of) trials whose worker died
+        parent = open_parent_run(study, config) if count_finished(study) < config.study.n_trials else None
     return study, annotated, parent
 
 
@@ -202,6 +214,7 @@ def run_trials(
         # Once that many failed in a row the worker asks for no more, even if a trial in flight completes.
         ended.on_failures = ended.on_failures or in_a_row >= settings.max_failures
 
+    told: set[tuple] = set()  # trials running elsewhere that this worker has already spoken of
     population = Population(study, config, annotated, parent, progress)
     with Heartbeats(study, settings.heartbeat_interval) as heartbeats:
         try:
@@ -220,7 +233,11 @@ def run_trials(
                     ended.stopped_by = stop_reason()
                     break
                 if not population.slots:
-                    break
+                    wait = None if ended.on_failures else wait_for_lost_workers(study, settings, told)
+                    if wait is None:
+                        break
+                    pause(wait, stop_reason)
+                    continue
                 for outcome in population.advance(stop_reason):
                     record(outcome)
         except BaseException as err:  # Ctrl-C, a storage error: no trial of this worker is left RUNNING
@@ -232,11 +249,56 @@ def run_trials(
     return ended
 
 
+def wait_for_lost_workers(study: optuna.Study, settings: StudySettings, told: set[tuple]) -> float | None:
+    """Seconds to wait for a silent worker's trial to become retryable; None when this worker is done.
+
+    Reached when the target is taken but not finished: the missing trials run in other workers. A
+    trial whose worker is alive is left to it; one whose worker has been silent (killed, say) is
+    retried once the grace period has passed, and this worker waits for that rather than exiting
+    short of the target.
+    """
+    if count_finished(study) >= settings.n_trials:
+        return None
+    ages = heartbeat_ages(study)
+    silent = {number: age for number, age in ages.items() if age > 2 * settings.heartbeat_interval}
+    if not silent:
+        if not ages:
+            return None
+        # A fresh heartbeat may be a worker's last: look again once a silent one would show.
+        if ("checked", *sorted(ages)) not in told:
+            told.add(("checked", *sorted(ages)))
+            return 2 * settings.heartbeat_interval - max(ages.values()) + 1
+        running = ", ".join(str(n) for n in sorted(ages))
+        print(f"mbu search: trial {running} running in another worker (heartbeats fresh); it finishes the study")
+        return None
+    number = min(silent, key=lambda n: settings.grace_period - silent[n])
+    left = max(1.0, settings.grace_period - silent[number] + 1)
+    if ("silent", number) not in told:
+        told.add(("silent", number))
+        print(
+            f"mbu search: trial {number} is RUNNING but its worker has been silent for {silent[number]:.0f} s; "
+            f"it is failed and retried after the grace period ([study].grace_period = {settings.grace_period} s), "
+            f"in about {left:.0f} s: waiting",
+            flush=True,
+        )
+    return left
+
+
+def pause(seconds: float, stop: Callable[[], str | None]) -> None:
+    """Sleep, waking early for a stop."""
+    deadline = time.monotonic() + seconds
+    while stop() is None and time.monotonic() < deadline:
+        time.sleep(min(1.0, deadline - time.monotonic()))
+
+
 def ask(study: optuna.Study) -> optuna.Trial:
     """The next trial (a queued preset or retry first); this worker beats for it itself (:class:`Heartbeats`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-        return study.ask()
+        trial = study.ask()
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    record_draw(trial)
+    return trial
 
 
 def launch_workers(
@@ -249,18 +311,19 @@ def launch_workers(
     progress: bool = True,
     verbose: bool = False,
     population: int | None = None,
-) -> tuple[StudySummary, list[int]]:
-    """Prepare the study here, then run ``workers`` worker processes on it; returns the summary and exit codes."""
+) -> tuple[StudySummary, WorkersEnded]:
+    """Prepare the study here, then run ``workers`` worker processes on it; the summary and how they ended."""
     started = time.monotonic()
     config = resolve_settings(config, storage, tracking_uri, n_trials, population)
     _, _, parent = prepare_study(config, progress)
     if parent is not None:
         parent.end("FINISHED")  # each worker opens it again through the study and logs to it
-    codes = start_workers(config, workers, gpus, verbose)
+    ended = start_workers(config, workers, gpus, verbose)
     study = load_existing_study(config.study.name, config.study.storage)
     summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
     summary.wall_seconds = time.monotonic() - started
-    return summary, codes
+    summary.stopped_by = ended.stopped_by
+    return summary, ended
 
 
 def study_summary(config: StudyConfig, storage: str | None = None, tracking_uri: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""The Optuna side of a study: storage URLs, samplers, pruners, heartbeats and trial counts.
+"""The Optuna side of a study: storage URLs, heartbeats and trial counts (samplers: ``search.sampler``).
 
 A study lives in an RDB storage (SQLite by default, PostgreSQL for several
 machines) with heartbeats: a running trial beats every ``heartbeat_interval``
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 import optuna
+import sqlalchemy
 from mbu.search.study_file import StudySettings
 from mbu.train.tracking import check_database_folder, missing_sqlite_file, url_scheme
 from optuna.storages import RDBStorage
@@ -65,25 +66,28 @@ def load_existing_study(name: str, storage: str) -> optuna.Study:
         raise ValueError(f"no study named {name!r} in {storage}: launch it first") from err
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The study file's sampler, seeded."""
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-    }
-    return samplers[name]()
+def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since the last heartbeat of each RUNNING trial of the study, by trial number.
 
+    Optuna keeps heartbeats in its own table and offers no reader for them; this reads that table
+    the way its stale-trial check does, with the database's clock on both sides.
+    """
+    from optuna.storages._rdb import models  # private, but the only record of when a worker last beat
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    """The study file's pruner; it judges the validation IoU reported every ``eval_every`` iterations."""
-    pruners = {
-        "none": optuna.pruners.NopPruner,
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2),
-        "hyperband": optuna.pruners.HyperbandPruner,
-    }
-    return pruners[name]()
+    backend = getattr(study._storage, "_backend", study._storage)  # the RDBStorage under Optuna's cache
+    session = backend.scoped_session()
+    try:
+        now = session.execute(sqlalchemy.func.now()).scalar_one().replace(tzinfo=None)
+        rows = (
+            session.query(models.TrialModel.number, models.TrialHeartbeatModel.heartbeat)
+            .join(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+            .filter(models.TrialModel.study_id == study._study_id)
+            .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
+            .all()
+        )
+    finally:
+        session.close()
+    return {number: (now - beat.replace(tzinfo=None)).total_seconds() for number, beat in rows}
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
@@ -99,6 +103,11 @@ def count_taken(study: optuna.Study) -> int:
     with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial must not count as running
     return len(study.get_trials(deepcopy=False, states=TAKEN))
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Complete plus pruned trials: what counts towards ``n_trials``."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 class Heartbeats:

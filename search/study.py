@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 
 import optuna
-from mbu.search.storage import make_pruner, make_sampler, make_storage
+from mbu.search.sampler import make_pruner, make_sampler
+from mbu.search.storage import make_storage
 from mbu.search.study_file import StudyConfig, StudyFileError
 from mbu.search.tracking import RetryLostTrial
 from mbu.search.trial import OBJECTIVE_KEY

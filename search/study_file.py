@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import tomllib
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mbu.data.images import DataError, count_annotated
 from mbu.data.synthetic import SynthConfig
-from mbu.train.config import WEIGHT_NAMES, TrainConfig
+from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
+from mbu.train.step import DeviceError, parse_device
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random")
 PRUNERS = ("none", "median", "hyperband")
@@ -33,6 +35,10 @@ DIRECTIONS = ("maximize", "minimize")
 MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu"}
 TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(WEIGHT_NAMES)
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
+TABLES = ("study", "data", "train", "space", "enqueue", "slurm")  # the study file's top-level tables
+SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)
+# Scoring splits the annotated test A images into a validation half (to choose the threshold) and a test half.
+MIN_ANNOTATED = 2
 
 
 def trial_name(number: int) -> str:
@@ -147,6 +153,15 @@ def _check_keys(where: str, table: dict[str, Any], allowed: set[str], path: Path
         raise StudyFileError(f"{path}: unknown key {where}.{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _check_tables(raw: dict[str, Any], path: Path) -> None:
+    """Only the known tables at the top level; a stray key there (outside any table) is named as such."""
+    for name in sorted(set(raw) - set(TABLES)):
+        known = ", ".join(f"[{t}]" for t in TABLES)
+        if isinstance(raw[name], dict | list):
+            raise StudyFileError(f"{path}: unknown table [{name}] (known tables: {known})")
+        raise StudyFileError(f"{path}: key {name} is outside any table; put it under one of {known}")
+
+
 # TOML value types a dataclass field of each annotation accepts (an int is a float; a bool is neither).
 _EXPECTED = {int: ("an integer", (int,)), float: ("a number", (int, float)), str: ("a string", (str,)),
              bool: ("true or false", (bool,))}  # fmt: skip
@@ -172,6 +187,10 @@ def _check_types(hints: dict[str, Any], where: str, table: dict[str, Any], path:
 
 def _typed(cls: type, where: str, table: dict[str, Any], path: Path) -> Any:
     _check_keys(where, table, {f.name for f in fields(cls)}, path)
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in table]
+    if missing:
+        raise StudyFileError(f"{path}: missing key {where}.{missing[0]} (required: {', '.join(required)})")
     _check_types(typing.get_type_hints(cls), where, table, path)
     try:
         return cls(**table)
@@ -179,15 +198,35 @@ def _typed(cls: type, where: str, table: dict[str, Any], path: Path) -> Any:
         raise StudyFileError(f"{path}: {where}: {err}") from err
 
 
+def _check_scorable(path: Path, root: str) -> None:
+    """A data root whose annotated test A images cannot fill a validation and a test half is refused."""
+    try:
+        count = count_annotated(Path(root))
+    except DataError as err:
+        raise StudyFileError(f"{path}: [data].root: {err}") from err
+    if count is not None and count < MIN_ANNOTATED:
+        raise StudyFileError(
+            f"{path}: [data].root {root} has {count} test A image(s) with a mask in testA_masks/, fewer than "
+            f"{MIN_ANNOTATED}: every trial is scored on a validation half (choosing the threshold) and a test half"
+        )
+
+
 def load_study_file(path: Path | str) -> StudyConfig:
     path = Path(path)
+    if path.is_dir():
+        raise StudyFileError(f"study file {path} is a folder; give the .toml file itself (e.g. {path}/NAME.toml)")
     if not path.is_file():
         raise StudyFileError(f"study file {path} does not exist")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise StudyFileError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save the study file as UTF-8"
+        ) from err
     except tomllib.TOMLDecodeError as err:
         raise StudyFileError(f"{path}: not valid TOML: {err}") from err
-    _check_keys("", raw, {"study", "data", "train", "space", "enqueue", "slurm"}, path)
+    _check_tables(raw, path)
 
     if "study" not in raw or "name" not in raw["study"]:
         raise StudyFileError(f"{path}: missing key [study].name")
@@ -209,6 +248,8 @@ def load_study_file(path: Path | str) -> StudyConfig:
         )
     if not isinstance(study.max_retry, int) or study.max_retry < 0:
         raise StudyFileError(f"{path}: [study].max_retry must be an integer >= 0, got {study.max_retry!r}")
+    if not 0 <= study.seed < SEED_LIMIT:
+        raise StudyFileError(f"{path}: [study].seed must be an integer in [0, 2**32), got {study.seed!r}")
 
     data = raw.get("data", {})
     _check_keys("[data]", data, {"root", "synthetic"}, path)
@@ -219,12 +260,23 @@ def load_study_file(path: Path | str) -> StudyConfig:
         data_root = str(data["root"])
         if not Path(data_root).is_dir():
             raise StudyFileError(f"{path}: [data].root {data_root} is not a folder")
+        _check_scorable(path, data_root)
     else:
         synthetic = _typed(SynthConfig, "[data.synthetic]", data["synthetic"], path)
+        if synthetic.n_test < MIN_ANNOTATED:
+            raise StudyFileError(
+                f"{path}: [data.synthetic].n_test must be at least {MIN_ANNOTATED}, got {synthetic.n_test}: "
+                "every trial is scored on a validation half (choosing the threshold) and a test half of them"
+            )
 
     train = dict(raw.get("train", {}))
     _check_keys("[train]", train, TRAIN_KEYS, path)
     _check_types({**typing.get_type_hints(TrainConfig), **typing.get_type_hints(LossWeights)}, "[train]", train, path)
+    if "device" in train:
+        try:
+            parse_device(train["device"])  # whether it exists here is checked at launch, on the machine that trains
+        except DeviceError as err:
+            raise StudyFileError(f"{path}: [train].device: {err}") from err
 
     space: dict[str, ParamRange] = {}
     for name, spec in raw.get("space", {}).items():
@@ -261,7 +313,14 @@ def load_study_file(path: Path | str) -> StudyConfig:
     config = StudyConfig(path, study, data_root, synthetic, train, space, enqueue, slurm)
     # Build one trial's config now so a bad fixed value fails here, not after data generation.
     try:
-        config.trial_config({name: rng.low for name, rng in space.items()}, config.study_dir / "check")
+        sample = config.trial_config({name: rng.low for name, rng in space.items()}, config.study_dir / "check")
     except (TypeError, ValueError) as err:
         raise StudyFileError(f"{path}: [train]: {err}") from err
+    if sample.bs < MIN_BATCH:
+        raise StudyFileError(f"{path}: [train].bs = {sample.bs}: {MIN_BATCH_REASON}")
+    if synthetic is not None and synthetic.n_train < sample.bs:
+        raise StudyFileError(
+            f"{path}: [data.synthetic].n_train = {synthetic.n_train} is fewer images than the batch "
+            f"([train].bs = {sample.bs}); raise n_train or lower bs"
+        )
     return config

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,13 +84,34 @@ class StudySummary:
         return "\n".join(lines)
 
 
+@contextmanager
+def optuna_quiet() -> Iterator[None]:
+    """Within: Optuna's plotting and importance code keep their warnings to themselves, unless Optuna logs INFO.
+
+    They say what the report says better ("There are no complete trials.", importances from too few
+    trials); ``mbu search -v`` leaves Optuna at INFO and shows them.
+    """
+    if optuna.logging.get_verbosity() <= optuna.logging.INFO:
+        yield
+        return
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # ExperimentalWarning is one too
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def param_importances(study: optuna.Study) -> dict[str, float] | str:
     """Optuna's importances, or why there are none yet."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
         return f"needs at least 2 complete trials, the study has {len(complete)}"
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        with optuna_quiet():
+            return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (RuntimeError, ValueError) as err:  # e.g. every trial shares the same parameters
         return f"not computable: {err}"
 
@@ -146,7 +169,7 @@ def write_plots(study: optuna.Study, study_dir: Path) -> list[Path]:
     written = []
     for name, (function, _) in PLOTS.items():
         try:
-            with warnings.catch_warnings():
+            with optuna_quiet(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # experimental-API and empty-plot warnings
                 axes = getattr(optuna_plots, function)(study, target_name=objective)
         except (ValueError, RuntimeError):  # e.g. importances with fewer than 2 complete trials

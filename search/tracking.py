@@ -12,6 +12,7 @@ its run, so one process can hold several runs, in several stores, at once.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -105,10 +106,20 @@ def close_trial_run(run: Recorder, trial: optuna.Trial, state: str, error: str =
 STOPS_ATTR = "stops"
 
 
+# Optuna trial attributes that describe one try, not its chain: a retry starts without them.
+TRY_ATTRS = ("error", "mlflow_unlogged")
+
+
 def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A WAITING copy of ``trial`` (same parameters), which resumes from the checkpoints of its chain of tries."""
+    """A WAITING copy of ``trial`` (same parameters), which resumes from the checkpoints of its chain of tries.
+
+    The copy keeps the chain's user attributes (e.g. ``stops``) but not those of the try that ended
+    (``TRY_ATTRS``): a retry that completes carries no earlier try's ``error``.
+    """
+    retried = copy.copy(trial)
+    retried.user_attrs = {key: value for key, value in trial.user_attrs.items() if key not in TRY_ATTRS}
     with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
-        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, retried)
 
 
 class RetryLostTrial:

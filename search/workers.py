@@ -8,12 +8,15 @@ run happen once, whoever launches first.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mbu.search.study_file import StudyConfig
@@ -46,34 +49,72 @@ def worker_arguments(config: StudyConfig, verbose: bool = False) -> list[str]:
     return arguments + (["--verbose"] if verbose else [])
 
 
-def start_workers(config: StudyConfig, workers: int, gpus: list[str] | None, verbose: bool = False) -> list[int]:
-    """Run ``workers`` processes of ``mbu search`` on the (prepared) study; returns their exit codes.
+def _die_with_parent() -> None:
+    """In a worker, before exec: Linux sends it SIGTERM if the launcher dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the launcher's own signal forwarding still holds
+        pass
+
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+@dataclass
+class WorkersEnded:
+    codes: list[int]  # each worker's exit code, in launch order
+    stopped_by: str | None = None  # the signal that the launcher passed on to its workers, if any
+
+
+def start_workers(config: StudyConfig, workers: int, gpus: list[str] | None, verbose: bool = False) -> WorkersEnded:
+    """Run ``workers`` processes of ``mbu search`` on the (prepared) study and wait for them.
 
     Workers are spread round-robin over ``gpus`` (``CUDA_VISIBLE_DEVICES``); CPU
     threads are shared out. Each worker's output goes to ``runs/<study>/workers/worker-<i>.log``.
+    The workers run in their own session, so a signal reaches them once, through the launcher:
+    SIGTERM (``kill``, ``timeout``, a scheduler) and Ctrl-C are passed on to every worker, which
+    stops as a single ``mbu search`` does, and the launcher waits for them all. A launcher that
+    dies outright takes its workers down with SIGTERM (Linux).
     """
     logs = config.study_dir / WORKER_LOGS
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     command = [sys.executable, "-m", "mbu", *worker_arguments(config, verbose)]
-    processes = []
-    for i in range(workers):
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        log = open(logs / f"worker-{i}.log", "w")  # closed once the worker has ended
-        processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
-        print(f"worker {i}: pid {processes[-1][0].pid}{where}, log {log.name}", flush=True)
+    processes: list[subprocess.Popen] = []
+    stopped: list[str] = []
+
+    def pass_on(number: int, _frame: object) -> None:
+        stopped.append(signal.Signals(number).name)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(number)
+
+    previous = {number: signal.signal(number, pass_on) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return [process.wait() for process, _ in processes]
-    except KeyboardInterrupt:
-        # The terminal sent SIGINT to the workers too: let them close their trials and runs.
-        for process, _ in processes:
-            process.wait(timeout=60)
-        raise
+        for i in range(workers):
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            with open(logs / f"worker-{i}.log", "w") as log:  # the worker holds its own copy
+                process = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            processes.append(process)
+            where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
+            print(f"worker {i}: pid {process.pid}{where}, log {log.name}", flush=True)
+            if stopped:  # a signal came while starting: this worker gets it too
+                process.send_signal(signal.Signals[stopped[0]])
+        codes = [process.wait() for process in processes]
     finally:
-        for process, log in processes:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for process in processes:  # only if the launcher itself failed: never leave a worker behind
             if process.poll() is None:
                 process.terminate()
-            log.close()
+                process.wait()
+    return WorkersEnded(codes, stopped[0] if stopped else None)

@@ -113,19 +113,25 @@ def test_shipped_study_files_are_valid(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp", "random"])
 def test_every_sampler_runs_seeded(sampler: str) -> None:
     import optuna
-    from mbu.search.storage import make_pruner, make_sampler
+    from mbu.search.sampler import SAMPLERS, make_pruner, make_sampler
+
+    expected = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "gp": "GPSampler", "random": "RandomSampler"}
+    assert type(SAMPLERS[sampler](0)).__name__ == expected[sampler]
 
     def sample(seed: int) -> list[float]:
         study = optuna.create_study(sampler=make_sampler(sampler, seed), pruner=make_pruner("median"))
         study.optimize(lambda t: (t.suggest_float("x", 0.0, 1.0) - 0.3) ** 2, n_trials=4)
         return [t.params["x"] for t in study.trials]
 
-    assert sample(1) == sample(1)  # seeded: the same proposals again
+    first = sample(1)
+    assert first == sample(1)  # seeded: the same proposals again
+    assert first != sample(2)
+    assert len(set(first)) == len(first)  # no trial repeats another's point
 
 
 @pytest.mark.parametrize("pruner", ["none", "median", "hyperband"])
 def test_every_pruner_builds(pruner: str) -> None:
     import optuna
-    from mbu.search.storage import make_pruner
+    from mbu.search.sampler import make_pruner
 
     assert isinstance(make_pruner(pruner), optuna.pruners.BasePruner)

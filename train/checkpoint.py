@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,26 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, ...: all mean "unusable"
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(path, err)}") from err
     missing = {"model", "config", "iteration"} - set(state)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
     check_model_version(state, path)
     return state
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """Why ``torch.load`` refused ``path``, in a few words (PyTorch's own text runs to a paragraph)."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].strip().split("\n", 1)[0]
+        detail = detail.split(" Please use ", 1)[0].rstrip(". ")
+        return f"it holds more than tensors, or is corrupt ({detail[:200]})"
+    first = text.strip().split("\n", 1)[0][:200] or type(err).__name__
+    return f"truncated or corrupt ({first})"
 
 
 def check_model_version(state: dict[str, Any], source: Path) -> None:

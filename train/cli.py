@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
 from mbu.data.files import check_writable
-from mbu.data.images import list_images
+from mbu.data.images import DataError, count_domain, list_images, load_display_images
 from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
-from mbu.train.config import AMP_MODES, WEIGHT_NAMES, TrainConfig
+from mbu.train.config import AMP_MODES, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
 from mbu.train.step import check_step_device, resolve_device
 
@@ -248,7 +249,11 @@ def check_run_folder(cfg: TrainConfig, overwrite: bool) -> None:
 
 
 def clear_run_folder(out: Path) -> None:
-    """Delete what an earlier run left in ``out`` (``--overwrite``): its checkpoint, grids and reports."""
+    """Delete what an earlier run left in ``out`` (``--overwrite``): its checkpoint, grids and reports.
+
+    The reports of ``mbu eval`` on other masks or data (``eval-*/``) go too: they scored the old model.
+    Only the files mbu writes there are deleted; a folder that still holds anything else is kept.
+    """
     import shutil
 
     from mbu.evaluate.report import REPORT_FILES
@@ -258,15 +263,59 @@ def clear_run_folder(out: Path) -> None:
     for name in (CHECKPOINT_FILE, CONFIG_FILE, SKIPPED_FILE, RUN_FILE, *REPORT_FILES):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / GRIDS_DIR, ignore_errors=True)
+    for folder in out.glob("eval-*"):
+        if folder.is_dir() and not folder.is_symlink():
+            for name in REPORT_FILES:
+                (folder / name).unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def check_resume_iterations(cfg: TrainConfig, state: dict) -> None:
+    """Refuse a resume that would train nothing: ``--iters`` at or below the checkpoint's iteration."""
+    done = int(state["iteration"])
+    if cfg.iters <= done:
+        raise ValueError(
+            f"--load {cfg.load}: its checkpoint is at iteration {done} and --iters is {cfg.iters}, so there is "
+            f"nothing to train; give --iters larger than {done} to train more"
+        )
+
+
+def check_training_data(cfg: TrainConfig, progress: bool) -> None:
+    """Refuse, before anything is written, data a training would stop on after its run was opened.
+
+    A batch larger than a domain, or an unreadable image (without ``skip_bad``), is an error naming
+    the domain or the file. Each domain is decoded into the decode cache here (or found there), so the
+    training reads it back without decoding it again; the few display images are decoded too.
+    """
+    if cfg.bs < MIN_BATCH:
+        raise ValueError(f"--bs {cfg.bs}: {MIN_BATCH_REASON}")
+    root = Path(cfg.root)
+    for domain in ("trainA", "trainB"):
+        count = count_domain(root, domain, cfg.resize, progress, cfg.skip_bad)
+        if count < cfg.bs:
+            usable = "readable " if cfg.skip_bad else ""
+            raise DataError(
+                f"--bs {cfg.bs} is more than the {count} {usable}training images of {domain} in {root}: "
+                "lower --bs or add images"
+            )
+    load_display_images(root, cfg.resize, cfg.num_display, cfg.skip_bad)
 
 
 def prepare_config(args: argparse.Namespace) -> TrainConfig:
-    """The run's config, checked before anything is written: paths absolute, resume settings applied."""
+    """The run's config, checked before anything is written: paths absolute, resume settings applied.
+
+    The tracking store and the training data are checked too (:func:`check_training_data`).
+    """
+    from mbu.train.tracking import check_tracking_uri, resolve_tracking_uri  # MLflow: imported when training
+
     cfg = config_from_args(args)
     absolute = {name: str(Path(getattr(cfg, name)).resolve()) for name in ("root", "out", "load") if getattr(cfg, name)}
     cfg = replace(cfg, **absolute)
     if cfg.load:
-        cfg = resume_config(cfg, load_checkpoint(Path(cfg.load))["config"], typed_flags(args))
+        state = load_checkpoint(Path(cfg.load))
+        cfg = resume_config(cfg, state["config"], typed_flags(args))
+        check_resume_iterations(cfg, state)
     if not cfg.root:
         raise ValueError("--root is required: the data root with trainA/ trainB/ (or trainA.txt ...)")
     check_writable(Path(cfg.out), "--out")
@@ -274,6 +323,8 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
     check_step_device(cfg, resolve_device(cfg.device, cfg.gpu))
     for domain in ("trainA", "trainB"):
         list_images(Path(cfg.root), domain)  # a missing or empty domain is an error naming it
+    check_tracking_uri(resolve_tracking_uri())  # a store it cannot open or write fails now, before any decoding
+    check_training_data(cfg, progress=not getattr(args, "no_progress", False))
     return cfg
 
 
@@ -299,31 +350,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mbu.evaluate.tracking import RUN_FILE
-    from mbu.train.loop import TrainStatus, train
-    from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri, train_params
+    from mbu.train.loop import TrainingStopped, TrainStatus, train
+    from mbu.train.stop import EXIT_INTERRUPTED, EXIT_STOPPED, StopRequest, signals_stop
+    from mbu.train.tracking import Recorder, quiet_store_messages, resolve_tracking_uri, train_params
 
-    cfg = prepare_config(args)
+    cfg = prepare_config(args)  # the tracking store and the data checked too: nothing written before
     uri = resolve_tracking_uri()
-    check_tracking_uri(uri)
+    quiet_store_messages()
     status = TrainStatus()
-    recorder = Recorder.start(uri, args.experiment, run_name=Path(cfg.out).name)
-    try:
-        if args.overwrite:
-            clear_run_folder(Path(cfg.out))
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
-        recorder.log_params(train_params(cfg))
-        result = train(cfg, progress=not args.no_progress, status=status, recorder=recorder)
-    except KeyboardInterrupt:
-        recorder.end("KILLED")
-        saved = f"last checkpoint at iteration {status.saved} in {cfg.out}" if status.saved else "no checkpoint saved"
-        resume = f"; resume with: mbu train --out {cfg.out} --load {cfg.out}" if status.saved else ""
-        print(f"mbu train: interrupted at iteration {status.iteration}; {saved}{resume}", file=sys.stderr)
-        return 130
-    except BaseException as err:
-        recorder.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
-        recorder.end("FAILED")
-        raise
+    stop = StopRequest()
+    # From here on SIGTERM and Ctrl-C stop between iterations: checkpoint, run KILLED, one line.
+    with signals_stop(stop.request, signal.SIGTERM, signal.SIGINT):
+        recorder = Recorder.start(uri, args.experiment, run_name=Path(cfg.out).name)
+        try:
+            if args.overwrite:
+                clear_run_folder(Path(cfg.out))
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
+            recorder.log_params(train_params(cfg))
+            result = train(cfg, progress=not args.no_progress, status=status, recorder=recorder, stop=stop)
+        except (TrainingStopped, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C, no waiting
+            reason = err.reason if isinstance(err, TrainingStopped) else "SIGINT"
+            recorder.set_tags({"stopped": f"{reason} at iteration {status.iteration}"})
+            recorder.end("KILLED")
+            where = "interrupted" if reason == "SIGINT" else f"stopped by {reason}"
+            saved = f"checkpoint at iteration {status.saved} in {cfg.out}" if status.saved else "no checkpoint saved"
+            again = f"; resume with: mbu train --out {cfg.out} --load {cfg.out}" if status.saved else ""
+            print(f"mbu train: {where} at iteration {status.iteration}; {saved}{again}", file=sys.stderr)
+            return EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_STOPPED
+        except BaseException as err:
+            recorder.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+            recorder.end("FAILED")
+            raise
     recorder.end("FINISHED")
     if result.start:
         print(f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}")

@@ -10,6 +10,13 @@ from mbu.train.losses import LossWeights
 from mbu.train.model import ModelConfig
 
 AMP_MODES = ("none", "bf16")
+# BatchNorm normalises each channel over the batch: with one image per domain the encoders' last block
+# (1 x 1 at 64 px) holds a single value per channel, and training stops at its first step.
+MIN_BATCH = 2
+MIN_BATCH_REASON = (
+    f"the batch must hold at least {MIN_BATCH} images per domain: BatchNorm normalises over the batch "
+    "and cannot train on one image"
+)
 
 
 @dataclass

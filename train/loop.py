@@ -269,12 +269,23 @@ class Training:
         return TrainResult(self.model, final_iteration, self.metrics, self.run_dir, self.start)
 
 
+class TrainingStopped(Exception):
+    """Training stopped between iterations because a stop was asked; the checkpoint is at ``iteration``."""
+
+    def __init__(self, reason: str, iteration: int, saved: bool) -> None:
+        super().__init__(f"stopped by {reason} at iteration {iteration}")
+        self.reason = reason
+        self.iteration = iteration
+        self.saved = saved  # False when it stopped before its first iteration (nothing new to keep)
+
+
 def train(
     cfg: TrainConfig,
     on_eval: EvalCallback | None = None,
     progress: bool = True,
     status: TrainStatus | None = None,
     recorder: Recorder | None = None,
+    stop: Callable[[], str | None] | None = None,
 ) -> TrainResult:
     """Train on ``cfg.root`` into ``cfg.out``; losses, grids and eval metrics go to ``recorder``'s run.
 
@@ -283,11 +294,19 @@ def train(
     checkpoint and continues exactly where it stopped (batches depend only on
     the seed and the iteration). Raises :class:`NonFiniteLossError` within one
     ``progress_iter`` interval of the loss becoming NaN or infinite. ``status``,
-    when given, follows the iteration and the last checkpoint written.
+    when given, follows the iteration and the last checkpoint written. ``stop``
+    is asked before each iteration; once it gives a reason, the training writes
+    its checkpoint and raises :class:`TrainingStopped`.
     """
     training = Training(cfg, on_eval, progress, status, recorder)
     try:
         while not training.done:
+            reason = stop() if stop is not None else None
+            if reason is not None:
+                moved = training.iteration > training.start
+                if moved:
+                    training.save()
+                raise TrainingStopped(reason, training.iteration, moved)
             training.step()
     finally:
         training.close()

@@ -38,30 +38,43 @@ class DeviceError(ValueError):
     """A device that does not exist here or cannot be named so."""
 
 
+def parse_device(device: str) -> torch.device | None:
+    """``device`` as a torch device (None for ``auto``), not yet checked to exist on this machine.
+
+    A name that is no device this runs on (``tpu``, ``meta``) is a :class:`DeviceError`.
+    """
+    if device == "auto":
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
 def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device:
     """``--gpu N`` wins; ``auto`` means CUDA when present, else CPU. Checks the device exists here."""
     if gpu is not None:
         device = f"cuda:{gpu}"
-    if device == "auto":
+    resolved = parse_device(device)
+    if resolved is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {device!r} was asked for but CUDA is not available on this machine")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise DeviceError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif resolved.type != "cpu":
-        raise DeviceError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     return resolved
 
 
-def check_step_device(cfg: TrainConfig, device: torch.device) -> None:
-    """A captured step needs CUDA: say so before anything runs."""
+def check_step_device(cfg: TrainConfig, device: torch.device, source: str = "--cuda-graph") -> None:
+    """A captured step needs CUDA: say so before anything runs, naming where it was asked for (``source``)."""
     if cfg.cuda_graph and device.type != "cuda":
-        raise DeviceError(f"cuda_graph needs a CUDA device; this run is on {device} (drop --cuda-graph)")
+        raise DeviceError(
+            f"{source} needs a CUDA device, and this run is on {device}: drop it, or run on a machine with CUDA"
+        )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import urllib.error
@@ -60,7 +61,33 @@ def check_tracking_uri(uri: str) -> None:
             "http(s)://HOST:PORT of an MLflow server, or a database URL (postgresql://...)"
         )
     check_database_folder(uri, "tracking URI")
+    check_database_writable(uri, "tracking URI")
     check_tracking_server(uri)
+
+
+def check_database_writable(url: str, what: str) -> None:
+    """A SQLite URL whose file or folder cannot be written is an error naming it (``what``: the store's role).
+
+    SQLite creates the database, and its journal beside it, in that folder: without write permission
+    there, MLflow retries for minutes before it fails.
+    """
+    database = sqlite_file(url)
+    if database is None:
+        return
+    database = database.resolve()
+    if not os.access(database.parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{what} {url}: no permission to write in {database.parent} (SQLite writes the database and its "
+            "journal there); run from a folder you can write, or point the URI elsewhere"
+        )
+    if database.exists() and not os.access(database, os.W_OK):
+        raise PermissionError(f"{what} {url}: {database} is read-only; make it writable or point the URI elsewhere")
+
+
+def quiet_store_messages() -> None:
+    """Keep MLflow's messages about creating and upgrading a store's tables off the terminal (warnings stay)."""
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:

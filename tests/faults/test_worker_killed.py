@@ -1,5 +1,6 @@
-"""Fault: a worker SIGKILLed mid-trial. The trial is failed after the grace period, retried by the next
-worker and resumed from its last checkpoint; its MLflow run is closed as FAILED."""
+"""Fault: a worker SIGKILLed mid-trial. A relaunch within the grace period says the trial's worker is
+silent and waits; the trial is failed after the grace period, retried and resumed from its last
+checkpoint; its MLflow run is closed as FAILED."""
 
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from mlflow.tracking import MlflowClient
 
 STUDY = tiny_study(
     "killed",
-    study="heartbeat_interval = 1\ngrace_period = 2\n",
+    study="heartbeat_interval = 1\ngrace_period = 5\n",
     train="iters = 40\nprogress_iter = 10\nsave_iter = 10\n",
     lr_space=False,
 )
 
 
-def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path: Path) -> None:
+def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path: Path, capsys) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
     command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
     worker = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -43,10 +44,12 @@ def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.RUNNING]  # as the kill left it
-    time.sleep(3)  # past the grace period: the trial's heartbeat has stopped
 
+    # Relaunched at once, inside the grace period: it waits for the silent trial to be retried.
     summary = run_study(load_study_file(tmp_path / "study.toml"), progress=False)
     assert summary.states == {"FAIL": 1, "COMPLETE": 1}
+    out = capsys.readouterr().out
+    assert "trial 0 is RUNNING but its worker has been silent for" in out and "waiting" in out, out
     lost, retry = study.get_trials()
     assert lost.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.system_attrs["failed_trial"] == 0

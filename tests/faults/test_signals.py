@@ -1,0 +1,95 @@
+"""Fault: SIGTERM (``kill``, ``timeout``, a scheduler) of ``mbu train`` and of the ``--workers`` launcher.
+
+Each stops as Ctrl-C does: checkpoint, MLflow run closed (never left RUNNING),
+one line saying how to go on, and no process left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from conftest import tiny_study
+from mbu.train.checkpoint import load_checkpoint
+from mlflow.tracking import MlflowClient
+
+
+def wait_for(paths: list[Path], process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(path.exists() for path in paths):
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, f"never appeared: {paths}"
+        time.sleep(0.2)
+
+
+def runs_of(experiment: str) -> list:
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path, tmp_path: Path) -> None:
+    argv = ["train", "--root", str(tiny_root), "--out", "run", "--resize", "64", "--bs", "4", "--no-progress"]
+    argv += ["--iters", "2000", "--save_iter", "5000", "--progress_iter", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "mbu", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    wait_for([tmp_path / "run" / "mlflow_run.json"], proc)
+    time.sleep(4)  # into training (no periodic checkpoint: save_iter is beyond the run)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 75, err
+    lines = [line for line in err.splitlines() if line.startswith("mbu train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    found = re.fullmatch(r"mbu train: stopped by SIGTERM at iteration (\d+); checkpoint at iteration (\d+) in (.+); "
+                         r"resume with: mbu train --out (.+) --load (.+)", lines[0])  # fmt: skip
+    assert found, lines[0]
+    stopped_at = int(found[1])
+    assert 0 < stopped_at < 2000 and int(found[2]) == stopped_at
+    assert load_checkpoint(tmp_path / "run")["iteration"] == stopped_at  # written by the stop itself
+    (run,) = runs_of("mbu-train")
+    assert run.info.status == "KILLED" and run.data.tags["stopped"] == f"SIGTERM at iteration {stopped_at}"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "mbu", "train", "--out", "run", "--load", "run", "--iters", str(stopped_at + 2)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at {stopped_at}, trained to {stopped_at + 2}" in resumed.stdout
+
+
+def test_sigterm_of_the_workers_launcher_stops_every_worker_and_exits_75(tmp_path: Path) -> None:
+    study = tiny_study("term", 2, study="seed = 1\n", train="iters = 2000\nprogress_iter = 2\nsave_iter = 5000\n")
+    (tmp_path / "study.toml").write_text(study)
+    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--workers", "2", "--no-progress"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs" / "term"
+    wait_for([runs / "trial-0" / "mlflow_run.json", runs / "trial-1" / "mlflow_run.json"], launcher, 180)
+    time.sleep(3)  # both workers are training
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 75, out + err
+    assert "mbu search: stopped by SIGTERM" in err and "mbu search study.toml" in err, err
+
+    pids = [int(pid) for pid in re.findall(r"worker \d: pid (\d+)", out)]
+    assert len(pids) == 2
+    for pid in pids:  # no worker left training on its own
+        try:
+            os.kill(pid, 0)
+            raise AssertionError(f"worker {pid} is still running")
+        except ProcessLookupError:
+            pass
+
+    trials = optuna.load_study(study_name="term", storage="sqlite:///optuna.db").get_trials()
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(stopped) == 2 and all(t.user_attrs["error"].startswith("stopped: SIGTERM") for t in stopped)
+    assert sum(t.state == optuna.trial.TrialState.WAITING for t in trials) == 2  # queued to resume
+    assert all(r.info.status != "RUNNING" for r in runs_of("term"))
+    for log in (runs / "workers").glob("worker-*.log"):
+        assert "stopped by SIGTERM" in log.read_text()

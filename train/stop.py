@@ -1,0 +1,50 @@
+"""A stop asked from outside (a signal): the loop finishes its iteration, checkpoints, and returns.
+
+The request is an object the command creates and hands to the training loop,
+never module state, so two trainings in one process each have their own.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped from outside (SIGTERM) with the work checkpointed; launching again goes on
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+
+
+class StopRequest:
+    """Set once by a signal handler, read by the loop between iterations (``stop()`` is the reason or None)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def __call__(self) -> str | None:
+        return self.reason
+
+
+@contextmanager
+def signals_stop(request: Callable[[str], None], *signals: int) -> Iterator[None]:
+    """Within: each of ``signals`` calls ``request(NAME)`` instead of ending the process.
+
+    SIGINT is honoured once this way; a second Ctrl-C interrupts at once (KeyboardInterrupt),
+    for a user who will not wait for the checkpoint. The previous handlers come back on the way out.
+    """
+    previous = {number: signal.getsignal(number) for number in signals}
+
+    def handler(number: int, _frame: object) -> None:
+        request(signal.Signals(number).name)
+        if number == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for number in signals:
+        signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
