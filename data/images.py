@@ -169,7 +169,9 @@ def load_domain(
     if hit is not None:
         domain = DomainImages(torch.from_numpy(hit.images), hit.paths, hit.skipped)
     else:
-        domain = _decode_domain(root, name, paths, resize, crop, progress, skip_bad, key)
+        domain = _decode_domain(root, name, paths, resize, crop, progress, skip_bad)
+        if use_cache:
+            cache.store(key, cache.CachedDomain(domain.images.numpy(), domain.paths, domain.skipped))
     if domain.skipped:
         shown = "".join(f"\n  {line}" for line in domain.skipped[:10])
         more = f"\n  ... and {len(domain.skipped) - 10} more" if len(domain.skipped) > 10 else ""
@@ -178,31 +180,50 @@ def load_domain(
 
 
 def _decode_domain(
-    root: Path, name: str, paths: list[Path], resize: int, crop: int | None, progress: bool, skip_bad: bool, key: str
+    root: Path, name: str, paths: list[Path], resize: int, crop: int | None, progress: bool, skip_bad: bool
 ) -> DomainImages:
-    """Decode ``paths``; with a cache ``key``, store the result for the next reader."""
     images, kept, skipped = decode_images(paths, resize, f"decode {name}", progress, crop, skip_bad)
     if not kept:
         raise DataError(f"no readable image in {root}/{name} ({len(skipped)} skipped)")
-    if key:
-        cache.store(key, cache.CachedDomain(images.numpy(), kept, skipped))
     return DomainImages(images, kept, skipped)
 
 
-def count_domain(root: Path, name: str, resize: int, progress: bool = True, skip_bad: bool = False) -> int:
-    """How many images of ``root/name`` a training would use, checking that it can read them.
+@dataclass
+class DomainsRead:
+    """What :func:`read_domains` found: images per domain, and the decodings not yet in the cache."""
 
-    Answered from the decode cache's record when the domain is cached; otherwise the
-    domain is decoded now (an unreadable file raises :class:`DataError` naming it, unless
-    ``skip_bad``) and cached, so :func:`load_domain` then reads it without decoding again.
+    counts: dict[str, int]  # domain name -> images a training would use
+    pending: list[tuple[str, cache.CachedDomain]] = field(default_factory=list)  # (cache key, entry)
+
+    def commit(self) -> None:
+        """Put the new decodings in the decode cache, where :func:`load_domain` then finds them."""
+        for key, entry in self.pending:
+            cache.store(key, entry)
+        self.pending = []
+
+
+def read_domains(
+    root: Path, names: tuple[str, ...], resize: int, progress: bool = True, skip_bad: bool = False
+) -> DomainsRead:
+    """Check that a training can read every domain, and count the images it would use of each.
+
+    A domain already in the decode cache is answered from the cache's record; any other is
+    decoded now (an unreadable file raises :class:`DataError` naming it, unless ``skip_bad``).
+    Nothing is written: :meth:`DomainsRead.commit` caches the new decodings once the caller has
+    accepted them, so a refused run leaves no trace and an accepted one decodes nothing twice.
     """
-    paths = list_images(root, name)
-    crop = read_crop(root)
-    key = cache.cache_key(paths, resize, crop, skip_bad)
-    count = cache.cached_count(key)
-    if count is None:
-        count = len(_decode_domain(root, name, paths, resize, crop, progress, skip_bad, key))
-    return count
+    result = DomainsRead({})
+    for name in names:
+        paths = list_images(root, name)
+        crop = read_crop(root)
+        key = cache.cache_key(paths, resize, crop, skip_bad)
+        count = cache.cached_count(key)
+        if count is None:
+            domain = _decode_domain(root, name, paths, resize, crop, progress, skip_bad)
+            result.pending.append((key, cache.CachedDomain(domain.images.numpy(), domain.paths, domain.skipped)))
+            count = len(domain)
+        result.counts[name] = count
+    return result
 
 
 @dataclass

@@ -45,7 +45,7 @@ from mbu.search.storage import (
     heartbeat_ages,
     load_existing_study,
 )
-from mbu.search.study import check_study_folder, open_study
+from mbu.search.study import check_study_folder, check_tracking_store, open_study
 from mbu.search.study_file import StudyConfig, StudySettings
 from mbu.search.study_report import StudySummary, summary_text, write_study_report
 from mbu.search.tracking import open_parent_run
@@ -147,6 +147,7 @@ def prepare_study(config: StudyConfig, progress: bool) -> tuple[optuna.Study, An
     """
     with launch_lock(config.study_dir):
         check_study_folder(config)
+        check_tracking_store(config)
         annotated = prepare_inputs(config, progress)
         study = open_study(config)
         count_taken(study)  # fails (and queues retries of) trials whose worker died

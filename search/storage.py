@@ -17,7 +17,7 @@ from types import TracebackType
 import optuna
 import sqlalchemy
 from mbu.search.study_file import StudySettings
-from mbu.train.tracking import check_database_folder, missing_sqlite_file, url_scheme
+from mbu.train.tracking import check_database_folder, check_database_server, missing_sqlite_file, url_scheme
 from optuna.storages import RDBStorage
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # count towards n_trials
@@ -35,6 +35,7 @@ def check_storage_url(url: str) -> None:
             f"Optuna storage {url!r} is not a database URL: give sqlite:///FILE.db or postgresql://USER@HOST/DB"
         )
     check_database_folder(url, "Optuna storage")
+    check_database_server(url, "Optuna storage")
 
 
 def make_storage(settings: StudySettings, on_stale_trial: StaleTrialCallback | None = None) -> RDBStorage:

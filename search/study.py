@@ -27,6 +27,7 @@ from mbu.train.tracking import missing_sqlite_file
 
 STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
 STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to
+TRACKING_ATTR = "mbu_tracking_uri"  # Optuna study attribute: the MLflow store all its runs go to
 FINGERPRINT_ATTR = "mbu_fingerprint"  # Optuna study attribute: the space, fixed settings and data it was made with
 # Fixed settings that change how a trial runs or logs, not what it learns: free to edit between launches.
 OPERATIONAL_KEYS = {
@@ -72,6 +73,8 @@ def open_study(config: StudyConfig) -> optuna.Study:
             study.set_metric_names([OBJECTIVE_KEY])
     if STUDY_UID_ATTR not in study.user_attrs:
         study.set_user_attr(STUDY_UID_ATTR, uuid.uuid4().hex)
+    if TRACKING_ATTR not in study.user_attrs:
+        study.set_user_attr(TRACKING_ATTR, storage_identity(settings.tracking_uri))
     record_study_folder(config, study)
     queue_presets(study, config.enqueue, settings.max_retry)
     return study
@@ -128,6 +131,27 @@ def check_study_folder(config: StudyConfig) -> None:
         raise StudyFileError(
             f"{config.study_dir} holds the trials of an earlier study {name!r} in {storage} that no longer "
             f"exists there; {advice}"
+        )
+
+
+def check_tracking_store(config: StudyConfig) -> None:
+    """Refuse a launch that would log the study's runs to another MLflow store than its earlier launches.
+
+    One study's parent and trial runs live in one store; a top-up elsewhere would split them.
+    """
+    settings = config.study
+    if missing_sqlite_file(settings.storage) is not None:
+        return  # a new storage: nothing logged anywhere yet
+    try:
+        stored = optuna.load_study(study_name=settings.name, storage=settings.storage).user_attrs.get(TRACKING_ATTR)
+    except KeyError:
+        return  # a new study
+    current = storage_identity(settings.tracking_uri)
+    if stored is not None and stored != current:
+        raise StudyFileError(
+            f"{config.path}: study {settings.name!r} in {settings.storage} logs its runs to the MLflow store "
+            f"{stored}, not {current}; launch it with --tracking-uri {stored} (or that [study].tracking_uri), "
+            "or give [study].name a new name for a study in the new store"
         )
 
 

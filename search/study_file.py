@@ -16,6 +16,7 @@ Every error names the file and the key.
 
 from __future__ import annotations
 
+import re
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -39,6 +40,9 @@ TABLES = ("study", "data", "train", "space", "enqueue", "slurm")  # the study fi
 SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)
 # Scoring splits the annotated test A images into a validation half (to choose the threshold) and a test half.
 MIN_ANNOTATED = 2
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name anywhere, never a path
 
 
 def trial_name(number: int) -> str:
@@ -231,6 +235,11 @@ def load_study_file(path: Path | str) -> StudyConfig:
     if "study" not in raw or "name" not in raw["study"]:
         raise StudyFileError(f"{path}: missing key [study].name")
     study = _typed(StudySettings, "[study]", raw["study"], path)
+    if not isinstance(study.name, str) or not STUDY_NAME.fullmatch(study.name):
+        raise StudyFileError(
+            f"{path}: [study].name {study.name!r} cannot name a folder under runs_dir and an MLflow experiment: "
+            "use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 100)"
+        )
     for key, value, allowed in (
         ("direction", study.direction, DIRECTIONS),
         ("sampler", study.sampler, SAMPLERS),

@@ -54,7 +54,7 @@ def postgres_url() -> Iterator[str]:
     run("pg_ctl", "-D", str(data), "-o", options, "-l", str(home / "log"), "-w", "start")
     try:
         run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mbu")
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mbu"
+        yield f"postgresql://postgres@127.0.0.1:{port}/mbu"  # as the README writes it (psycopg 3)
     finally:
         run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(home, ignore_errors=True)

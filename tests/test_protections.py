@@ -85,16 +85,92 @@ def test_eval_with_other_masks_keeps_the_runs_own_report(run: Path, tiny_root: P
     assert main(["eval", "--run", str(run), "--masks", str(masks), "--no-progress"]) == 0
     after = {path: entry for path, entry in fingerprint(run).items() if Path(path).parent == run}
     assert {p: e for p, e in after.items() if p in own} == own  # the run's own files untouched
-    assert (run / "eval-my_masks" / "report.json").is_file()
+    (report,) = run.glob("eval-my_masks-*/report.json")
+    assert json.loads(report.read_text())["scored_on"]["masks"] == str(masks.resolve())
+
+
+def test_eval_of_two_masks_folders_of_one_name_keeps_both_reports(run: Path, tiny_root: Path, tmp_path: Path) -> None:
+    masks = sorted((tiny_root / "testA_masks").iterdir())
+    for folder, kept in (("first", masks), ("second", masks[:4])):  # the second scores 4 of the 6 images
+        (tmp_path / folder / "masks").mkdir(parents=True)
+        for mask in kept:
+            shutil.copy(mask, tmp_path / folder / "masks" / mask.name)
+    for folder in ("first", "second"):
+        assert main(["eval", "--run", str(run), "--masks", str(tmp_path / folder / "masks"), "--no-progress"]) == 0
+    reports = {}
+    for path in run.glob("eval-masks-*/report.json"):
+        report = json.loads(path.read_text())
+        reports[report["scored_on"]["masks"]] = (path.parent, report)
+    assert set(reports) == {str(tmp_path / "first" / "masks"), str(tmp_path / "second" / "masks")}
+    (first_dir, first), (second_dir, second) = (
+        reports[str(tmp_path / "first" / "masks")],
+        reports[str(tmp_path / "second" / "masks")],
+    )
+    assert first_dir != second_dir
+    assert first["metrics"]["val/images"] + first["metrics"]["test/images"] == 6
+    assert second["metrics"]["val/images"] + second["metrics"]["test/images"] == 4
+    assert f"against the masks in `{tmp_path / 'second' / 'masks'}`" in (second_dir / "report.md").read_text()
+    # The same folder scored again replaces its own report, and only that one.
+    before = first_dir.joinpath("report.json").stat().st_mtime_ns
+    assert main(["eval", "--run", str(run), "--masks", str(tmp_path / "first" / "masks"), "--no-progress"]) == 0
+    assert len(list(run.glob("eval-masks-*/report.json"))) == 2
+    assert first_dir.joinpath("report.json").stat().st_mtime_ns != before
 
 
 def test_overwrite_replaces_the_run_and_its_stale_reports(run: Path, tiny_root: Path, tmp_path: Path) -> None:
     target = tmp_path / "again"
     shutil.copytree(run, target)
-    assert (target / "report.md").is_file()
+    masks = tmp_path / "other_masks"
+    shutil.copytree(tiny_root / "testA_masks", masks)
+    assert main(["eval", "--run", str(target), "--masks", str(masks), "--no-progress"]) == 0
+    (scored,) = target.glob("eval-other_masks-*")
+    (target / "eval-notes").mkdir()  # a folder of the user's that only looks like a report folder
+    (target / "eval-notes" / "todo.txt").write_text("the user's own file\n")
+    assert (target / "report.md").is_file() and (scored / "report.json").is_file()
     assert main([*TRAIN, "--root", str(tiny_root), "--out", str(target), "--iters", "1", "--overwrite"]) == 0
     assert load_checkpoint(target)["iteration"] == 1
     assert not (target / "report.md").exists() and not (target / "masks.npz").exists()
+    assert not scored.exists()  # the old model's report on other masks is gone too
+    assert (target / "eval-notes" / "todo.txt").read_text() == "the user's own file\n"
+
+
+def test_transfer_overwrite_leaves_no_earlier_pair_images(run: Path, tiny_root: Path, tmp_path: Path) -> None:
+    guides = sorted((tiny_root / "testA").iterdir())[:2]
+    target = str(sorted((tiny_root / "testB").iterdir())[0])
+    out = tmp_path / "t"
+    assert main(["transfer", "--run", str(run), "--guide", *map(str, guides), "--target", target, "--out", "t"]) == 0
+    assert len(list(out.glob("*__on__*.png"))) == 2
+    (out / "notes.txt").write_text("the user's own file\n")
+    argv = ["transfer", "--run", str(run), "--guide", str(guides[1]), "--target", target, "--out", "t", "--overwrite"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{guides[1].stem}__on__{Path(target).stem}.png", "transfer_grid.png", "notes.txt"]
+    )
+
+
+def test_a_retry_that_completes_keeps_no_error_of_the_try_before(tmp_path: Path) -> None:
+    """A trial stopped by SIGTERM is FAIL with its error; the retry queued for it completes without that error."""
+    from mbu.search.runner import prepare_study, resolve_settings
+    from mbu.search.tracking import STOPS_ATTR, queue_retry
+
+    (tmp_path / "study.toml").write_text(tiny_study("retried", train="iters = 2\nprogress_iter = 1\n"))
+    config = resolve_settings(load_study_file(tmp_path / "study.toml"), None, None, None)
+    study, _, parent = prepare_study(config, progress=False)
+    parent.end("FINISHED")
+    stopped = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL,
+        params={"lr": 3e-4},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-3, log=True)},
+        user_attrs={"error": "stopped: SIGTERM; checkpoint at iteration 0, queued to resume", STOPS_ATTR: 1},
+    )
+    study.add_trial(stopped)
+    queue_retry(study, study.get_trials()[-1])
+
+    assert run_study(load_study_file(tmp_path / "study.toml"), progress=False).states == {"COMPLETE": 1, "FAIL": 1}
+    failed, retry = optuna.load_study(study_name="retried", storage="sqlite:///optuna.db").get_trials()
+    assert failed.user_attrs["error"].startswith("stopped: SIGTERM")  # the stopped try keeps its own record
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == {"lr": 3e-4}
+    assert "error" not in retry.user_attrs and retry.user_attrs[STOPS_ATTR] == 1
 
 
 def test_same_stems_keep_every_output(run: Path, tiny_root: Path, tmp_path: Path, capsys) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_study, tiny_train_config
+from conftest import TINY_SYNTH, tiny_study, tiny_train_config
 from mbu.train.checkpoint import CHECKPOINT_FILE
 from mbu.train.loop import train
 
@@ -87,8 +88,73 @@ def _file(name: str) -> Callable[[Path, dict[str, Path]], None]:
     return lambda cwd, shared: (cwd / name).write_text("not a folder\n")
 
 
+LOCKED: list[Path] = []  # folders made read-only by a row's setup; unlocked after each test
+
+
+def read_only(folder: Path) -> None:
+    """Make ``folder`` one that nobody may write in: mode 555, and as root (who ignores modes) immutable."""
+    folder.chmod(0o555)
+    LOCKED.append(folder)
+    if os.access(folder, os.W_OK):  # root: only the immutable attribute (or a read-only mount) stops it
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    if os.access(folder, os.W_OK):
+        pytest.skip(f"cannot make {folder} read-only on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _unlock() -> None:
+    yield
+    while LOCKED:
+        folder = LOCKED.pop()
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+def _locked_folder(name: str) -> Callable[[Path, dict[str, Path]], None]:
+    def setup(cwd: Path, shared: dict[str, Path]) -> None:
+        (cwd / name).mkdir()
+        read_only(cwd / name)
+
+    return setup
+
+
+def _read_only_cwd(cwd: Path, shared: dict[str, Path]) -> None:
+    """Work from a read-only folder ``cwd/ro``, as a user whose working directory is not theirs."""
+    _locked_folder("ro")(cwd, shared)
+    os.chdir(cwd / "ro")  # the autouse fixture's monkeypatch restores the working directory
+
+
+def _locked_run(cwd: Path, shared: dict[str, Path]) -> None:
+    shutil.copytree(shared["run"], cwd / "run")
+    read_only(cwd / "run")
+
+
+def _corrupt_copy(cwd: Path, shared: dict[str, Path]) -> None:
+    shutil.copytree(shared["root"], cwd / "data")
+    bad = sorted((cwd / "data" / "trainB").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated mid-file
+
+
+def _foreign_checkpoint(cwd: Path, shared: dict[str, Path]) -> None:
+    (cwd / "foreign").mkdir()
+    torch.save({"model": {}, "where": Path("elsewhere")}, cwd / "foreign" / CHECKPOINT_FILE)  # a pickled object
+
+
+def _one_annotated(cwd: Path, shared: dict[str, Path]) -> None:
+    """A data root whose test A images have one mask between them; and a study file on it."""
+    shutil.copytree(shared["root"], cwd / "data")
+    for mask in sorted((cwd / "data" / "testA_masks").iterdir())[1:]:
+        mask.unlink()
+    (cwd / "study.toml").write_text(GOOD_STUDY.replace(SYNTHETIC_TABLE, '[data]\nroot = "data"\n'))
+
+
 TRAIN = ["train", "--resize", "64", "--bs", "4", "--iters", "2", "--no-progress"]
 GOOD_STUDY = tiny_study("mistakes")
+SYNTHETIC_TABLE = (
+    f"[data.synthetic]\nsize = {TINY_SYNTH.size}\nn_train = {TINY_SYNTH.n_train}\nn_test = {TINY_SYNTH.n_test}\n"
+    f"seed = {TINY_SYNTH.seed}\n"
+)
+assert SYNTHETIC_TABLE in GOOD_STUDY
 
 
 def _train(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
@@ -120,7 +186,7 @@ MISTAKES = [
     Mistake(
         "train captured step on cpu",
         _train("--out", "r", "--device", "cpu", "--cuda-graph"),
-        "cuda_graph needs a CUDA device",
+        "--cuda-graph needs a CUDA device",
     ),  # fmt: skip
     Mistake(
         "train captured step with compile",
@@ -128,6 +194,35 @@ MISTAKES = [
         "cuda_graph and compile cannot be combined",
     ),  # fmt: skip
     Mistake("train zero batch", _train("--out", "r", "--bs", "0"), "bs must be a positive integer, got 0"),
+    Mistake("train batch of one", _train("--out", "r", "--bs", "1"), "--bs 1: the batch must hold at least 2 images"),
+    Mistake(
+        "train batch larger than a domain",
+        _train("--out", "r", "--bs", str(TINY_SYNTH.n_train + 1)),
+        f"--bs {TINY_SYNTH.n_train + 1} is more than the {TINY_SYNTH.n_train} training images of trainA",
+    ),  # fmt: skip
+    Mistake(
+        "train unreadable image",
+        lambda s: [*TRAIN, "--root", "data", "--out", "r"],
+        "cannot read image",
+        _corrupt_copy,
+    ),  # fmt: skip
+    Mistake(
+        "train from a folder it cannot write",
+        _train("--out", "../r"),
+        "no permission to write in",
+        _read_only_cwd,
+        env={"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"},
+    ),  # fmt: skip
+    Mistake(
+        "train resume with nothing left to train",
+        lambda s: ["train", "--load", str(s["run"]), "--out", str(s["run"])],
+        "its checkpoint is at iteration 2 and --iters is 2, so there is nothing to train",
+    ),  # fmt: skip
+    Mistake(
+        "train resume to an earlier iteration",
+        lambda s: ["train", "--load", str(s["run"]), "--out", "new", "--iters", "1"],
+        "give --iters larger than 2 to train more",
+    ),  # fmt: skip
     Mistake("train zero iterations", _train("--out", "r", "--iters", "0"), "iters must be a positive integer"),
     Mistake("train negative lr", _train("--out", "r", "--lr", "-1"), "lr must be > 0"),
     Mistake("train negative weight", _train("--out", "r", "--alpha1", "-1"), "loss weight alpha1 must be >= 0"),
@@ -138,7 +233,13 @@ MISTAKES = [
     Mistake(
         "train broken checkpoint",
         lambda s: ["train", "--load", str(s["broken"]), "--out", "r"],
-        "cannot read checkpoint",
+        "checkpoint.pt: truncated or corrupt (",
+    ),  # fmt: skip
+    Mistake(
+        "train checkpoint holding objects",
+        lambda s: ["train", "--load", "foreign", "--out", "r"],
+        "checkpoint.pt: it holds more than tensors, or is corrupt (Unsupported global: GLOBAL pathlib",
+        _foreign_checkpoint,
     ),  # fmt: skip
     Mistake("train old checkpoint", lambda s: ["train", "--load", str(s["old"]), "--out", "r"], "trained by mbu 0.1"),
     Mistake(
@@ -157,6 +258,18 @@ MISTAKES = [
     Mistake("eval missing run", lambda s: ["eval", "--run", "nowhere"], "no checkpoint at"),
     Mistake("eval old checkpoint", lambda s: ["eval", "--run", str(s["old"])], "LeakyReLU(0.2)"),
     Mistake("eval on cuda", lambda s: ["eval", "--run", str(s["run"]), "--device", "cuda"], "CUDA is not available"),
+    Mistake(
+        "eval of a read-only run",
+        lambda s: ["eval", "--run", "run", "--no-progress"],
+        "run: no permission to write in",
+        _locked_run,
+    ),  # fmt: skip
+    Mistake(
+        "report of a read-only run",
+        lambda s: ["report", "run", "--no-progress"],
+        "run: no permission to write in",
+        _locked_run,
+    ),  # fmt: skip
     Mistake("report missing run", lambda s: ["report", "nowhere"], "no checkpoint at"),
     Mistake("report unknown study", lambda s: ["report", "--study", "nope"], "no Optuna storage at"),
     Mistake(
@@ -255,6 +368,72 @@ MISTAKES = [
     ),  # fmt: skip
     # mbu search
     Mistake("search missing study file", lambda s: ["search", "nope.toml"], "study file nope.toml does not exist"),
+    Mistake(
+        "search folder for a study file",
+        lambda s: ["search", "studies"],
+        "study file studies is a folder; give the .toml file itself",
+        lambda cwd, s: (cwd / "studies").mkdir(),
+    ),  # fmt: skip
+    Mistake(
+        "search study file not UTF-8",
+        lambda s: ["search", "study.toml"],
+        "study.toml: not UTF-8 text (byte 0xe9 at offset",
+        lambda cwd, s: (cwd / "study.toml").write_bytes(GOOD_STUDY.replace("mistakes", "caf\xe9").encode("latin-1")),
+    ),  # fmt: skip
+    Mistake(
+        "search unknown table",
+        lambda s: ["search", "study.toml"],
+        "study.toml: unknown table [trian] (known tables: [study], [data]",
+        _study(GOOD_STUDY + "\n[trian]\nbs = 4\n"),
+    ),  # fmt: skip
+    Mistake(
+        "search key outside any table",
+        lambda s: ["search", "study.toml"],
+        "study.toml: key iters is outside any table",
+        _study("iters = 4\n" + GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "search negative seed",
+        lambda s: ["search", "study.toml"],
+        "[study].seed must be an integer in [0, 2**32), got -1",
+        _study(GOOD_STUDY.replace("[study]\n", "[study]\nseed = -1\n")),
+    ),  # fmt: skip
+    Mistake(
+        "search range without high",
+        lambda s: ["search", "study.toml"],
+        "study.toml: missing key [space.lr].high (required: low, high)",
+        _study(GOOD_STUDY.replace("high = 1e-3\n", "")),
+    ),  # fmt: skip
+    Mistake(
+        "search unknown device",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [train].device: unknown device 'tpu'",
+        _study(GOOD_STUDY.replace('device = "cpu"', 'device = "tpu"')),
+    ),  # fmt: skip
+    Mistake(
+        "search test set too small to score",
+        lambda s: ["search", "study.toml"],
+        "[data.synthetic].n_test must be at least 2, got 1",
+        _study(GOOD_STUDY.replace(f"n_test = {TINY_SYNTH.n_test}", "n_test = 1")),
+    ),  # fmt: skip
+    Mistake(
+        "search data root with one annotated test image",
+        lambda s: ["search", "study.toml"],
+        "has 1 test A image(s) with a mask in testA_masks/, fewer than 2",
+        _one_annotated,
+    ),  # fmt: skip
+    Mistake(
+        "search fewer synthetic images than the batch",
+        lambda s: ["search", "study.toml"],
+        "[data.synthetic].n_train = 3 is fewer images than the batch ([train].bs = 4)",
+        _study(GOOD_STUDY.replace(f"n_train = {TINY_SYNTH.n_train}", "n_train = 3")),
+    ),  # fmt: skip
+    Mistake(
+        "search batch of one",
+        lambda s: ["search", "study.toml"],
+        "[train].bs = 1: the batch must hold at least 2 images",
+        _study(GOOD_STUDY.replace("bs = 4", "bs = 1")),
+    ),  # fmt: skip
     Mistake(
         "search string for a number",
         lambda s: ["search", "study.toml"],
@@ -355,7 +534,7 @@ MISTAKES = [
     Mistake(
         "search captured step on cpu",
         lambda s: ["search", "study.toml"],
-        "cuda_graph needs a CUDA device",
+        "study.toml: [train].cuda_graph = true needs a CUDA device",
         _study(GOOD_STUDY.replace('device = "cpu"', 'device = "cpu"\ncuda_graph = true')),
     ),  # fmt: skip
     Mistake(

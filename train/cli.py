@@ -10,7 +10,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from mbu.data.files import check_writable
-from mbu.data.images import DataError, count_domain, list_images, load_display_images
+from mbu.data.images import DataError, list_images, load_display_images, read_domains
 from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
 from mbu.train.config import AMP_MODES, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
@@ -284,22 +284,29 @@ def check_resume_iterations(cfg: TrainConfig, state: dict) -> None:
 def check_training_data(cfg: TrainConfig, progress: bool) -> None:
     """Refuse, before anything is written, data a training would stop on after its run was opened.
 
-    A batch larger than a domain, or an unreadable image (without ``skip_bad``), is an error naming
-    the domain or the file. Each domain is decoded into the decode cache here (or found there), so the
-    training reads it back without decoding it again; the few display images are decoded too.
+    A batch of one, a batch larger than a domain, or an unreadable image (without ``skip_bad``) is an
+    error naming the flag, the domain or the file. The domains are decoded here (or found in the
+    decode cache) and cached once accepted, so the training reads them back without decoding them
+    again; the few display images are decoded too.
     """
     if cfg.bs < MIN_BATCH:
         raise ValueError(f"--bs {cfg.bs}: {MIN_BATCH_REASON}")
-    root = Path(cfg.root)
-    for domain in ("trainA", "trainB"):
-        count = count_domain(root, domain, cfg.resize, progress, cfg.skip_bad)
-        if count < cfg.bs:
-            usable = "readable " if cfg.skip_bad else ""
-            raise DataError(
-                f"--bs {cfg.bs} is more than the {count} {usable}training images of {domain} in {root}: "
-                "lower --bs or add images"
-            )
+    root, domains = Path(cfg.root), ("trainA", "trainB")
+    for domain in domains:  # the file count first: no decoding when the batch cannot fit anyway
+        _check_batch_fits(cfg, domain, len(list_images(root, domain)), "")
+    found = read_domains(root, domains, cfg.resize, progress, cfg.skip_bad)
+    for domain, count in found.counts.items():
+        _check_batch_fits(cfg, domain, count, "readable ")
     load_display_images(root, cfg.resize, cfg.num_display, cfg.skip_bad)
+    found.commit()
+
+
+def _check_batch_fits(cfg: TrainConfig, domain: str, count: int, kind: str) -> None:
+    if count < cfg.bs:
+        raise DataError(
+            f"--bs {cfg.bs} is more than the {count} {kind}training images of {domain} in {cfg.root}: "
+            "lower --bs or add images"
+        )
 
 
 def prepare_config(args: argparse.Namespace) -> TrainConfig:
@@ -315,11 +322,12 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
     if cfg.load:
         state = load_checkpoint(Path(cfg.load))
         cfg = resume_config(cfg, state["config"], typed_flags(args))
-        check_resume_iterations(cfg, state)
     if not cfg.root:
         raise ValueError("--root is required: the data root with trainA/ trainB/ (or trainA.txt ...)")
     check_writable(Path(cfg.out), "--out")
     check_run_folder(cfg, args.overwrite)
+    if cfg.load:
+        check_resume_iterations(cfg, state)
     check_step_device(cfg, resolve_device(cfg.device, cfg.gpu))
     for domain in ("trainA", "trainB"):
         list_images(Path(cfg.root), domain)  # a missing or empty domain is an error naming it

@@ -53,6 +53,46 @@ def check_database_folder(url: str, what: str) -> None:
         raise ValueError(f"{what} {url}: folder {database.resolve().parent} does not exist")
 
 
+SERVER_SCHEMES = ("postgresql", "mysql", "mssql")  # database URLs that name a server (not a local file)
+
+
+def check_database_server(url: str, what: str, timeout: int = 10) -> None:
+    """A database-server URL must parse, have its driver installed and reach a server that answers.
+
+    Checked before anything is written, so each of these is one line naming the URL (password hidden)
+    instead of a traceback from SQLAlchemy, the driver or the library that opened it.
+    """
+    if url_scheme(url) not in SERVER_SCHEMES:
+        return
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError as err:
+        raise ValueError(f"{what} {url!r} is not a database URL: {err}") from err
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as err:
+        raise ValueError(
+            f"{what} {shown}: its database driver is not installed ({err}); for PostgreSQL run "
+            'pip install -e ".[postgres]" (psycopg 3, what postgresql:// uses), or name an installed driver '
+            "in the URL (postgresql+psycopg2://...)"
+        ) from err
+    engine = sqlalchemy.create_engine(parsed, connect_args={"connect_timeout": timeout})
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())
+        raise ValueError(
+            f"{what} {shown}: cannot connect ({reason}); check that the server runs, the database exists "
+            "and the user may log in"
+        ) from err
+    finally:
+        engine.dispose()
+
+
 def check_tracking_uri(uri: str) -> None:
     """Refuse, naming the URI, a tracking store MLflow cannot open, before anything is created in it."""
     if url_scheme(uri) not in TRACKING_SCHEMES:  # a bare "databricks" included
@@ -62,6 +102,7 @@ def check_tracking_uri(uri: str) -> None:
         )
     check_database_folder(uri, "tracking URI")
     check_database_writable(uri, "tracking URI")
+    check_database_server(uri, "tracking URI")
     check_tracking_server(uri)
 
 
