@@ -24,7 +24,7 @@ import optuna
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mbu.search.runner import run_study  # noqa: E402
+from mbu.search.launch import LaunchOptions, run_study  # noqa: E402
 from mbu.search.study_file import StudyConfig, load_study_file  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         for label, pruner in (("no pruning", "none"), ("median pruner", "median")):
             config = shortened(base, f"bench-{pruner}", pruner, args)
             start = time.monotonic()
-            summary = run_study(config, progress=False)
+            summary = run_study(config, LaunchOptions(progress=False))
             seconds = time.monotonic() - start
             study = optuna.load_study(study_name=config.study.name, storage=config.study.storage)
             best = study.best_value if summary.best_number is not None else float("nan")

@@ -11,7 +11,6 @@ from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no d
 from mbu.data.files import atomic_write, check_writable
 from mbu.data.images import MASK_FOLDER_SUFFIX, AnnotatedImages
 from mbu.evaluate.segmentation import (
-    REPORT_FILE,
     ModelMaps,
     SegmentationScores,
     figure_warnings,
@@ -19,17 +18,21 @@ from mbu.evaluate.segmentation import (
     predict_maps,
     score_masks,
 )
-from mbu.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_json
+from mbu.train.checkpoint import (
+    CHECKPOINT_FILE,
+    CURVES_FILE,
+    EXAMPLES_FILE,
+    MASKS_FILE,
+    REPORT_FILE,
+    REPORT_FILES,
+    load_checkpoint,
+    write_json,
+)
 from mbu.train.config import TrainConfig
 from mbu.train.model import ContentTransferModel
 from mbu.train.step import resolve_device
 
-MARKDOWN_FILE = "report.md"
-CURVES_FILE = "iou_curves.png"
-EXAMPLES_FILE = "examples.png"
-MASKS_FILE = "masks.npz"
 EXAMPLES_PER_SIDE = 4  # best and worst test images shown
-REPORT_FILES = (REPORT_FILE, MARKDOWN_FILE, CURVES_FILE, EXAMPLES_FILE, MASKS_FILE)  # JSON first
 
 
 def load_model(run_dir: Path, device: str = "auto") -> tuple[ContentTransferModel, TrainConfig, int]:

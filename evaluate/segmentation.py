@@ -13,7 +13,6 @@ from mbu.evaluate.iou import SweepCounts, safe_iou, sweep, threshold_grid
 from mbu.train.model import ContentTransferModel
 from sklearn.metrics import average_precision_score
 
-REPORT_FILE = "report.json"
 BOOTSTRAP_SAMPLES = 1000  # resamples of the test images for the per-image IoU interval
 
 

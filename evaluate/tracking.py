@@ -9,8 +9,6 @@ from mbu.evaluate.segmentation import SegmentationScores
 from mbu.train.tracking import Recorder
 from mlflow.entities import Metric
 
-RUN_FILE = "mlflow_run.json"  # in a run folder: the MLflow run its files belong to
-
 
 def log_scores(scores: SegmentationScores, step: int, recorder: Recorder) -> None:
     """Final metrics at ``step``, plus the IoU curves with step = threshold x 100 so the UI plots them.

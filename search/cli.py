@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped from outside (SIGTERM); launching again goes on
+from mbu.search.slurm_settings import SlurmSettings
+from mbu.search.study_file import StudyConfig
+from mbu.train.errors import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_command
+from mbu.train.stop import StopRequest, signals_stop
+
+if TYPE_CHECKING:  # the launchers import Optuna, MLflow and plotting: only when a study runs
+    from mbu.search.launch import LaunchOptions
+    from mbu.search.study_report import StudySummary
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -138,27 +149,20 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-SLURM_FLAGS = ("partition", "tasks", "gpus_per_task", "cpus_per_task", "mem_gb", "time_min", "signal_delay_s",
-               "max_requeue", "single_node", "sbatch", "setup")  # fmt: skip
+# One flag per [slurm] key, of the same name.
+SLURM_FLAGS = tuple(f.name for f in fields(SlurmSettings))
 
 
-def slurm_main(args: argparse.Namespace, config) -> int:
-    """``--slurm``: the overrides given, then :func:`mbu.search.slurm.launch_array`."""
-    from mbu.search.slurm import launch_array
+def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    from mbu.search.launch import LaunchOptions
 
-    if args.workers != 1 or args.gpus:
-        raise ValueError("--slurm runs one worker per array task: use --tasks and --gpus-per-task, not --workers")
-    overrides = {key: getattr(args, key) for key in SLURM_FLAGS}
-    return launch_array(
-        config,
-        overrides,
-        args.storage,
-        args.tracking_uri,
-        args.n_trials,
-        args.population,
-        args.wait,
-        not args.no_progress,
-        args.verbose,
+    return LaunchOptions(
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        n_trials=args.n_trials,
+        population=args.population,
+        progress=not args.no_progress,
+        verbose=args.verbose,
     )
 
 
@@ -175,71 +179,71 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def main(args: argparse.Namespace) -> int:
-    import signal
-
-    from mbu.search.runner import run_study, stopping_on
+def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
+    """``mbu search``; ``stop`` is the stop request of a caller that has its own signals (a SLURM task)."""
+    from mbu.search.launch import launch_workers, run_study, study_summary
     from mbu.search.study_file import load_study_file
 
     if not args.verbose:
         quiet_libraries()
     config = load_study_file(args.study)
+    options = launch_options(args)
     if args.summary:
-        from mbu.search.runner import study_summary
-
-        print(study_summary(config, args.storage, args.tracking_uri))
+        print(study_summary(config, options))
         from mbu.search.slurm import array_summary
 
         array = array_summary(config)  # the study's last SLURM array, if it was submitted with --slurm
         if array is not None:
             print(array)
-        return 0
+        return EXIT_OK
     if args.slurm:
-        return slurm_main(args, config)
+        return slurm_main(args, config, options)
     given = [key for key in (*SLURM_FLAGS, "wait") if getattr(args, key) not in (None, False)]
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} needs --slurm")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.workers == 1 and not args.gpus:
-        with stopping_on(signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint the trials and leave
-            summary = run_study(
-                config, args.storage, args.tracking_uri, args.n_trials, not args.no_progress, args.population
-            )
+        stop = stop or StopRequest()
+        with signals_stop(stop.request, signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint and leave
+            summary = run_study(config, options, stop)
         print(summary.format())
         return exit_code(summary, config)
-    from mbu.search.runner import launch_workers
-
-    summary, ended = launch_workers(
-        config,
-        args.workers,
-        args.gpus,
-        args.storage,
-        args.tracking_uri,
-        args.n_trials,
-        not args.no_progress,
-        args.verbose,
-        args.population,
-    )
+    summary, ended = launch_workers(config, options, args.workers, args.gpus)
     print(summary.format())
     if ended.stopped_by == "SIGINT":
-        raise KeyboardInterrupt  # the workers recorded their trials; mbu.cli prints how to relaunch
-    failed = [i for i, code in enumerate(ended.codes) if code not in (0, STOPPED_EXIT)]
+        raise KeyboardInterrupt  # the workers recorded their trials; run_command prints how to relaunch
+    failed = [i for i, code in enumerate(ended.codes) if code not in (EXIT_OK, EXIT_STOPPED)]
     if failed:
         print(f"workers {failed} exited with an error; see their logs", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return exit_code(summary, config)
 
 
-def exit_code(summary, config) -> int:
-    """0 at the target; 75 stopped by a signal (relaunch to go on); 1 stopped on failures (listed)."""
+def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOptions) -> int:
+    """``--slurm``: the overrides given, then :func:`mbu.search.slurm.launch_array`."""
+    from mbu.search.slurm import launch_array
+
+    if args.workers != 1 or args.gpus:
+        raise ValueError("--slurm runs one worker per array task: use --tasks and --gpus-per-task, not --workers")
+    overrides = {key: getattr(args, key) for key in SLURM_FLAGS}
+    summary = launch_array(config, options, overrides, args.wait)
+    if summary is None:
+        return EXIT_OK  # submitted; --summary follows it
+    print(summary.format())
+    return exit_code(summary, config, "the array", f"mbu search {config.path} --slurm")
+
+
+def exit_code(summary: StudySummary, config: StudyConfig, launch: str = "the launch", again: str = "") -> int:
+    """How a launch ended, said on stderr: 0 at the target; 75 stopped by a signal; 1 on failures or short."""
+    again = again or f"mbu search {config.path}"
     if summary.stopped_by:
         print(
             f"mbu search: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
-            f"to resume; launch the study again to go on: mbu search {config.path}",
+            f"to resume; launch the study again to go on: {again}",
             file=sys.stderr,
         )
-        return STOPPED_EXIT
+        return EXIT_STOPPED
     if summary.stopped_on_failures:
         print(
             f"mbu search: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
@@ -248,76 +252,26 @@ def exit_code(summary, config) -> int:
         )
         for number, error in summary.failed:
             print(f"  trial {number}: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
+    if finished < summary.target:
+        print(
+            f"mbu search: {launch} ended with {finished} of {summary.target} trials finished (the logs say "
+            f"why); queued retries resume from their checkpoints when the study is launched again: {again}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
-def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "report",
-        help="write the segmentation report of a run folder, or of a whole study",
-        description="RUN_DIR: re-score the run's checkpoint and write report.json, report.md, iou_curves.png, "
-        "examples.png and masks.npz into it, logging them to the run's MLflow run when it has one. "
-        "--study NAME: rank the study's trials by validation IoU (with test IoU), link the best trial's "
-        "report, add Optuna's parameter importances; written to RUNS_DIR/NAME/study_report.{md,json} and "
-        "logged to the study's parent run.",
-    )
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("run_dir", nargs="?", type=Path, help="run folder holding checkpoint.pt")
-    target.add_argument("--study", help="name of a study in the Optuna storage")
-    parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s)")
-    parser.add_argument(
-        "--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
-    parser.add_argument(
-        "--runs-dir", type=Path, default=Path("runs"), help="folder holding <study>/trial-<n>/ (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--root", default=None, help="RUN_DIR only: data root to score on (default: the one it trained on)"
-    )
-    parser.add_argument(
-        "--device", default="auto", help="RUN_DIR only: auto, cpu, cuda or cuda:N (default: %(default)s)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=report_main)
+def run_worker(arguments: list[str], stop: StopRequest | None = None) -> int:
+    """One worker of a study from its ``mbu`` arguments (``search.workers.worker_arguments``); its exit code.
 
-
-def report_main(args: argparse.Namespace) -> int:
-    import json
-
-    from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking_uri(uri)
-    if args.study:
-        from mbu.search.storage import load_existing_study
-        from mbu.search.study_report import write_study_report
-        from mbu.search.tracking import PARENT_RUN_ATTR
-
-        study = load_existing_study(args.study, args.storage)
-        paths = write_study_report(study, args.runs_dir / args.study)
-        parent = study.user_attrs.get(PARENT_RUN_ATTR)
-        if parent:
-            recorder = Recorder.of_run(uri, parent)
-            for path in paths:
-                recorder.log_artifact(path)
-            recorder.flush()
-        print(f"study report: {paths[1]}" + (f" (logged to MLflow run {parent})" if parent else ""))
-        return 0
-
-    from mbu.evaluate.report import evaluate_run
-    from mbu.evaluate.tracking import RUN_FILE
-
-    result = evaluate_run(args.run_dir, args.root, args.device, progress=not args.no_progress)
-    run_file = args.run_dir / RUN_FILE
-    logged = ""
-    if run_file.is_file():
-        run_id = json.loads(run_file.read_text())["run_id"]
-        recorder = Recorder.of_run(uri, run_id)
-        # Scored on other masks or data: beside the run's own report in MLflow too, never over it.
-        folder = None if result["report_dir"] == args.run_dir else result["report_dir"].name
-        for name in result["paths"]:
-            recorder.log_artifact(name, folder)
-        logged = f" (logged to MLflow run {run_id})" if not recorder.flush() else ""
-    print(f"report: {result['paths'][1]}{logged}")
-    return 0
+    How a SLURM array task runs its worker, in its own process, with the task's stop request; the
+    ``--workers`` processes run the same arguments through ``python -m mbu``.
+    """
+    parser = argparse.ArgumentParser(prog="mbu")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(arguments)
+    args.func = functools.partial(main, stop=stop)
+    return run_command(args, arguments)

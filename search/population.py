@@ -43,7 +43,7 @@ class Outcome:
     """How a trial of this worker ended."""
 
     trial: optuna.Trial
-    state: str  # COMPLETE, PRUNED or FAIL
+    state: optuna.trial.TrialState  # COMPLETE, PRUNED or FAIL
     error: str = ""  # for FAIL
 
     @property
@@ -99,16 +99,19 @@ class Slot:
             self.training.close()
             close_trial_run(self.run, self.trial, "PRUNED")
             self.tell(optuna.trial.TrialState.PRUNED)
-            return Outcome(self.trial, "PRUNED")
+            return Outcome(self.trial, optuna.trial.TrialState.PRUNED)
         except (Exception, KeyboardInterrupt) as err:
             return self.fail(err)
         close_trial_run(self.run, self.trial, "COMPLETE")
         self.tell(optuna.trial.TrialState.COMPLETE, value)
-        return Outcome(self.trial, "COMPLETE")
+        return Outcome(self.trial, optuna.trial.TrialState.COMPLETE)
 
     def fail(self, err: BaseException) -> Outcome:
-        """Record the trial FAIL (never left RUNNING); Ctrl-C is passed on once recorded."""
-        error = str(err) if isinstance(err, StoppedError) else f"{type(err).__name__}: {err}"
+        """Record the trial FAIL with the exception that ended it; Ctrl-C is passed on once recorded."""
+        return self.record_failure(f"{type(err).__name__}: {err}", err)
+
+    def record_failure(self, error: str, err: BaseException | None = None) -> Outcome:
+        """Record the trial FAIL with ``error`` (never left RUNNING); a KeyboardInterrupt ``err`` is re-raised."""
         if self.training is not None:
             self.training.close()
         if self.run is not None:
@@ -117,7 +120,7 @@ class Slot:
         self.tell(optuna.trial.TrialState.FAIL)
         if isinstance(err, KeyboardInterrupt):
             raise err
-        return Outcome(self.trial, "FAIL", error)
+        return Outcome(self.trial, optuna.trial.TrialState.FAIL, error)
 
     def stop(self, reason: str) -> Outcome:
         """Checkpoint now, record the trial FAIL and queue its retry, which resumes from that checkpoint.
@@ -131,13 +134,9 @@ class Slot:
                 self.training.save()
             iteration = self.training.iteration
         self.trial.set_user_attr(STOPS_ATTR, int(self.trial.user_attrs.get(STOPS_ATTR, 0)) + 1)
-        outcome = self.fail(StoppedError(f"stopped: {reason}; checkpoint at iteration {iteration}, queued to resume"))
+        outcome = self.record_failure(f"stopped: {reason}; checkpoint at iteration {iteration}, queued to resume")
         queue_retry(self.study, frozen_trial(self.trial))
         return outcome
-
-
-class StoppedError(RuntimeError):
-    """A trial stopped from outside (a signal): checkpointed and queued to resume."""
 
 
 class Population:

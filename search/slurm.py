@@ -28,15 +28,18 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mbu.search.study_file import SlurmSettings, StudyConfig, slurm_problem
+from mbu.search.launch import LaunchOptions, prepare_for_workers, resolve_settings
+from mbu.search.slurm_settings import SlurmSettings, slurm_problem
+from mbu.search.slurm_task import ArrayTask
+from mbu.search.storage import load_existing_study
+from mbu.search.study_file import StudyConfig
+from mbu.search.study_report import StudySummary
 from mbu.train.tracking import url_scheme
 
 LOG_FOLDER = "slurm"  # runs/<study>/slurm/
@@ -50,10 +53,6 @@ INSTALL_HINT = 'pip install -e ".[slurm]" (or pip install submitit)'
 
 class SubmititMissing(ValueError):
     """``--slurm`` where submitit is not installed."""
-
-
-class TaskFailed(RuntimeError):
-    """An array task whose worker did not end cleanly; SLURM then shows the task FAILED."""
 
 
 def import_submitit() -> Any:
@@ -123,55 +122,6 @@ def sbatch_parameters(config: StudyConfig) -> dict[str, Any]:
     return parameters
 
 
-@dataclass
-class ArrayTask:
-    """What each array task runs (pickled by submitit): one ordinary worker of the study, in this process."""
-
-    arguments: list[str]  # the worker's mbu arguments (search.workers.worker_arguments)
-    max_requeue: int  # time-limit requeues of one task
-
-    def __call__(self, index: int) -> int:
-        from mbu.search.cli import STOPPED_EXIT
-        from mbu.search.runner import request_stop
-
-        from mbu.cli import main
-
-        warned: list[str] = []
-
-        def on_warning(number: int, _frame: object) -> None:
-            warned.append(signal.Signals(number).name)
-            request_stop(f"SLURM {signal.Signals(number).name} (time limit or preemption)")
-
-        # After submitit's own handlers: a stop that records the trials, not an exit mid-trial.
-        signal.signal(warning_signal(), on_warning)
-        code = main(self.arguments)  # also turns SIGTERM (scancel) into a stop
-        if warned and code == STOPPED_EXIT:
-            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-            if restarts >= self.max_requeue:
-                print(f"task {index}: not requeued: requeued {restarts} times already ([slurm].max_requeue)")
-            else:
-                requeue_this_task(restarts)
-                # Not a return: submitit would record the task as finished. SystemExit passes its handler by.
-                raise SystemExit(code)
-        if code != 0:
-            raise TaskFailed(f"task {index}: the worker exited with {code} (see this log)")
-        return code
-
-
-def warning_signal() -> signal.Signals:
-    """The signal the array asks SLURM for before the time limit (submitit's ``--signal``: USR2 by default)."""
-    from submitit.slurm.slurm import SlurmJobEnvironment
-
-    return signal.Signals["SIG" + SlurmJobEnvironment.USR_SIG]
-
-
-def requeue_this_task(restarts: int) -> None:
-    """Put this task back in the queue (SLURM starts it again once this run has ended)."""
-    job = os.environ["SLURM_JOB_ID"]
-    print(f"requeueing job {job} (requeued {restarts} times before)", flush=True)
-    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-
-
 def check_controller() -> None:
     """A submit host whose controller answers, checked before the study is prepared (minutes of work)."""
     if shutil.which("sbatch") is None:
@@ -193,7 +143,8 @@ def submit_array(config: StudyConfig, verbose: bool = False) -> str:
     settings = config.slurm
     folder = log_folder(config)
     try:
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings.max_requeue)
+        # No max_num_timeout: ArrayTask handles the time-limit signal itself and applies [slurm].max_requeue.
+        executor = submitit.SlurmExecutor(folder=folder)
     except RuntimeError as err:  # no srun on this machine
         raise ValueError(f"--slurm: this machine is not a SLURM submit host: {err}") from err
     executor.update_parameters(**sbatch_parameters(config))
@@ -293,44 +244,28 @@ def array_summary(config: StudyConfig) -> str | None:
 
 
 def launch_array(
-    config: StudyConfig,
-    overrides: dict[str, Any],
-    storage: str | None = None,
-    tracking_uri: str | None = None,
-    n_trials: int | None = None,
-    population: int | None = None,
-    wait: bool = False,
-    progress: bool = True,
-    verbose: bool = False,
-) -> int:
-    """``mbu search --slurm``: prepare here as ``--workers`` does, submit the array, optionally wait; exit code."""
-    from mbu.search.runner import prepare_study, resolve_settings
-    from mbu.search.storage import FINISHED, load_existing_study
-    from mbu.search.study_report import StudySummary
+    config: StudyConfig, options: LaunchOptions, overrides: dict[str, Any], wait: bool = False
+) -> StudySummary | None:
+    """``mbu search --slurm``: prepare here as ``--workers`` does, submit the array, optionally wait for it.
 
+    The study's summary once the array has ended (with ``wait``, or when there was nothing to submit); None
+    when it was submitted and left running.
+    """
     slurm = resolve_slurm(config.slurm, overrides)
     import_submitit()  # before anything is prepared
-    config = resolve_settings(config, storage, tracking_uri, n_trials, population)
+    config = resolve_settings(config, options)
     check_shared_stores(config.study.storage, config.study.tracking_uri, slurm)
     check_controller()
     config = replace(config, slurm=slurm)
-    _, _, parent = prepare_study(config, progress)
-    settings = config.study
-    if parent is None:
-        print(f"study {settings.name} already has its {settings.n_trials} trials: nothing submitted")
-    else:
-        parent.end("FINISHED")  # each worker opens it again through the study and logs to it
-        job_id = submit_array(config, verbose)
-        print(f"slurm: submitted array job {job_id}: {slurm.tasks} workers of study {settings.name}", flush=True)
+    if prepare_for_workers(config, options.progress):
+        job_id = submit_array(config, options.verbose)
+        print(f"slurm: submitted array job {job_id}: {slurm.tasks} workers of study {config.study.name}", flush=True)
         print(f"logs: {task_log(config, job_id, '<task>', slurm.tasks)}")
         print(f"follow: squeue -j {job_id}; mbu search {config.path} --summary; cancel: scancel {job_id}", flush=True)
         if not wait:
-            return 0
+            return None
         wait_for_array(job_id)
-    study = load_existing_study(settings.name, settings.storage)
-    print(StudySummary.of(study, settings.storage, settings.tracking_uri).format())
-    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if finished < settings.n_trials:
-        print(f"mbu search: the array ended with {finished} of {settings.n_trials} trials finished", file=sys.stderr)
-        return 1
-    return 0
+    study = load_existing_study(config.study.name, config.study.storage)
+    summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
+    summary.target = config.study.n_trials
+    return summary

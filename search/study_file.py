@@ -19,12 +19,14 @@ from __future__ import annotations
 import re
 import tomllib
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mbu.data.images import DataError, count_annotated
 from mbu.data.synthetic import SynthConfig
+from mbu.search.slurm_settings import SlurmSettings, slurm_problem
+from mbu.search.typed_tables import StudyFileError, check_keys, check_types, typed_table
 from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
 from mbu.train.step import DeviceError, parse_device
@@ -50,10 +52,6 @@ def trial_name(number: int) -> str:
     return f"trial-{number}"
 
 
-class StudyFileError(ValueError):
-    """A study file that cannot run; the message names the file and the key."""
-
-
 @dataclass
 class StudySettings:
     name: str  # Optuna study name, MLflow experiment name, runs/<name>/ folder
@@ -70,47 +68,6 @@ class StudySettings:
     max_retry: int = 2  # retries of a trial whose worker died (or a preset that failed); resumes from its checkpoint
     max_failures: int = 3  # a launch stops after this many failed trials in a row (exit code 1)
     population: int = 1  # trials one worker process trains at once on its device (see README "Populations")
-
-
-@dataclass
-class SlurmSettings:
-    """``mbu search --slurm``: one array job whose tasks are ordinary workers of the study."""
-
-    partition: str = ""  # SLURM partition; empty: the cluster's default partition
-    tasks: int = 2  # tasks in the array, each one worker process of the study
-    gpus_per_task: int = 0  # GPUs per task (0: none requested)
-    cpus_per_task: int = 4  # CPU cores per task (also the worker's thread count)
-    mem_gb: float = 0  # memory per task in GB (0: the partition's default)
-    time_min: int = 60  # time limit per task, in minutes
-    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint, requeue
-    max_requeue: int = 3  # requeues of one task after time-limit signals; then it ends
-    single_node: bool = False  # the partition is one node: allows a SQLite storage (unsafe across nodes)
-    sbatch: list[str] = field(default_factory=list)  # extra sbatch options, e.g. ["--account=lab", "--qos=high"]
-    setup: list[str] = field(default_factory=list)  # shell lines run before the worker (module load, activate)
-
-
-def slurm_problem(settings: SlurmSettings) -> tuple[str, str] | None:
-    """The first bad ``[slurm]`` value as (key, what is wrong), or None."""
-    for key in ("tasks", "cpus_per_task", "time_min", "signal_delay_s"):
-        value = getattr(settings, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return key, f"must be a positive integer, got {value!r}"
-    for key in ("gpus_per_task", "max_requeue"):
-        value = getattr(settings, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return key, f"must be an integer >= 0, got {value!r}"
-    if isinstance(settings.mem_gb, bool) or not isinstance(settings.mem_gb, int | float) or settings.mem_gb < 0:
-        return "mem_gb", f"must be a number >= 0, got {settings.mem_gb!r}"
-    if settings.signal_delay_s >= settings.time_min * 60:
-        return "signal_delay_s", f"must be shorter than the time limit ({settings.time_min * 60} s)"
-    for key in ("sbatch", "setup"):
-        value = getattr(settings, key)
-        if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
-            return key, f"must be a list of strings, got {value!r}"
-    for option in settings.sbatch:
-        if not option.startswith("--") or option == "--":
-            return "sbatch", f"options are written --name=value or --flag, got {option!r}"
-    return None
 
 
 @dataclass
@@ -151,57 +108,6 @@ class StudyConfig:
         return TrainConfig(root=str(root), out=str(out), weights=merged, **values)
 
 
-def _check_keys(where: str, table: dict[str, Any], allowed: set[str], path: Path) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise StudyFileError(f"{path}: unknown key {where}.{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
-
-
-def _check_tables(raw: dict[str, Any], path: Path) -> None:
-    """Only the known tables at the top level; a stray key there (outside any table) is named as such."""
-    for name in sorted(set(raw) - set(TABLES)):
-        known = ", ".join(f"[{t}]" for t in TABLES)
-        if isinstance(raw[name], dict | list):
-            raise StudyFileError(f"{path}: unknown table [{name}] (known tables: {known})")
-        raise StudyFileError(f"{path}: key {name} is outside any table; put it under one of {known}")
-
-
-# TOML value types a dataclass field of each annotation accepts (an int is a float; a bool is neither).
-_EXPECTED = {int: ("an integer", (int,)), float: ("a number", (int, float)), str: ("a string", (str,)),
-             bool: ("true or false", (bool,))}  # fmt: skip
-
-
-def _check_types(hints: dict[str, Any], where: str, table: dict[str, Any], path: Path) -> None:
-    """A value of the wrong TOML type (``high = "10"``, ``log = "false"``) is an error naming the key."""
-    for key, value in table.items():
-        hint = hints.get(key)
-        if typing.get_origin(hint) in (list, dict):
-            continue  # containers ([slurm].sbatch, setup) are checked by their table's own checks
-        accepted = [t for t in typing.get_args(hint) or (hint,) if t in _EXPECTED]
-        if not accepted or value is None:
-            continue
-        if isinstance(value, bool) and bool not in accepted:
-            ok = False
-        else:
-            ok = any(isinstance(value, _EXPECTED[t][1]) for t in accepted)
-        if not ok:
-            expected = " or ".join(_EXPECTED[t][0] for t in accepted)
-            raise StudyFileError(f"{path}: {where}.{key} must be {expected}, got {value!r}")
-
-
-def _typed(cls: type, where: str, table: dict[str, Any], path: Path) -> Any:
-    _check_keys(where, table, {f.name for f in fields(cls)}, path)
-    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-    missing = [name for name in required if name not in table]
-    if missing:
-        raise StudyFileError(f"{path}: missing key {where}.{missing[0]} (required: {', '.join(required)})")
-    _check_types(typing.get_type_hints(cls), where, table, path)
-    try:
-        return cls(**table)
-    except (TypeError, ValueError) as err:
-        raise StudyFileError(f"{path}: {where}: {err}") from err
-
-
 def _check_scorable(path: Path, root: str) -> None:
     """A data root whose annotated test A images cannot fill a validation and a test half is refused."""
     try:
@@ -215,8 +121,17 @@ def _check_scorable(path: Path, root: str) -> None:
         )
 
 
-def load_study_file(path: Path | str) -> StudyConfig:
-    path = Path(path)
+def _check_tables(raw: dict[str, Any], path: Path) -> None:
+    """Only the known tables at the top level; a stray key there (outside any table) is named as such."""
+    for name in sorted(set(raw) - set(TABLES)):
+        known = ", ".join(f"[{t}]" for t in TABLES)
+        if isinstance(raw[name], dict | list):
+            raise StudyFileError(f"{path}: unknown table [{name}] (known tables: {known})")
+        raise StudyFileError(f"{path}: key {name} is outside any table; put it under one of {known}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The study file's tables, or one line saying why it cannot be read."""
     if path.is_dir():
         raise StudyFileError(f"study file {path} is a folder; give the .toml file itself (e.g. {path}/NAME.toml)")
     if not path.is_file():
@@ -231,10 +146,14 @@ def load_study_file(path: Path | str) -> StudyConfig:
     except tomllib.TOMLDecodeError as err:
         raise StudyFileError(f"{path}: not valid TOML: {err}") from err
     _check_tables(raw, path)
+    return raw
 
+
+def parse_study(raw: dict[str, Any], path: Path) -> StudySettings:
+    """``[study]``."""
     if "study" not in raw or "name" not in raw["study"]:
         raise StudyFileError(f"{path}: missing key [study].name")
-    study = _typed(StudySettings, "[study]", raw["study"], path)
+    study = typed_table(StudySettings, "[study]", raw["study"], path)
     if not isinstance(study.name, str) or not STUDY_NAME.fullmatch(study.name):
         raise StudyFileError(
             f"{path}: [study].name {study.name!r} cannot name a folder under runs_dir and an MLflow experiment: "
@@ -259,34 +178,45 @@ def load_study_file(path: Path | str) -> StudyConfig:
         raise StudyFileError(f"{path}: [study].max_retry must be an integer >= 0, got {study.max_retry!r}")
     if not 0 <= study.seed < SEED_LIMIT:
         raise StudyFileError(f"{path}: [study].seed must be an integer in [0, 2**32), got {study.seed!r}")
+    return study
 
+
+def parse_data(raw: dict[str, Any], path: Path) -> tuple[str | None, SynthConfig | None]:
+    """``[data]``: a data root (checked to be scorable) or the synthetic set to generate."""
     data = raw.get("data", {})
-    _check_keys("[data]", data, {"root", "synthetic"}, path)
+    check_keys("[data]", data, {"root", "synthetic"}, path)
     if ("root" in data) == ("synthetic" in data):
         raise StudyFileError(f"{path}: [data] needs exactly one of root or synthetic")
-    data_root, synthetic = None, None
     if "root" in data:
         data_root = str(data["root"])
         if not Path(data_root).is_dir():
             raise StudyFileError(f"{path}: [data].root {data_root} is not a folder")
         _check_scorable(path, data_root)
-    else:
-        synthetic = _typed(SynthConfig, "[data.synthetic]", data["synthetic"], path)
-        if synthetic.n_test < MIN_ANNOTATED:
-            raise StudyFileError(
-                f"{path}: [data.synthetic].n_test must be at least {MIN_ANNOTATED}, got {synthetic.n_test}: "
-                "every trial is scored on a validation half (choosing the threshold) and a test half of them"
-            )
+        return data_root, None
+    synthetic = typed_table(SynthConfig, "[data.synthetic]", data["synthetic"], path)
+    if synthetic.n_test < MIN_ANNOTATED:
+        raise StudyFileError(
+            f"{path}: [data.synthetic].n_test must be at least {MIN_ANNOTATED}, got {synthetic.n_test}: "
+            "every trial is scored on a validation half (choosing the threshold) and a test half of them"
+        )
+    return None, synthetic
 
+
+def parse_train(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``[train]``: fixed training settings, by ``mbu train``'s flag names."""
     train = dict(raw.get("train", {}))
-    _check_keys("[train]", train, TRAIN_KEYS, path)
-    _check_types({**typing.get_type_hints(TrainConfig), **typing.get_type_hints(LossWeights)}, "[train]", train, path)
+    check_keys("[train]", train, TRAIN_KEYS, path)
+    check_types({**typing.get_type_hints(TrainConfig), **typing.get_type_hints(LossWeights)}, "[train]", train, path)
     if "device" in train:
         try:
             parse_device(train["device"])  # whether it exists here is checked at launch, on the machine that trains
         except DeviceError as err:
             raise StudyFileError(f"{path}: [train].device: {err}") from err
+    return train
 
+
+def parse_space(raw: dict[str, Any], train: dict[str, Any], path: Path) -> dict[str, ParamRange]:
+    """``[space.NAME]``: the sampled parameters, none of them also fixed in ``[train]``."""
     space: dict[str, ParamRange] = {}
     for name, spec in raw.get("space", {}).items():
         if name not in FLOAT_PARAMS:
@@ -297,39 +227,63 @@ def load_study_file(path: Path | str) -> StudyConfig:
             raise StudyFileError(f"{path}: {name} is both fixed in [train] and sampled in [space.{name}]")
         if not isinstance(spec, dict):
             raise StudyFileError(f"{path}: [space.{name}] must be a table with low, high and log")
-        rng = _typed(ParamRange, f"[space.{name}]", spec, path)
+        rng = typed_table(ParamRange, f"[space.{name}]", spec, path)
         if not rng.low < rng.high:
             raise StudyFileError(f"{path}: [space.{name}] needs low < high, got low={rng.low}, high={rng.high}")
         if rng.log and rng.low <= 0:
             raise StudyFileError(f"{path}: [space.{name}] is log scale, so low must be > 0, got {rng.low}")
         space[name] = rng
+    return space
 
+
+def parse_enqueue(raw: dict[str, Any], space: dict[str, ParamRange], path: Path) -> list[dict[str, float]]:
+    """``[[enqueue]]``: points to try first, each inside the space."""
     enqueue = []
     for i, point in enumerate(raw.get("enqueue", [])):
         where = f"[[enqueue]] #{i + 1}"
-        _check_keys(where, point, set(space), path)
-        _check_types(dict.fromkeys(point, float), where, point, path)
+        check_keys(where, point, set(space), path)
+        check_types(dict.fromkeys(point, float), where, point, path)
         for name, value in point.items():
             if not space[name].low <= value <= space[name].high:
                 raise StudyFileError(f"{path}: {where}: {name}={value} is outside [space.{name}]")
         enqueue.append({k: float(v) for k, v in point.items()})
+    return enqueue
 
-    slurm = _typed(SlurmSettings, "[slurm]", raw.get("slurm", {}), path)
+
+def parse_slurm(raw: dict[str, Any], path: Path) -> SlurmSettings:
+    """``[slurm]``."""
+    slurm = typed_table(SlurmSettings, "[slurm]", raw.get("slurm", {}), path)
     problem = slurm_problem(slurm)
     if problem is not None:
         raise StudyFileError(f"{path}: [slurm].{problem[0]} {problem[1]}")
+    return slurm
 
-    config = StudyConfig(path, study, data_root, synthetic, train, space, enqueue, slurm)
-    # Build one trial's config now so a bad fixed value fails here, not after data generation.
+
+def check_trial_config(config: StudyConfig) -> None:
+    """One trial's config built now, so that a bad fixed value fails here, not after data generation."""
+    path = config.path
     try:
-        sample = config.trial_config({name: rng.low for name, rng in space.items()}, config.study_dir / "check")
+        sample = config.trial_config({name: rng.low for name, rng in config.space.items()}, config.study_dir / "check")
     except (TypeError, ValueError) as err:
         raise StudyFileError(f"{path}: [train]: {err}") from err
     if sample.bs < MIN_BATCH:
         raise StudyFileError(f"{path}: [train].bs = {sample.bs}: {MIN_BATCH_REASON}")
-    if synthetic is not None and synthetic.n_train < sample.bs:
+    if config.synthetic is not None and config.synthetic.n_train < sample.bs:
         raise StudyFileError(
-            f"{path}: [data.synthetic].n_train = {synthetic.n_train} is fewer images than the batch "
+            f"{path}: [data.synthetic].n_train = {config.synthetic.n_train} is fewer images than the batch "
             f"([train].bs = {sample.bs}); raise n_train or lower bs"
         )
+
+
+def load_study_file(path: Path | str) -> StudyConfig:
+    """The study file parsed, table by table, and checked; the first problem raises :class:`StudyFileError`."""
+    path = Path(path)
+    raw = read_toml(path)
+    study = parse_study(raw, path)
+    data_root, synthetic = parse_data(raw, path)
+    train = parse_train(raw, path)
+    space = parse_space(raw, train, path)
+    config = StudyConfig(path, study, data_root, synthetic, train, space, parse_enqueue(raw, space, path))
+    config.slurm = parse_slurm(raw, path)
+    check_trial_config(config)
     return config

@@ -17,12 +17,11 @@ from typing import Any
 import matplotlib
 import optuna
 from mbu.data.files import atomic_write
-from mbu.evaluate.report import MARKDOWN_FILE
-from mbu.evaluate.segmentation import REPORT_FILE, figure_warnings
+from mbu.evaluate.segmentation import figure_warnings
 from mbu.search.storage import count_states
 from mbu.search.study_file import trial_name
 from mbu.search.tracking import ui_command
-from mbu.train.checkpoint import write_json
+from mbu.train.checkpoint import MARKDOWN_FILE, REPORT_FILE, write_json
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"
@@ -53,6 +52,7 @@ class StudySummary:
     failed: list[tuple[int, str]] = field(default_factory=list)  # this launch's failed trials: (number, error)
     stopped_on_failures: bool = False  # the launch gave up after max_failures failed trials in a row
     stopped_by: str | None = None  # a stop was asked (a signal): its trials were checkpointed and queued to resume
+    target: int = 0  # the finished trials the launch aimed at (its resolved n_trials)
 
     @classmethod
     def of(cls, study: optuna.Study, storage: str, tracking_uri: str) -> StudySummary:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import mlflow
 import optuna
-from mbu.evaluate.tracking import RUN_FILE
 from mbu.search.study_file import StudyConfig, trial_name
-from mbu.train.checkpoint import write_json
+from mbu.train.checkpoint import RUN_FILE, write_json
 from mbu.train.config import TrainConfig
 from mbu.train.tracking import Recorder, train_params
 from optuna.storages import RetryHeartbeatStaleTrialCallback

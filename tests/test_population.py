@@ -15,7 +15,7 @@ import optuna
 import pytest
 import torch
 from conftest import TINY_DATA_AND_TRAIN
-from mbu.search.runner import run_study
+from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
 from mlflow.tracking import MlflowClient
 
@@ -42,7 +42,7 @@ def deterministic() -> Iterator[None]:
 def run(tmp_path: Path, text: str) -> optuna.Study:
     path = tmp_path / f"{text.split(chr(34))[1]}.toml"
     path.write_text(text)
-    run_study(load_study_file(path), progress=False)
+    run_study(load_study_file(path), LaunchOptions(progress=False))
     return optuna.load_study(study_name=path.stem, storage="sqlite:///optuna.db")
 
 
@@ -204,4 +204,4 @@ def test_population_must_be_a_positive_integer(tmp_path: Path) -> None:
         load_study_file(tmp_path / "bad.toml")
     (tmp_path / "ok.toml").write_text(study_text("ok", 1, [], population=1))
     with pytest.raises(ValueError, match="--population must be a positive integer"):
-        run_study(load_study_file(tmp_path / "ok.toml"), population=-2, progress=False)
+        run_study(load_study_file(tmp_path / "ok.toml"), LaunchOptions(population=-2, progress=False))

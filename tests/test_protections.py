@@ -14,11 +14,10 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import tiny_study
-from mbu.evaluate.tracking import RUN_FILE
-from mbu.search.runner import run_study
+from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study import STUDY_RECORD
 from mbu.search.study_file import StudyFileError, load_study_file
-from mbu.train.checkpoint import load_checkpoint
+from mbu.train.checkpoint import RUN_FILE, load_checkpoint
 from mlflow.tracking import MlflowClient
 from test_user_errors import fingerprint
 
@@ -150,11 +149,11 @@ def test_transfer_overwrite_leaves_no_earlier_pair_images(run: Path, tiny_root: 
 
 def test_a_retry_that_completes_keeps_no_error_of_the_try_before(tmp_path: Path) -> None:
     """A trial stopped by SIGTERM is FAIL with its error; the retry queued for it completes without that error."""
-    from mbu.search.runner import prepare_study, resolve_settings
+    from mbu.search.launch import LaunchOptions, prepare_study, resolve_settings
     from mbu.search.tracking import STOPS_ATTR, queue_retry
 
     (tmp_path / "study.toml").write_text(tiny_study("retried", train="iters = 2\nprogress_iter = 1\n"))
-    config = resolve_settings(load_study_file(tmp_path / "study.toml"), None, None, None)
+    config = resolve_settings(load_study_file(tmp_path / "study.toml"), LaunchOptions())
     study, _, parent = prepare_study(config, progress=False)
     parent.end("FINISHED")
     stopped = optuna.trial.create_trial(
@@ -166,7 +165,10 @@ def test_a_retry_that_completes_keeps_no_error_of_the_try_before(tmp_path: Path)
     study.add_trial(stopped)
     queue_retry(study, study.get_trials()[-1])
 
-    assert run_study(load_study_file(tmp_path / "study.toml"), progress=False).states == {"COMPLETE": 1, "FAIL": 1}
+    assert run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(progress=False)).states == {
+        "COMPLETE": 1,
+        "FAIL": 1,
+    }
     failed, retry = optuna.load_study(study_name="retried", storage="sqlite:///optuna.db").get_trials()
     assert failed.user_attrs["error"].startswith("stopped: SIGTERM")  # the stopped try keeps its own record
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == {"lr": 3e-4}
@@ -189,16 +191,16 @@ def test_same_stems_keep_every_output(run: Path, tiny_root: Path, tmp_path: Path
 
 def test_a_study_of_the_same_name_in_another_storage_is_refused(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(tiny_study("twin", train="iters = 2\nprogress_iter = 1\n"))
-    run_study(load_study_file(tmp_path / "study.toml"), progress=False)
+    run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(progress=False))
     record = json.loads((tmp_path / "runs" / "twin" / STUDY_RECORD).read_text())
     assert record["storage"] == f"sqlite:///{tmp_path / 'optuna.db'}" and record["study"] == "twin"
     kept = fingerprint(tmp_path / "runs")
 
     with pytest.raises(StudyFileError, match=r"holds the trials of study 'twin' in sqlite:///.*optuna.db"):
-        run_study(load_study_file(tmp_path / "study.toml"), storage="sqlite:///other.db", progress=False)
+        run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(storage="sqlite:///other.db", progress=False))
     optuna.delete_study(study_name="twin", storage="sqlite:///optuna.db")
     with pytest.raises(StudyFileError, match="earlier study 'twin' .* no longer exists"):
-        run_study(load_study_file(tmp_path / "study.toml"), progress=False)
+        run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(progress=False))
     assert fingerprint(tmp_path / "runs") == kept
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import optuna
 from conftest import TINY_DATA_AND_TRAIN
 from mbu.evaluate.segmentation import load_test_annotations
+from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
 from mbu.search.population import Population
-from mbu.search.runner import prepare_data, resolve_settings
 from mbu.search.study_file import load_study_file
 from mbu.train.tracking import Recorder
 from mlflow.tracking import MlflowClient
@@ -36,7 +36,7 @@ class PruneAtFirstReport(optuna.pruners.BasePruner):
 def test_pruned_trial_is_killed_in_mlflow_with_its_curves(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
     config = load_study_file(tmp_path / "study.toml")
-    config = resolve_settings(config, storage=None, tracking_uri=None, n_trials=None)
+    config = resolve_settings(config, LaunchOptions())
     annotated = load_test_annotations(prepare_data(config, progress=False), 64, progress=False)
     study = optuna.create_study(direction="maximize", pruner=PruneAtFirstReport())
     parent = Recorder.start(os.environ["MLFLOW_TRACKING_URI"], "pruned", "launch")

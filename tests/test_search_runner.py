@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 from conftest import tiny_study
-from mbu.search.runner import run_study
+from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
 from mbu.search.study_report import PLOTS
 from mlflow.tracking import MlflowClient
@@ -28,7 +28,9 @@ def test_two_studies_in_one_process_log_only_to_their_own_stores(tmp_path: Path)
     for name in ("first", "second"):
         store = f'tracking_uri = "sqlite:///{tmp_path / name}.db"\n'
         (tmp_path / f"{name}.toml").write_text(tiny_study(name, study=store, train="iters = 2\nprogress_iter = 1\n"))
-        assert run_study(load_study_file(tmp_path / f"{name}.toml"), progress=False).states == {"COMPLETE": 1}
+        assert run_study(load_study_file(tmp_path / f"{name}.toml"), LaunchOptions(progress=False)).states == {
+            "COMPLETE": 1
+        }
     for name, other in (("first", "second"), ("second", "first")):
         client = MlflowClient(f"sqlite:///{tmp_path / name}.db")
         assert client.get_experiment_by_name(other) is None
@@ -63,7 +65,7 @@ def test_study_plots_are_written_shown_and_logged(tmp_path: Path) -> None:
     study = tiny_study("pictures", n_trials=2, train="iters = 2\nprogress_iter = 1\n")
     study += "\n[space.gama]\nlow = 1.0\nhigh = 10.0\n"
     (tmp_path / "study.toml").write_text(study)
-    run_study(load_study_file(tmp_path / "study.toml"), progress=False)
+    run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(progress=False))
     folder = tmp_path / "runs" / "pictures"
     for name in PLOTS:
         assert (folder / name).read_bytes().startswith(b"\x89PNG"), name

@@ -256,8 +256,7 @@ def clear_run_folder(out: Path) -> None:
     """
     import shutil
 
-    from mbu.evaluate.report import REPORT_FILES
-    from mbu.evaluate.tracking import RUN_FILE
+    from mbu.train.checkpoint import REPORT_FILES, RUN_FILE
     from mbu.train.loop import GRIDS_DIR, SKIPPED_FILE
 
     for name in (CHECKPOINT_FILE, CONFIG_FILE, SKIPPED_FILE, RUN_FILE, *REPORT_FILES):
@@ -357,9 +356,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mbu.evaluate.tracking import RUN_FILE
+    from mbu.train.checkpoint import RUN_FILE
+    from mbu.train.errors import EXIT_INTERRUPTED, EXIT_STOPPED
     from mbu.train.loop import TrainingStopped, TrainStatus, train
-    from mbu.train.stop import EXIT_INTERRUPTED, EXIT_STOPPED, StopRequest, signals_stop
+    from mbu.train.stop import StopRequest, signals_stop
     from mbu.train.tracking import Recorder, quiet_store_messages, resolve_tracking_uri, train_params
 
     cfg = prepare_config(args)  # the tracking store and the data checked too: nothing written before

@@ -19,14 +19,19 @@ What a graph asks of the step, and how it is met here:
 The eager iterations and the replays compute the same step; a checkpoint of a
 captured run loads into an eager one and the other way round (the optimizers'
 ``capturable`` option is not taken from the checkpoint).
+
+:func:`make_step` chooses, for a run's settings, between this step and the eager one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from mbu.train.config import TrainConfig
 from mbu.train.losses import LossWeights
 from mbu.train.model import ContentTransferModel
-from mbu.train.step import Optimizers, train_step
+from mbu.train.step import LossFunctions, Optimizers, train_step
 
 WARMUP_STEPS = 3  # eager iterations before capture: Adam's state and cuDNN's algorithm choices settle
 
@@ -95,3 +100,15 @@ class CapturedStep:
             self.static_b.copy_(b)
         self.graph.replay()
         return self.outputs
+
+
+StepFunction = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]"]
+
+
+def make_step(model: ContentTransferModel, optimizers: Optimizers, cfg: TrainConfig) -> StepFunction:
+    """``(a, b) -> losses``: :func:`train_step` with ``cfg``'s settings, eager or as a captured CUDA graph."""
+    if cfg.cuda_graph:
+        return CapturedStep(model, optimizers, cfg.weights, cfg.amp == "bf16", cfg.disc_clip)
+    losses = LossFunctions.create(cfg.compile)
+    bf16 = cfg.amp == "bf16"
+    return lambda a, b: train_step(model, optimizers, a, b, cfg.weights, bf16, losses, cfg.disc_clip)

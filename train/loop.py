@@ -19,13 +19,13 @@ from mbu.train.checkpoint import (
     write_json,
 )
 from mbu.train.config import TrainConfig
+from mbu.train.graph import make_step
 from mbu.train.model import MODEL_VERSION, ContentTransferModel
 from mbu.train.step import (
     NonFiniteLossError,
     Optimizers,
     build_model,
     check_step_device,
-    make_step,
     memory_layout,
     place_dataset,
     resolve_device,

@@ -159,20 +159,6 @@ def train_step(
     return total.detach(), {k: v.detach() for k, v in terms.items()}, disc_loss.detach()
 
 
-StepFunction = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]"]
-
-
-def make_step(model: ContentTransferModel, optimizers: Optimizers, cfg: TrainConfig) -> StepFunction:
-    """``(a, b) -> losses``: :func:`train_step` with ``cfg``'s settings, eager or as a captured CUDA graph."""
-    if cfg.cuda_graph:
-        from mbu.train.graph import CapturedStep
-
-        return CapturedStep(model, optimizers, cfg.weights, cfg.amp == "bf16", cfg.disc_clip)
-    losses = LossFunctions.create(cfg.compile)
-    bf16 = cfg.amp == "bf16"
-    return lambda a, b: train_step(model, optimizers, a, b, cfg.weights, bf16, losses, cfg.disc_clip)
-
-
 def build_model(cfg: TrainConfig, device: torch.device) -> ContentTransferModel:
     """The seeded model on ``device``, in the memory layout ``cfg`` asks for."""
     torch.manual_seed(cfg.seed)  # same seed, same initial weights on any device

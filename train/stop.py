@@ -10,9 +10,6 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped from outside (SIGTERM) with the work checkpointed; launching again goes on
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
-
 
 class StopRequest:
     """Set once by a signal handler, read by the loop between iterations (``stop()`` is the reason or None)."""
@@ -32,7 +29,10 @@ def signals_stop(request: Callable[[str], None], *signals: int) -> Iterator[None
     """Within: each of ``signals`` calls ``request(NAME)`` instead of ending the process.
 
     SIGINT is honoured once this way; a second Ctrl-C interrupts at once (KeyboardInterrupt),
-    for a user who will not wait for the checkpoint. The previous handlers come back on the way out.
+    for a user who will not wait for the checkpoint. The previous handlers come back on the way out;
+    they are not called meanwhile: the ones a command replaces are the default (end the process) or
+    submitit's (requeue and exit at once), and either would end it mid-iteration, which is what the
+    stop is for avoiding.
     """
     previous = {number: signal.getsignal(number) for number in signals}
 

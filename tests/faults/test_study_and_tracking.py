@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import free_port, tiny_study
-from mbu.search.runner import run_study
+from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import StudyFileError, load_study_file
 
 from mbu.cli import main
@@ -18,17 +18,17 @@ STUDY = tiny_study("edited", train="iters = 2\nprogress_iter = 1\n")  # its [spa
 def test_edited_search_space_is_refused_and_compatible_edits_are_accepted(tmp_path: Path) -> None:
     study_file = tmp_path / "study.toml"
     study_file.write_text(STUDY)
-    run_study(load_study_file(study_file), progress=False)
+    run_study(load_study_file(study_file), LaunchOptions(progress=False))
 
     study_file.write_text(STUDY.replace("high = 1e-3", "high = 1e-2"))  # the space changed
     with pytest.raises(StudyFileError, match=r"study 'edited' .* different space.*new name"):
-        run_study(load_study_file(study_file), n_trials=2, progress=False)
+        run_study(load_study_file(study_file), LaunchOptions(n_trials=2, progress=False))
     study = optuna.load_study(study_name="edited", storage="sqlite:///optuna.db")
     assert len(study.get_trials()) == 1  # nothing was added
 
     # Logging cadence is not what a trial learns: editing it is accepted.
     study_file.write_text(STUDY.replace("progress_iter = 1", "progress_iter = 2"))
-    summary = run_study(load_study_file(study_file), n_trials=2, progress=False)
+    summary = run_study(load_study_file(study_file), LaunchOptions(n_trials=2, progress=False))
     assert summary.states == {"COMPLETE": 2}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import torch
 from conftest import tiny_study
-from mbu.search.runner import run_study
+from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
 from mlflow.tracking import MlflowClient
 
@@ -46,7 +46,7 @@ def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.RUNNING]  # as the kill left it
 
     # Relaunched at once, inside the grace period: it waits for the silent trial to be retried.
-    summary = run_study(load_study_file(tmp_path / "study.toml"), progress=False)
+    summary = run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(progress=False))
     assert summary.states == {"FAIL": 1, "COMPLETE": 1}
     out = capsys.readouterr().out
     assert "trial 0 is RUNNING but its worker has been silent for" in out and "waiting" in out, out

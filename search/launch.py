@@ -1,0 +1,175 @@
+"""Launching a study: the options a launch takes, preparing the study once, and the two local launchers.
+
+Every launch (``mbu search`` in this process, ``--workers``, ``--slurm``) goes
+the same way: the study file's settings with the flags' :class:`LaunchOptions`
+over them, checked once (:func:`resolve_settings`); the study prepared under
+the launch lock (data, decode cache, study, parent run: :func:`prepare_study`);
+then trials, here (:func:`run_study`) or in worker processes that all run
+:func:`mbu.search.cli.run_worker` (:func:`launch_workers`, ``search.slurm``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+from mbu.data.files import check_writable
+from mbu.data.images import AnnotatedImages, load_domain
+from mbu.data.synthetic import write_dataset
+from mbu.evaluate.segmentation import load_test_annotations
+from mbu.search.runner import TrialsEnded, run_trials
+from mbu.search.storage import check_storage_url, count_finished, count_taken, load_existing_study
+from mbu.search.study import check_study_folder, check_tracking_store, open_study
+from mbu.search.study_file import StudyConfig
+from mbu.search.study_report import StudySummary, summary_text, write_study_report
+from mbu.search.tracking import open_parent_run
+from mbu.search.workers import WorkersEnded, launch_lock, start_workers
+from mbu.train.step import check_step_device, resolve_device
+from mbu.train.stop import StopRequest
+from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchOptions:
+    """What a launch takes from its flags; None keeps the study file's value."""
+
+    storage: str | None = None  # --storage over [study].storage
+    tracking_uri: str | None = None  # --tracking-uri over [study].tracking_uri and $MLFLOW_TRACKING_URI
+    n_trials: int | None = None  # --n-trials over [study].n_trials
+    population: int | None = None  # --population over [study].population
+    progress: bool = True  # progress bars (--no-progress turns them off)
+    verbose: bool = False  # libraries' own log lines (--verbose), passed on to worker processes
+
+
+def positive_integer(flag: str, value: int | None) -> None:
+    """A flag that must be a positive integer when given (None: not given)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def resolve_settings(config: StudyConfig, options: LaunchOptions) -> StudyConfig:
+    """The options applied over the study file, everything checked before anything is written."""
+    positive_integer("--n-trials", options.n_trials)
+    positive_integer("--population", options.population)
+    settings = replace(
+        config.study,
+        storage=options.storage or config.study.storage,
+        tracking_uri=resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri),
+        n_trials=options.n_trials or config.study.n_trials,
+        population=options.population or config.study.population,
+    )
+    check_storage_url(settings.storage)
+    check_tracking_uri(settings.tracking_uri)
+    check_writable(config.study_dir, "[study].runs_dir")
+    # A missing GPU (or a captured step without one) fails here, not in every trial.
+    sample = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir / "check")
+    check_step_device(sample, resolve_device(sample.device, sample.gpu), f"{config.path}: [train].cuda_graph = true")
+    return replace(config, study=settings)
+
+
+def prepare_data(config: StudyConfig, progress: bool = True) -> Path:
+    """The data root of the study, generating the synthetic set on first use."""
+    root = config.resolved_data_root()
+    if config.synthetic is not None:
+        write_dataset(config.synthetic, root, progress)
+    return root
+
+
+def prepare_inputs(config: StudyConfig, progress: bool) -> AnnotatedImages:
+    """The data written (if synthetic) and checked, the decode cache filled, the test annotations loaded.
+
+    The training domains are decoded here only to fill the cache (and to fail on a bad image before any
+    trial starts); every trial and worker then reads them from it.
+    """
+    root = prepare_data(config, progress)
+    resize = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir).resize
+    skip_bad = bool(config.train.get("skip_bad", False))
+    for name in ("trainA", "trainB"):
+        load_domain(root, name, resize, progress, skip_bad)
+    return load_test_annotations(root, resize, progress)
+
+
+def prepare_study(config: StudyConfig, progress: bool) -> tuple[optuna.Study, AnnotatedImages, Recorder | None]:
+    """Under the launch lock: the run folder checked, data and cache ready, the study open, its parent run.
+
+    The parent run is opened only while the study is short of its target.
+    """
+    with launch_lock(config.study_dir):
+        check_study_folder(config)
+        check_tracking_store(config)
+        annotated = prepare_inputs(config, progress)
+        study = open_study(config)
+        count_taken(study)  # fails (and queues retries of) trials whose worker died
+        parent = open_parent_run(study, config) if count_finished(study) < config.study.n_trials else None
+    return study, annotated, parent
+
+
+def prepare_for_workers(config: StudyConfig, progress: bool) -> bool:
+    """Prepare the study for workers in other processes; False when it already has its target.
+
+    The parent run is closed again here: each worker reopens it through the study and logs to it.
+    """
+    _, _, parent = prepare_study(config, progress)
+    if parent is None:
+        print(f"study {config.study.name} already has its {config.study.n_trials} trials: nothing launched")
+        return False
+    parent.end("FINISHED")
+    return True
+
+
+def run_study(
+    config: StudyConfig, options: LaunchOptions | None = None, stop: StopRequest | None = None
+) -> StudySummary:
+    """Create or resume the study and run trials in this process until it has ``n_trials`` finished ones.
+
+    It stops early after ``max_failures`` failed trials in a row, or once ``stop`` is requested (by the
+    command's signal handlers): then its trials in flight write a checkpoint, are recorded FAIL
+    (error ``stopped: <reason>; ...``) with a retry queued that resumes from it, and it asks for no more.
+    """
+    options = options or LaunchOptions()
+    stop = stop or StopRequest()
+    started = time.monotonic()
+    config = resolve_settings(config, options)
+    study, annotated, parent = prepare_study(config, options.progress)
+    ended = TrialsEnded()
+    if parent is not None:
+        status = "KILLED"  # unless the trials loop ends normally
+        try:
+            ended = run_trials(study, config, annotated, parent, options.progress, stop)
+            for path in write_study_report(study, config.study_dir):
+                parent.log_artifact(path)
+            status = "FINISHED"
+        finally:
+            parent.end(status)
+    summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
+    summary.failed, summary.stopped_on_failures, summary.stopped_by = ended.failed, ended.on_failures, ended.stopped_by
+    summary.wall_seconds = time.monotonic() - started
+    summary.target = config.study.n_trials
+    return summary
+
+
+def launch_workers(
+    config: StudyConfig, options: LaunchOptions, workers: int, gpus: list[str] | None = None
+) -> tuple[StudySummary, WorkersEnded]:
+    """Prepare the study here, then run ``workers`` worker processes on it; the summary and how they ended."""
+    started = time.monotonic()
+    config = resolve_settings(config, options)
+    ended = WorkersEnded([])
+    if prepare_for_workers(config, options.progress):
+        ended = start_workers(config, workers, gpus, options.verbose)
+    study = load_existing_study(config.study.name, config.study.storage)
+    summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
+    summary.wall_seconds = time.monotonic() - started
+    summary.stopped_by = ended.stopped_by
+    summary.target = config.study.n_trials
+    return summary, ended
+
+
+def study_summary(config: StudyConfig, options: LaunchOptions) -> str:
+    """``mbu search --summary``: runs nothing."""
+    storage = options.storage or config.study.storage
+    study = load_existing_study(config.study.name, storage)
+    uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)
+    return summary_text(study, storage, uri, config.study_dir)

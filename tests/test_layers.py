@@ -1,0 +1,86 @@
+"""The packages' layering: each imports only the layers below it, lazy imports included.
+
+data imports none of the others; train imports data; evaluate imports train and data;
+search imports all three; ``mbu/`` (the command line on top) is imported by nobody.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# package -> the packages it may import (besides itself)
+ALLOWED = {
+    "data": set(),
+    "train": {"data"},
+    "evaluate": {"data", "train"},
+    "search": {"data", "train", "evaluate"},
+    "mbu": {"data", "train", "evaluate", "search"},
+}
+
+
+def imported_modules(node: ast.AST, package: str) -> list[str]:
+    """The ``mbu...`` modules one import statement names (a relative import stays in its package)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        if node.level:
+            return [f"mbu.{package}"]
+        if node.module == "mbu":  # from mbu import cli
+            return [f"mbu.{alias.name}" for alias in node.names]
+        return [node.module or ""]
+    return []
+
+
+def layer_of(module: str) -> str | None:
+    """The package a module of the project belongs to; None for a module outside it."""
+    parts = module.split(".")
+    if parts[0] != "mbu":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in ALLOWED else "mbu"
+
+
+def wrong_way_imports(package: str, source: str, filename: str) -> list[str]:
+    """``file:line: from -> to (module)`` for each import in ``source`` that breaks the layering."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):  # every import, at the top or inside a function
+        for module in imported_modules(node, package):
+            target = layer_of(module)
+            if target is not None and target != package and target not in ALLOWED[package]:
+                found.append(f"{filename}:{node.lineno}: {package} -> {target} ({module})")
+    return found
+
+
+def test_every_import_of_the_project_follows_the_layers() -> None:
+    found = []
+    for package in ALLOWED:
+        files = sorted((REPO / package).glob("*.py"))
+        assert files, f"no Python files in {package}/"
+        for path in files:
+            found += wrong_way_imports(package, path.read_text(), str(path.relative_to(REPO)))
+    assert not found, "imports against the layering:\n" + "\n".join(found)
+
+
+def test_a_wrong_way_import_is_named_with_its_file_line_and_arrow() -> None:
+    source = (
+        "from mbu.data.files import check_writable\n"
+        "\n"
+        "def later():\n"
+        "    from mbu.search.runner import run_trials  # lazy, still an arrow\n"
+        "    import mbu.cli\n"
+        "    from mbu import cli\n"
+        "    from . import checkpoint\n"
+    )
+    assert wrong_way_imports("train", source, "train/x.py") == [
+        "train/x.py:4: train -> search (mbu.search.runner)",
+        "train/x.py:5: train -> mbu (mbu.cli)",
+        "train/x.py:6: train -> mbu (mbu.cli)",
+    ]
+    assert wrong_way_imports("search", source, "search/x.py") == [
+        "search/x.py:5: search -> mbu (mbu.cli)",
+        "search/x.py:6: search -> mbu (mbu.cli)",
+    ]
+    assert wrong_way_imports("data", "import mbu.train.loop\n", "data/x.py") == [
+        "data/x.py:1: data -> train (mbu.train.loop)"
+    ]
