@@ -85,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     """``--slurm``, ``--wait`` and one flag per ``[slurm]`` key (same name), each overriding the study file."""
     group = parser.add_argument_group(
-        "SLURM cluster (see README, Studies on a SLURM cluster)",
+        "SLURM cluster (see docs/slurm.md)",
         "With --slurm, the study is prepared here as with --workers, then submitted as one array job whose tasks "
         'are workers of the study (needs submitit: pip install -e ".[slurm]"); it prints the job id and '
         "the log folder runs/<study>/slurm/. Each flag below overrides its [slurm] key in the study file.",

@@ -99,7 +99,8 @@ def run_trials(
                     wait = None if ended.on_failures else wait_for_lost_workers(study, settings, told)
                     if wait is None:
                         break
-                    pause(wait, stop)
+                    # Wake as soon as the other workers finish the study, not at the end of the wait.
+                    pause(wait, stop, until=lambda: count_finished(study) >= settings.n_trials)
                     continue
                 for outcome in population.advance(stop):
                     record(outcome)
@@ -147,11 +148,16 @@ def wait_for_lost_workers(study: optuna.Study, settings: StudySettings, told: se
     return left
 
 
-def pause(seconds: float, stop: Callable[[], str | None]) -> None:
-    """Sleep, waking early for a stop."""
+def pause(seconds: float, stop: Callable[[], str | None], until: Callable[[], bool] = lambda: False) -> None:
+    """Sleep, waking early for a stop or once ``until()`` holds (checked every 2 s: it may query the storage)."""
     deadline = time.monotonic() + seconds
+    checked = time.monotonic()
     while stop() is None and time.monotonic() < deadline:
-        time.sleep(min(1.0, deadline - time.monotonic()))
+        time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+        if time.monotonic() - checked >= 2.0:
+            if until():
+                return
+            checked = time.monotonic()
 
 
 def ask(study: optuna.Study) -> optuna.Trial:

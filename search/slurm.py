@@ -126,6 +126,9 @@ def check_controller() -> None:
     """A submit host whose controller answers, checked before the study is prepared (minutes of work)."""
     if shutil.which("sbatch") is None:
         raise ValueError("--slurm: sbatch is not on PATH: run this on a SLURM submit (login) node")
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # SLURM itself retries such a file for a minute before saying so
+        raise ValueError(f"--slurm: SLURM_CONF is {conf}, which is not a file")
     try:
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:

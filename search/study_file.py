@@ -67,7 +67,7 @@ class StudySettings:
     grace_period: int = 300  # a trial silent this long is failed (its worker died) and retried
     max_retry: int = 2  # retries of a trial whose worker died (or a preset that failed); resumes from its checkpoint
     max_failures: int = 3  # a launch stops after this many failed trials in a row (exit code 1)
-    population: int = 1  # trials one worker process trains at once on its device (see README "Populations")
+    population: int = 1  # trials one worker process trains at once on its device (see docs/scaling.md, "Populations")
 
 
 @dataclass

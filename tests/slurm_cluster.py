@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port
+from helpers import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 SYSTEM_MUNGE_KEY = Path("/etc/munge/munge.key")

@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 from mbu.data.images import decode_image, to_model_range
 from mbu.evaluate.report import load_model
 from mbu.train.loop import train

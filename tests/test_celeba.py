@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 from mbu.data.celeba import CelebaConfig, DataError, prepare_celeba, read_attributes
 from mbu.data.celebamask_hq import MaskHQConfig, prepare_celebamask_hq
 from mbu.data.images import list_images, load_annotated

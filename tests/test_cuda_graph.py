@@ -6,32 +6,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 from mbu.train.checkpoint import CHECKPOINT_FILE
 from mbu.train.loop import Training, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-def step_losses(cfg_kwargs: dict, root: Path, out: Path, iterations: int) -> list[list[float]]:
-    """Every iteration's loss terms, read after each step."""
-    training = Training(tiny_train_config(root, out, device="cuda", iters=iterations, **cfg_kwargs), progress=False)
+def step_losses(cfg_kwargs: dict, root: Path, out: Path, iterations: int) -> list[dict[str, float]]:
+    """Every iteration's loss terms, through ``Training.step`` (the path populations use), logged each step."""
+    cfg = tiny_train_config(root, out, device="cuda", iters=iterations, progress_iter=1, **cfg_kwargs)
+    training = Training(cfg, progress=False)
     rows = []
-    for _ in range(iterations):
-        a = training.batches_a.batch(training.iteration)
-        b = training.batches_b.batch(training.iteration)
-        total, terms, disc = training.step_fn(a, b)
-        rows.append([total.item(), disc.item(), *(v.item() for v in terms.values())])
-        training.iteration += 1
+    while not training.done():
+        training.step()
+        rows.append(dict(training.metrics))
+    training.close()
     return rows
 
 
 def test_captured_and_eager_steps_give_the_same_losses_over_20_iterations(tiny_root: Path, tmp_path: Path) -> None:
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.deterministic = True  # the _isolated fixture restores it
     eager = step_losses({}, tiny_root, tmp_path / "eager", 20)
     captured = step_losses({"cuda_graph": True}, tiny_root, tmp_path / "captured", 20)
     assert len(captured) == 20
     for i, (e, c) in enumerate(zip(eager, captured, strict=True)):
+        assert len(c) >= 9 and c.keys() == e.keys()  # total, discriminator and the seven weighted terms
         assert c == pytest.approx(e, abs=1e-5, rel=1e-5), f"iteration {i + 1}"
 
 

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import TINY_DATA_AND_TRAIN
+from helpers import changed, mbu_command, study_runs, tiny_tables, toml_text
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
 from mlflow.tracking import MlflowClient
@@ -24,12 +23,22 @@ from mbu.cli import main
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
 
 
-def study_text(name: str, n_trials: int, lrs: list[float], population: int, study: str = "", train: str = "") -> str:
+def population_tables(
+    name: str, n_trials: int, lrs: list[float], population: int, study: dict | None = None, train: dict | None = None
+) -> dict:
     """A tiny study whose first trials are the given learning rates; losses logged every iteration."""
-    text = f'[study]\nname = "{name}"\nn_trials = {n_trials}\npopulation = {population}\n{study}\n'
-    text += TINY_DATA_AND_TRAIN + (train or "iters = 6\nprogress_iter = 1\n") + 'device = "cpu"\n'
-    text += "\n[space.lr]\nlow = 1e-5\nhigh = 1e12\nlog = true\n"
-    return text + "".join(f"\n[[enqueue]]\nlr = {lr}\n" for lr in lrs)
+    return tiny_tables(
+        name,
+        n_trials,
+        study={"population": population, **(study or {})},
+        train=train or {"iters": 6, "progress_iter": 1},
+        space={"lr": {"low": 1e-5, "high": 1e12, "log": True}},
+        **({"enqueue": [{"lr": lr} for lr in lrs]} if lrs else {}),
+    )
+
+
+def study_text(*args, **kwargs) -> str:
+    return toml_text(population_tables(*args, **kwargs))
 
 
 @pytest.fixture
@@ -80,8 +89,7 @@ def test_a_trial_in_a_population_of_3_is_bit_identical_to_it_alone(tmp_path: Pat
 
     # MLflow: one run per trial, each with its own parameters, metrics, tags and report.
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("together").experiment_id
-    children = [r for r in client.search_runs([experiment]) if r.data.tags.get("role") != "study-parent"]
+    children = study_runs(client, "together").trials
     assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1", "trial-2"]
     assert {float(r.data.params["lr"]) for r in children} == set(lrs)
     for trial in trials:
@@ -94,7 +102,7 @@ def test_a_trial_in_a_population_of_3_is_bit_identical_to_it_alone(tmp_path: Pat
 def test_a_diverging_slot_fails_alone_and_takes_the_next_trial(tmp_path: Path) -> None:
     # Slots: trial 0 (diverges at its first log) and trial 1; trial 2 takes trial 0's slot.
     lrs = [1e12, 3e-4, 1e-3]
-    train = "iters = 8\nprogress_iter = 2\n"
+    train = {"iters": 8, "progress_iter": 2}
     together = run(tmp_path, study_text("nan", 2, lrs, population=2, train=train))
     alone = run(tmp_path, study_text("solo", 1, lrs[1:2], population=1, train=train))
 
@@ -110,8 +118,8 @@ def test_a_diverging_slot_fails_alone_and_takes_the_next_trial(tmp_path: Path) -
 
 def test_failures_in_a_row_stop_the_asking_even_if_a_trial_in_flight_then_completes(tmp_path: Path) -> None:
     # Trial 0 diverges; trial 2 takes its slot and diverges too (2 in a row) while trial 1 trains on.
-    text = study_text("failing", 3, [1e12, 3e-4, 1e12, 1e12], population=2, study="max_failures = 2\n",
-                      train="iters = 8\nprogress_iter = 2\n")  # fmt: skip
+    text = study_text("failing", 3, [1e12, 3e-4, 1e12, 1e12], population=2, study={"max_failures": 2},
+                      train={"iters": 8, "progress_iter": 2})  # fmt: skip
     (tmp_path / "study.toml").write_text(text)
     assert main(["search", "study.toml", "--no-progress"]) == 1
     trials = optuna.load_study(study_name="failing", storage="sqlite:///optuna.db").get_trials()
@@ -120,20 +128,20 @@ def test_failures_in_a_row_stop_the_asking_even_if_a_trial_in_flight_then_comple
     assert all(t.state == optuna.trial.TrialState.WAITING for t in trials[3:])
 
 
-KILLED = study_text(
+KILLED = population_tables(
     "killed",
     2,
     [2e-4, 5e-4],
     population=2,
-    study="heartbeat_interval = 1\ngrace_period = 2\n",
-    train="iters = 30\nprogress_iter = 10\nsave_iter = 10\n",
+    study={"heartbeat_interval": 1, "grace_period": 2},
+    train={"iters": 30, "progress_iter": 10, "save_iter": 10},
 )
 
 
 def start_worker(tmp_path: Path, text: str, ready: str) -> tuple[subprocess.Popen, list[Path]]:
     """``mbu search`` on ``text`` in a process of its own, once trials 0 and 1 both hold the file ``ready``."""
     (tmp_path / "study.toml").write_text(text)
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
+    command = mbu_command("search", "study.toml", "--no-progress")
     worker = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     name = text.split('"')[1]
     folders = [tmp_path / "runs" / name / f"trial-{n}" for n in (0, 1)]
@@ -146,7 +154,7 @@ def start_worker(tmp_path: Path, text: str, ready: str) -> tuple[subprocess.Pope
 
 
 def test_a_killed_population_worker_has_all_its_trials_resumed(tmp_path: Path) -> None:
-    worker, checkpoints = start_worker(tmp_path, KILLED, ready="checkpoint.pt")
+    worker, checkpoints = start_worker(tmp_path, toml_text(KILLED), ready="checkpoint.pt")
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
     killed_at = [torch.load(c, weights_only=True)["iteration"] for c in checkpoints]
@@ -167,8 +175,7 @@ def test_a_killed_population_worker_has_all_its_trials_resumed(tmp_path: Path) -
 def test_sigterm_checkpoints_the_population_and_a_relaunch_resumes_it(tmp_path: Path) -> None:
     # No periodic checkpoint (save_iter > iters): any checkpoint is the stop's own. max_retry = 0: a stop
     # from outside is queued to resume all the same.
-    text = KILLED.replace('"killed"', '"stopped"').replace("save_iter = 10", "save_iter = 1000")
-    text = text.replace("grace_period = 2\n", "grace_period = 2\nmax_retry = 0\n")
+    text = toml_text(changed(KILLED, {"study": {"name": "stopped", "max_retry": 0}, "train": {"save_iter": 1000}}))
     worker, checkpoints = start_worker(tmp_path, text, ready="config.json")
     time.sleep(1)  # both trials are training
     worker.send_signal(signal.SIGTERM)

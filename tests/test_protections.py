@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import tiny_study
+from helpers import tiny_study
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study import STUDY_RECORD
 from mbu.search.study_file import StudyFileError, load_study_file
@@ -152,7 +152,7 @@ def test_a_retry_that_completes_keeps_no_error_of_the_try_before(tmp_path: Path)
     from mbu.search.launch import LaunchOptions, prepare_study, resolve_settings
     from mbu.search.tracking import STOPS_ATTR, queue_retry
 
-    (tmp_path / "study.toml").write_text(tiny_study("retried", train="iters = 2\nprogress_iter = 1\n"))
+    (tmp_path / "study.toml").write_text(tiny_study("retried", train={"iters": 2, "progress_iter": 1}))
     config = resolve_settings(load_study_file(tmp_path / "study.toml"), LaunchOptions())
     study, _, parent = prepare_study(config, progress=False)
     parent.end("FINISHED")
@@ -190,7 +190,7 @@ def test_same_stems_keep_every_output(run: Path, tiny_root: Path, tmp_path: Path
 
 
 def test_a_study_of_the_same_name_in_another_storage_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "study.toml").write_text(tiny_study("twin", train="iters = 2\nprogress_iter = 1\n"))
+    (tmp_path / "study.toml").write_text(tiny_study("twin", train={"iters": 2, "progress_iter": 1}))
     run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(progress=False))
     record = json.loads((tmp_path / "runs" / "twin" / STUDY_RECORD).read_text())
     assert record["storage"] == f"sqlite:///{tmp_path / 'optuna.db'}" and record["study"] == "twin"
@@ -223,7 +223,7 @@ def test_ctrl_c_in_train_is_one_line_and_resumable(tiny_root: Path, tmp_path: Pa
 
 
 def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) -> None:
-    study = tiny_study("preset", n_trials=2, train="iters = 20\nprogress_iter = 2\n") + "\n[[enqueue]]\nlr = 2e-4\n"
+    study = tiny_study("preset", 2, train={"iters": 20, "progress_iter": 2}, enqueue=[{"lr": 2e-4}])
     (tmp_path / "study.toml").write_text(study)
     launch = [sys.executable, "-c", WITH_CTRL_C, "search", "study.toml", "--no-progress"]
     proc = subprocess.Popen(launch, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import optuna
-from conftest import TINY_DATA_AND_TRAIN
+from helpers import TINY_DATA_AND_TRAIN
 from mbu.evaluate.segmentation import load_test_annotations
 from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
 from mbu.search.population import Population
@@ -45,7 +45,7 @@ def test_pruned_trial_is_killed_in_mlflow_with_its_curves(tmp_path: Path) -> Non
     outcomes = []
     while population.slots:
         outcomes += population.advance(stop=lambda: None)
-    assert [o.state for o in outcomes] == ["PRUNED"]
+    assert [o.state for o in outcomes] == [optuna.trial.TrialState.PRUNED]
 
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED

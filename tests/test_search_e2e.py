@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import torch
-from conftest import TINY_DATA_AND_TRAIN
+from helpers import TINY_DATA_AND_TRAIN
 from mbu.evaluate.report import load_masks
 from mbu.evaluate.segmentation import score_masks
 from mlflow.tracking import MlflowClient

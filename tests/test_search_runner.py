@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
-from conftest import tiny_study
+from helpers import mbu_command, study_runs, tiny_study
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
 from mbu.search.study_report import PLOTS
@@ -26,8 +25,8 @@ def _trials(name: str) -> list[optuna.trial.FrozenTrial]:
 
 def test_two_studies_in_one_process_log_only_to_their_own_stores(tmp_path: Path) -> None:
     for name in ("first", "second"):
-        store = f'tracking_uri = "sqlite:///{tmp_path / name}.db"\n'
-        (tmp_path / f"{name}.toml").write_text(tiny_study(name, study=store, train="iters = 2\nprogress_iter = 1\n"))
+        store = {"tracking_uri": f"sqlite:///{tmp_path / name}.db"}
+        (tmp_path / f"{name}.toml").write_text(tiny_study(name, study=store, train={"iters": 2, "progress_iter": 1}))
         assert run_study(load_study_file(tmp_path / f"{name}.toml"), LaunchOptions(progress=False)).states == {
             "COMPLETE": 1
         }
@@ -41,7 +40,7 @@ def test_two_studies_in_one_process_log_only_to_their_own_stores(tmp_path: Path)
 
 
 def test_a_failing_preset_does_not_use_up_the_budget(tmp_path: Path) -> None:
-    study = tiny_study("budget", n_trials=2, train="iters = 2\nprogress_iter = 1\n", lr_space=False)
+    study = tiny_study("budget", n_trials=2, train={"iters": 2, "progress_iter": 1}, lr_space=False)
     study += "\n[space.lr]\nlow = 1e-4\nhigh = 1e12\nlog = true\n"
     study += "".join(f"\n[[enqueue]]\nlr = {lr}\n" for lr in ("2e-4", "1e12", "3e-4"))
     (tmp_path / "study.toml").write_text(study)
@@ -52,7 +51,7 @@ def test_a_failing_preset_does_not_use_up_the_budget(tmp_path: Path) -> None:
 
 
 def test_an_always_failing_study_stops_after_max_failures_and_lists_them(tmp_path: Path, capsys) -> None:
-    study = tiny_study("doomed", n_trials=3, study="max_failures = 2\n", train="iters = 4\nprogress_iter = 2\n")
+    study = tiny_study("doomed", n_trials=3, study={"max_failures": 2}, train={"iters": 4, "progress_iter": 2})
     (tmp_path / "study.toml").write_text(study.split("\n[space.lr]")[0] + DIVERGING_SPACE)
     assert main(["search", "study.toml", "--no-progress"]) == 1
     err = capsys.readouterr().err
@@ -62,7 +61,7 @@ def test_an_always_failing_study_stops_after_max_failures_and_lists_them(tmp_pat
 
 
 def test_study_plots_are_written_shown_and_logged(tmp_path: Path) -> None:
-    study = tiny_study("pictures", n_trials=2, train="iters = 2\nprogress_iter = 1\n")
+    study = tiny_study("pictures", n_trials=2, train={"iters": 2, "progress_iter": 1})
     study += "\n[space.gama]\nlow = 1.0\nhigh = 10.0\n"
     (tmp_path / "study.toml").write_text(study)
     run_study(load_study_file(tmp_path / "study.toml"), LaunchOptions(progress=False))
@@ -76,14 +75,13 @@ def test_study_plots_are_written_shown_and_logged(tmp_path: Path) -> None:
     report = json.loads((folder / "study_report.json").read_text())
     assert report["objective"] == "val/iou_best" and report["plots"] == list(PLOTS)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("pictures").experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("role") == "study-parent")
+    (parent,) = study_runs(client, "pictures").parents
     assert set(PLOTS) <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_search_is_quiet_by_default_and_verbose_on_request(tmp_path: Path) -> None:
-    (tmp_path / "study.toml").write_text(tiny_study("hush", train="iters = 2\nprogress_iter = 1\n"))
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
+    (tmp_path / "study.toml").write_text(tiny_study("hush", train={"iters": 2, "progress_iter": 1}))
+    command = mbu_command("search", "study.toml", "--no-progress")
     quiet = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr
     for noise in ("ExperimentalWarning", "A new study created", "INFO mlflow"):

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TrackingServer, tiny_study
+from helpers import TrackingServer, mbu_command, study_runs, tiny_study
 from mbu.train.checkpoint import load_checkpoint
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -30,13 +29,8 @@ REASON = missing()
 if REASON is not None and os.environ.get("MBU_REQUIRE_SLURM") != "1":
     pytest.skip(REASON, allow_module_level=True)
 
-try:
-    from test_postgres import postgres_url  # noqa: F401  (the throwaway PostgreSQL fixture)
-except pytest.skip.Exception:  # PostgreSQL absent here and not required: only the first test needs it
-    postgres_url = None
-
 # Heartbeats every 2 s: a task killed before it could stop is noticed within the grace period.
-FAST_HEARTBEATS = "heartbeat_interval = 2\ngrace_period = 10\n"
+FAST_HEARTBEATS = {"heartbeat_interval": 2, "grace_period": 10}
 # One core per task: two tasks fit the CI machine's two cores.
 ONE_CORE = ["--cpus-per-task", "1"]
 
@@ -62,7 +56,7 @@ def slurm_env(slurm: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 def mbu_search(cwd: Path, *args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress", *args]
+    command = mbu_command("search", "study.toml", "--no-progress", *args)
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -87,36 +81,23 @@ def job_id_of(output: str) -> str:
     return found.group(1)
 
 
-def child_runs(client: MlflowClient, study: str) -> tuple[list, list]:
-    runs = client.search_runs([client.get_experiment_by_name(study).experiment_id])
-    children = [r for r in runs if r.data.tags.get("role") != "study-parent"]
-    return children, [r for r in runs if r.data.tags.get("role") == "study-parent"]
-
-
-@pytest.fixture
-def shared_storage(request: pytest.FixtureRequest) -> str:
-    if postgres_url is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    return request.getfixturevalue("postgres_url")
-
-
 def test_a_four_trial_study_runs_as_a_two_task_array_against_postgresql_and_an_mlflow_server(
-    tmp_path: Path, slurm_env: SlurmCluster, shared_storage: str, tracking_server: TrackingServer
+    tmp_path: Path, slurm_env: SlurmCluster, postgres_url: str, tracking_server: TrackingServer
 ) -> None:
     (tmp_path / "study.toml").write_text(tiny_study("array", 4, study=FAST_HEARTBEATS))
-    stores = ["--storage", shared_storage, "--tracking-uri", tracking_server.uri]
+    stores = ["--storage", postgres_url, "--tracking-uri", tracking_server.uri]
     output = finish(mbu_search(tmp_path, "--slurm", "--tasks", "2", *ONE_CORE, "--wait", *stores), slurm_env, tmp_path)
     job_id = job_id_of(output)
     assert "study array: 4 COMPLETE" in output
     assert "sacct" not in output and "UNKNOWN" not in output  # no accounting: states come from squeue
     assert f"slurm job {job_id} task 1: COMPLETED" in output
 
-    trials = optuna.load_study(study_name="array", storage=shared_storage).get_trials()
+    trials = optuna.load_study(study_name="array", storage=postgres_url).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
 
     client = MlflowClient(tracking_server.uri)
-    children, parents = child_runs(client, "array")
+    parents, children = study_runs(client, "array")
     assert len(parents) == 1
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == [0, 1, 2, 3]
     assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
@@ -126,7 +107,7 @@ def test_a_four_trial_study_runs_as_a_two_task_array_against_postgresql_and_an_m
     assert all(r.data.tags["slurm_job_id"] for r in children)
 
     summary = subprocess.run(
-        [sys.executable, "-m", "mbu", "search", "study.toml", "--summary", *stores],
+        mbu_command("search", "study.toml", "--summary", *stores),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -171,9 +152,9 @@ def test_a_task_cancelled_mid_trial_leaves_its_trial_to_resume_from_its_checkpoi
     tmp_path: Path, slurm_env: SlurmCluster
 ) -> None:
     # SQLite on this one-node cluster (--single-node); trials of ~20 s, a checkpoint every 10 iterations.
-    train = "iters = 60\nprogress_iter = 10\nsave_iter = 10\n"
+    train = {"iters": 60, "progress_iter": 10, "save_iter": 10}
     (tmp_path / "study.toml").write_text(
-        tiny_study("cancel", 2, study=FAST_HEARTBEATS + "max_retry = 2\n", train=train)
+        tiny_study("cancel", 2, study={**FAST_HEARTBEATS, "max_retry": 2}, train=train)
     )
     launch = mbu_search(tmp_path, "--slurm", "--single-node", "--tasks", "2", *ONE_CORE, "--wait")
     trial_dir = wait_for_checkpoint(tmp_path / "runs" / "cancel", launch)
@@ -192,7 +173,7 @@ def test_a_task_cancelled_mid_trial_leaves_its_trial_to_resume_from_its_checkpoi
     states = sorted(t.state.name for t in study.get_trials())
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]
 
-    children, parents = child_runs(client, "cancel")
+    parents, children = study_runs(client, "cancel")
     assert len(parents) == 1
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(t.number for t in study.get_trials())
     by_number = {int(r.data.tags["trial_number"]): r for r in children}
@@ -207,7 +188,7 @@ def test_a_task_reaching_its_time_limit_is_requeued_resumes_its_trial_and_stops_
     # run of the task trains for 25-85 s. The trial is far longer than any run, whatever the machine's speed:
     # run 1 is stopped and requeued, run 2 resumes from run 1's checkpoint, is stopped again and, at
     # max_requeue = 1, is not requeued. The launch then ends short of its target, with the retry still queued.
-    train = "iters = 100000\nprogress_iter = 10\nsave_iter = 100000\n"
+    train = {"iters": 100000, "progress_iter": 10, "save_iter": 100000}
     (tmp_path / "study.toml").write_text(tiny_study("limit", 1, study=FAST_HEARTBEATS, train=train))
     limits = ["--time-min", "2", "--signal-delay-s", "60", "--max-requeue", "1"]
     launch = mbu_search(tmp_path, "--slurm", "--single-node", "--tasks", "1", *ONE_CORE, *limits, "--wait")
@@ -234,7 +215,7 @@ def test_a_task_reaching_its_time_limit_is_requeued_resumes_its_trial_and_stops_
 
     # One MLflow run per try, each in its own run of the task: the requeue count grows along the chain.
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    children, _ = child_runs(client, "limit")
+    children = study_runs(client, "limit").trials
     by_number = {int(r.data.tags["trial_number"]): r for r in children}
     assert sorted(by_number) == [0, 1]
     assert [by_number[n].data.tags.get("slurm_restart_count", "0") for n in (0, 1)] == ["0", "1"]

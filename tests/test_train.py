@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from mbu.train.loop import NonFiniteLossError, train
 

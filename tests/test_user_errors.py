@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_SYNTH, tiny_study, tiny_train_config
+from helpers import DROP, TINY_SYNTH, changed, tiny_tables, tiny_train_config, toml_text
 from mbu.train.checkpoint import CHECKPOINT_FILE
 from mbu.train.loop import train
 
@@ -145,16 +145,18 @@ def _one_annotated(cwd: Path, shared: dict[str, Path]) -> None:
     shutil.copytree(shared["root"], cwd / "data")
     for mask in sorted((cwd / "data" / "testA_masks").iterdir())[1:]:
         mask.unlink()
-    (cwd / "study.toml").write_text(GOOD_STUDY.replace(SYNTHETIC_TABLE, '[data]\nroot = "data"\n'))
+    (cwd / "study.toml").write_text(toml_text(changed(GOOD, {"data": {"synthetic": DROP, "root": "data"}})))
 
 
 TRAIN = ["train", "--resize", "64", "--bs", "4", "--iters", "2", "--no-progress"]
-GOOD_STUDY = tiny_study("mistakes")
-SYNTHETIC_TABLE = (
-    f"[data.synthetic]\nsize = {TINY_SYNTH.size}\nn_train = {TINY_SYNTH.n_train}\nn_test = {TINY_SYNTH.n_test}\n"
-    f"seed = {TINY_SYNTH.seed}\n"
-)
-assert SYNTHETIC_TABLE in GOOD_STUDY
+GOOD = tiny_tables("mistakes")
+GOOD_STUDY = toml_text(GOOD)
+LATIN_1_STUDY = toml_text(changed(GOOD, {"study": {"name": "caf\xe9"}})).encode("latin-1")
+
+
+def _changed(changes: dict) -> Callable[[Path, dict[str, Path]], None]:
+    """Writes the good study file with ``changes`` merged in (see ``helpers.changed``)."""
+    return _study(toml_text(changed(GOOD, changes)))
 
 
 def _train(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
@@ -378,13 +380,15 @@ MISTAKES = [
         "search study file not UTF-8",
         lambda s: ["search", "study.toml"],
         "study.toml: not UTF-8 text (byte 0xe9 at offset",
-        lambda cwd, s: (cwd / "study.toml").write_bytes(GOOD_STUDY.replace("mistakes", "caf\xe9").encode("latin-1")),
+        lambda cwd, s: (cwd / "study.toml").write_bytes(
+            toml_text(changed(GOOD, {"study": {"name": "caf\xe9"}})).encode("latin-1")
+        ),
     ),  # fmt: skip
     Mistake(
         "search unknown table",
         lambda s: ["search", "study.toml"],
         "study.toml: unknown table [trian] (known tables: [study], [data]",
-        _study(GOOD_STUDY + "\n[trian]\nbs = 4\n"),
+        _changed({"trian": {"bs": 4}}),
     ),  # fmt: skip
     Mistake(
         "search key outside any table",
@@ -396,25 +400,25 @@ MISTAKES = [
         "search negative seed",
         lambda s: ["search", "study.toml"],
         "[study].seed must be an integer in [0, 2**32), got -1",
-        _study(GOOD_STUDY.replace("[study]\n", "[study]\nseed = -1\n")),
+        _changed({"study": {"seed": -1}}),
     ),  # fmt: skip
     Mistake(
         "search range without high",
         lambda s: ["search", "study.toml"],
         "study.toml: missing key [space.lr].high (required: low, high)",
-        _study(GOOD_STUDY.replace("high = 1e-3\n", "")),
+        _changed({"space": {"lr": {"high": DROP}}}),
     ),  # fmt: skip
     Mistake(
         "search unknown device",
         lambda s: ["search", "study.toml"],
         "study.toml: [train].device: unknown device 'tpu'",
-        _study(GOOD_STUDY.replace('device = "cpu"', 'device = "tpu"')),
+        _changed({"train": {"device": "tpu"}}),
     ),  # fmt: skip
     Mistake(
         "search test set too small to score",
         lambda s: ["search", "study.toml"],
         "[data.synthetic].n_test must be at least 2, got 1",
-        _study(GOOD_STUDY.replace(f"n_test = {TINY_SYNTH.n_test}", "n_test = 1")),
+        _changed({"data": {"synthetic": {"n_test": 1}}}),
     ),  # fmt: skip
     Mistake(
         "search data root with one annotated test image",
@@ -426,37 +430,37 @@ MISTAKES = [
         "search fewer synthetic images than the batch",
         lambda s: ["search", "study.toml"],
         "[data.synthetic].n_train = 3 is fewer images than the batch ([train].bs = 4)",
-        _study(GOOD_STUDY.replace(f"n_train = {TINY_SYNTH.n_train}", "n_train = 3")),
+        _changed({"data": {"synthetic": {"n_train": 3}}}),
     ),  # fmt: skip
     Mistake(
         "search batch of one",
         lambda s: ["search", "study.toml"],
         "[train].bs = 1: the batch must hold at least 2 images",
-        _study(GOOD_STUDY.replace("bs = 4", "bs = 1")),
+        _changed({"train": {"bs": 1}}),
     ),  # fmt: skip
     Mistake(
         "search string for a number",
         lambda s: ["search", "study.toml"],
         "[space.lr].high must be a number",
-        _study(GOOD_STUDY.replace("high = 1e-3", 'high = "10"')),
+        _changed({"space": {"lr": {"high": "10"}}}),
     ),  # fmt: skip
     Mistake(
         "search string for a boolean",
         lambda s: ["search", "study.toml"],
         "[space.lr].log must be true or false",
-        _study(GOOD_STUDY.replace("log = true", 'log = "false"')),
+        _changed({"space": {"lr": {"log": "false"}}}),
     ),  # fmt: skip
     Mistake(
         "search string for a count",
         lambda s: ["search", "study.toml"],
         "[study].n_trials must be an integer",
-        _study(GOOD_STUDY.replace("n_trials = 1", 'n_trials = "3"')),
+        _changed({"study": {"n_trials": "3"}}),
     ),  # fmt: skip
     Mistake(
         "search string for a train value",
         lambda s: ["search", "study.toml"],
         "[train].bs must be an integer",
-        _study(GOOD_STUDY.replace("bs = 4", 'bs = "4"')),
+        _changed({"train": {"bs": "4"}}),
     ),  # fmt: skip
     Mistake(
         "search zero trials flag",
@@ -483,9 +487,9 @@ MISTAKES = [
         _study(GOOD_STUDY),
     ),  # fmt: skip
     Mistake(
-        "search slurm where no controller answers",
+        "search slurm with a SLURM_CONF that is not a file",
         lambda s: ["search", "study.toml", "--slurm", "--single-node"],
-        "--slurm: ",  # "sbatch is not on PATH" or "the SLURM controller does not answer", as the machine has
+        "--slurm: ",  # "sbatch is not on PATH" or "SLURM_CONF is /nonexistent/slurm.conf, which is not a file"
         _study(GOOD_STUDY),
         env={"SLURM_CONF": "/nonexistent/slurm.conf"},
     ),  # fmt: skip
@@ -505,7 +509,7 @@ MISTAKES = [
         "search slurm bad sbatch option in the study file",
         lambda s: ["search", "study.toml", "--slurm"],
         "[slurm].sbatch options are written --name=value or --flag",
-        _study(GOOD_STUDY + '\n[slurm]\nsbatch = ["account=lab"]\n'),
+        _changed({"slurm": {"sbatch": ["account=lab"]}}),
     ),  # fmt: skip
     Mistake(
         "search storage in a missing folder",
@@ -529,13 +533,13 @@ MISTAKES = [
         "search gpu device without cuda",
         lambda s: ["search", "study.toml"],
         "CUDA is not available",
-        _study(GOOD_STUDY.replace('device = "cpu"', 'device = "cuda"')),
+        _changed({"train": {"device": "cuda"}}),
     ),  # fmt: skip
     Mistake(
         "search captured step on cpu",
         lambda s: ["search", "study.toml"],
         "study.toml: [train].cuda_graph = true needs a CUDA device",
-        _study(GOOD_STUDY.replace('device = "cpu"', 'device = "cpu"\ncuda_graph = true')),
+        _changed({"train": {"cuda_graph": True}}),
     ),  # fmt: skip
     Mistake(
         "search population flag zero",
@@ -547,7 +551,7 @@ MISTAKES = [
         "search population key zero",
         lambda s: ["search", "study.toml"],
         "[study].population must be a positive integer, got 0",
-        _study(GOOD_STUDY.replace("[study]\n", "[study]\npopulation = 0\n")),
+        _changed({"study": {"population": 0}}),
     ),  # fmt: skip
     Mistake(
         "search summary of no study",
@@ -561,7 +565,7 @@ MISTAKES = [
         "afile is a file, not a folder",
         lambda cwd, s: (
             _file("afile")(cwd, s),
-            _study(GOOD_STUDY.replace("[study]\n", '[study]\nruns_dir = "afile/runs"\n'))(cwd, s),
+            _changed({"study": {"runs_dir": "afile/runs"}})(cwd, s),
         ),
     ),  # fmt: skip
 ]
@@ -586,6 +590,9 @@ def test_a_mistake_gets_one_line_and_changes_nothing(
     assert len(lines) == 1, err
     assert lines[0].startswith(f"mbu {argv[0]}: error: ") and mistake.message in lines[0], lines[0]
     assert fingerprint(tmp_path, *shared.values()) == before, "a refused command changed files"
+    if os.environ.get("MBU_RECORD_MESSAGES"):  # a table of what users see, for docs and reviews
+        with open(os.environ["MBU_RECORD_MESSAGES"], "a") as record:
+            record.write(f"{mistake.name}\t{lines[0].replace(str(tmp_path), '.')}\n")
 
 
 def test_every_command_has_a_row(shared: dict[str, Path]) -> None:

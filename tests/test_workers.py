@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
-from conftest import tiny_study
+from helpers import mbu_command, study_runs, tiny_study
 from mbu.search.sampler import SEED_ATTR
 from mlflow.tracking import MlflowClient
 
@@ -23,9 +22,8 @@ def assert_recorded_once(tmp_path: Path, name: str, n_trials: int) -> list[optun
     assert sorted(t.number for t in trials) == list(range(n_trials))
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    children = [r for r in runs if r.data.tags.get("role") != "study-parent"]
-    parents = [r for r in runs if r.data.tags.get("role") == "study-parent"]
+    parents, children = study_runs(client, name)
+    runs = parents + children
     assert len(parents) == 1
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == list(range(n_trials))
     assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
@@ -42,7 +40,7 @@ def assert_distinct_points(trials: list[optuna.trial.FrozenTrial]) -> None:
 
 
 def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path: Path, capsys) -> None:
-    (tmp_path / "study.toml").write_text(tiny_study("pair", 6, study="seed = 2\n"))
+    (tmp_path / "study.toml").write_text(tiny_study("pair", 6, study={"seed": 2}))
     assert main(["search", "study.toml", "--workers", "2", "--no-progress"]) == 0
     assert "study pair: 6 COMPLETE" in capsys.readouterr().out
     trials = assert_recorded_once(tmp_path, "pair", 6)
@@ -55,8 +53,8 @@ def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path
 
 
 def test_two_launches_at_once_both_contribute_and_no_trial_is_recorded_twice(tmp_path: Path) -> None:
-    (tmp_path / "study.toml").write_text(tiny_study("twice", 4, study="seed = 2\n"))
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
+    (tmp_path / "study.toml").write_text(tiny_study("twice", 4, study={"seed": 2}))
+    command = mbu_command("search", "study.toml", "--no-progress")
     launches = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in "ab"]
     outputs = [p.communicate(timeout=300)[0].decode() for p in launches]
     assert [p.returncode for p in launches] == [0, 0], outputs

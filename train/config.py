@@ -40,7 +40,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:N
     seed: int = 0  # model initialisation and batch order
     eval_every: int = 0  # call the evaluation callback every N iterations (0: never)
-    amp: str = "none"  # "bf16": autocast forward passes to bfloat16 (faster on recent CPUs/GPUs; see README)
+    amp: str = "none"  # "bf16": autocast forward passes to bfloat16 (faster on recent hardware: docs/performance.md)
     channels_last: bool = False  # NHWC memory layout for convolutions
     compile: bool = False  # torch.compile the loss computations (long first iteration)
     cuda_graph: bool = False  # CUDA only: capture the whole step as one CUDA graph and replay it

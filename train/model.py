@@ -268,7 +268,7 @@ class ContentTransferModel(nn.Module):
     def code(common: torch.Tensor, separate: torch.Tensor) -> torch.Tensor:
         return torch.cat([common, separate], dim=1)
 
-    # Uses of a trained model: transfer, removal and segmentation (README, "Commands").
+    # Uses of a trained model: transfer, removal and segmentation (docs/commands.md).
 
     @torch.no_grad()
     def segment(self, images_a: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 from mbu.data.images import DataError, list_images, load_domain
 from mbu.train.loop import SKIPPED_FILE, train
 from PIL import Image

@@ -6,12 +6,11 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
-from conftest import tiny_study, tiny_train_config
+from helpers import mbu_command, tiny_study, tiny_train_config
 from mbu.train.checkpoint import load_checkpoint
 from mbu.train.loop import train
 from mlflow.tracking import MlflowClient
@@ -19,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "mbu", "train", "--root", str(tiny_root), "--out", str(run), "--no-progress"]
+    command = mbu_command("train", "--root", str(tiny_root), "--out", str(run), "--no-progress")
     command += ["--resize", "64", "--bs", "4", "--iters", "40", "--save_iter", "1", "--device", "cpu"]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -39,7 +38,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Pat
 
 
 # max_failures = 1: the launch stops at the first failed trial (failed trials do not count towards n_trials).
-STUDY = tiny_study("full", study="max_failures = 1\n", train="iters = 2\nprogress_iter = 1\n")
+STUDY = tiny_study("full", study={"max_failures": 1}, train={"iters": 2, "progress_iter": 1})
 
 FILE_SIZE_LIMIT = 64 * 2**20  # smaller than a checkpoint (about 250 MB at 64 px), larger than the databases
 
@@ -52,7 +51,7 @@ def _small_disk() -> None:
 
 def test_full_disk_fails_the_trial_clearly_and_keeps_earlier_trials(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
+    command = mbu_command("search", "study.toml", "--no-progress")
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     trial0 = tmp_path / "runs" / "full" / "trial-0"

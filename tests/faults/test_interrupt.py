@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
-from conftest import TINY_DATA_AND_TRAIN
+from helpers import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 STUDY = """

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import optuna
-from conftest import TINY_DATA_AND_TRAIN
+from helpers import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main

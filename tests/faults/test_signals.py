@@ -10,12 +10,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
-from conftest import tiny_study
+from helpers import mbu_command, tiny_study
 from mbu.train.checkpoint import load_checkpoint
 from mlflow.tracking import MlflowClient
 
@@ -36,7 +35,7 @@ def runs_of(experiment: str) -> list:
 def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path, tmp_path: Path) -> None:
     argv = ["train", "--root", str(tiny_root), "--out", "run", "--resize", "64", "--bs", "4", "--no-progress"]
     argv += ["--iters", "2000", "--save_iter", "5000", "--progress_iter", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "mbu", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(mbu_command(*argv), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     wait_for([tmp_path / "run" / "mlflow_run.json"], proc)
     time.sleep(4)  # into training (no periodic checkpoint: save_iter is beyond the run)
     proc.send_signal(signal.SIGTERM)
@@ -54,7 +53,7 @@ def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path
     assert run.info.status == "KILLED" and run.data.tags["stopped"] == f"SIGTERM at iteration {stopped_at}"
 
     resumed = subprocess.run(
-        [sys.executable, "-m", "mbu", "train", "--out", "run", "--load", "run", "--iters", str(stopped_at + 2)],
+        mbu_command("train", "--out", "run", "--load", "run", "--iters", str(stopped_at + 2)),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -65,9 +64,9 @@ def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path
 
 
 def test_sigterm_of_the_workers_launcher_stops_every_worker_and_exits_75(tmp_path: Path) -> None:
-    study = tiny_study("term", 2, study="seed = 1\n", train="iters = 2000\nprogress_iter = 2\nsave_iter = 5000\n")
+    study = tiny_study("term", 2, study={"seed": 1}, train={"iters": 2000, "progress_iter": 2, "save_iter": 5000})
     (tmp_path / "study.toml").write_text(study)
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--workers", "2", "--no-progress"]
+    command = mbu_command("search", "study.toml", "--workers", "2", "--no-progress")
     launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "runs" / "term"
     wait_for([runs / "trial-0" / "mlflow_run.json", runs / "trial-1" / "mlflow_run.json"], launcher, 180)

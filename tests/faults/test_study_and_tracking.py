@@ -6,13 +6,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import free_port, tiny_study
+from helpers import free_port, tiny_study
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import StudyFileError, load_study_file
 
 from mbu.cli import main
 
-STUDY = tiny_study("edited", train="iters = 2\nprogress_iter = 1\n")  # its [space.lr] has high = 1e-3
+STUDY = tiny_study("edited", train={"iters": 2, "progress_iter": 1})  # its [space.lr] has high = 1e-3
 
 
 def test_edited_search_space_is_refused_and_compatible_edits_are_accepted(tmp_path: Path) -> None:

@@ -4,19 +4,20 @@ recorded, and a warning says what was not logged."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
-from conftest import TrackingServer, tiny_study
+from helpers import TrackingServer, mbu_command, tiny_study
 
-STUDY = tiny_study("lost", train="iters = 30\nprogress_iter = 2\ndisplay_iter = 10\neval_every = 10\n", lr_space=False)
+STUDY = tiny_study(
+    "lost", train={"iters": 30, "progress_iter": 2, "display_iter": 10, "eval_every": 10}, lr_space=False
+)
 
 
 def test_training_survives_the_tracking_server_going_away(tmp_path: Path, tracking_server: TrackingServer) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
+    command = mbu_command("search", "study.toml", "--no-progress")
     command += ["--tracking-uri", tracking_server.uri]
     search = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run_file = tmp_path / "runs" / "lost" / "trial-0" / "mlflow_run.json"

@@ -7,28 +7,27 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import torch
-from conftest import tiny_study
+from helpers import mbu_command, tiny_study
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
 from mlflow.tracking import MlflowClient
 
 STUDY = tiny_study(
     "killed",
-    study="heartbeat_interval = 1\ngrace_period = 5\n",
-    train="iters = 40\nprogress_iter = 10\nsave_iter = 10\n",
+    study={"heartbeat_interval": 1, "grace_period": 5},
+    train={"iters": 40, "progress_iter": 10, "save_iter": 10},
     lr_space=False,
 )
 
 
 def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path: Path, capsys) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
-    command = [sys.executable, "-m", "mbu", "search", "study.toml", "--no-progress"]
+    command = mbu_command("search", "study.toml", "--no-progress")
     worker = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     checkpoint = tmp_path / "runs" / "killed" / "trial-0" / "checkpoint.pt"
     deadline = time.monotonic() + 120
