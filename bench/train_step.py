@@ -1,6 +1,6 @@
 """Time one training iteration: the reference's computation against the platform's.
 
-    python bench/train_step.py [--resize 64 128] [--bs 32] [--iters 5] [--device cpu] [--variants fp32 bf16 ...]
+    python bench/train_step.py [--resize 64 128] [--bs 32] [--rounds 9] [--device cpu] [--variants fp32 bf16 ...]
 
 Baseline: the reference ``mask_train.py`` step as it ran: every image opened
 and resized with PIL each time it is drawn (a DataLoader with num_workers=0),
@@ -9,9 +9,11 @@ weights too), the discriminator step back-propagating into E_common.
 Platform: the same hyperparameters on the same images through
 ``train.step.train_step`` with the decode-once uint8 batches.
 
-Prints images per second (A and B images of one step count as 2 x bs), the
-ratio, and the platform's achieved GFLOP/s against a large float32 matmul
-timed in the same run (the machine's practical ceiling). ``--variants`` picks
+Prints images per second (A and B images of one step count as 2 x bs; the
+median over rounds), the ratio to the reference (the median of each round's
+own ratio, the rows timed in turn within a round, with the rounds' range),
+and the platform's achieved GFLOP/s against a large float32 matmul timed
+just before the row (the machine's practical ceiling at that moment). ``--variants`` picks
 the platform rows: fp32 (the default, identical math), bf16 autocast,
 channels_last, both, torch.compile, fp32-stock (fp32 on PyTorch's default
 convolution kernels, to separate the per-layer CPU kernel choice of
@@ -23,6 +25,7 @@ the stock kernels.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -162,12 +165,23 @@ def _time(step: Callable[[], None], iters: int, device: torch.device, warmup: in
 
 
 def interleaved(steps: dict[str, Callable[[], None]], iters: int, rounds: int, device: torch.device) -> dict:
-    """Best round mean of each step, the steps taking turns so drift on a shared machine hits all alike."""
-    best = {name: float("inf") for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            best[name] = min(best[name], _time(step, iters, device))
-    return best
+    """Each step's mean seconds per call in every round; the steps take turns (the order reversed every other
+    round) so that drift on a shared machine hits all of them alike and each round pairs them."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            seconds[name].append(_time(steps[name], iters, device))
+    return seconds
+
+
+def summary(seconds: dict[str, list[float]], name: str, images: int) -> tuple[float, str]:
+    """Median images/s of ``name``, and its median paired ratio to the reference with the rounds' range."""
+    rate = images / statistics.median(seconds[name])
+    if "reference" not in seconds:
+        return rate, "-"
+    ratios = [ref / own for ref, own in zip(seconds["reference"], seconds[name], strict=True)]
+    return rate, f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def _sync(device: torch.device) -> None:
@@ -189,7 +203,11 @@ def main() -> None:
     parser.add_argument("--bs", type=int, nargs="+", default=[32], help="batch sizes (default: 32)")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per round (default: %(default)s)")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds; the best is kept (default: %(default)s)"
+        "--rounds",
+        type=int,
+        default=9,
+        help="rounds in which every row is timed in turn; rates are medians over rounds, ratios the median of "
+        "the rounds' own ratios to the reference, with their range (default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument(
@@ -205,9 +223,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_dataset(SynthConfig(size=128, n_train=BENCH_IMAGES, n_test=1), Path(tmp), progress=False)
-        ceiling = matmul_ceiling(device)
-        print(f"device {device}, {torch.get_num_threads()} threads; float32 matmul ceiling {ceiling:.0f} GFLOP/s")
-        print(f"{'resize':>6} {'bs':>4} {'variant':<18} {'img/s':>8} {'vs base':>8} {'GFLOP/s':>8} {'% ceil':>7}")
+        print(f"device {device}, {torch.get_num_threads()} threads; ceiling: a float32 matmul timed before each row")
+        header = f"{'resize':>6} {'bs':>4} {'variant':<18} {'img/s':>8} {'vs reference (range)':>22}"
+        print(f"{header} {'GFLOP/s':>8} {'ceiling':>8} {'% ceil':>7}")
         variants = {name: VARIANTS[name] for name in args.variants}
         for resize in args.resize:
             for bs in args.bs:
@@ -222,17 +240,15 @@ def main() -> None:
                         name in STOCK_KERNELS,
                         name in RELU_DECODERS,
                     )
+                ceiling = matmul_ceiling(device)  # per row: the machine's state when this row was timed
                 seconds = interleaved(steps, args.iters, args.rounds, device)
-                base = 2 * bs / seconds["reference"] if "reference" in seconds else None
-                for name, sec in seconds.items():
-                    rate = 2 * bs / sec
-                    ratio = f"{rate / base:.2f}x" if base else "-"
-                    gflops = (
-                        f"{flops[name] / sec / 1e9:>8.0f} {100 * flops[name] / sec / 1e9 / ceiling:>6.0f}%"
-                        if name in flops
-                        else ""
-                    )
-                    print(f"{resize:>6} {bs:>4} {name:<18} {rate:>8.1f} {ratio:>8} {gflops}", flush=True)
+                for name in seconds:
+                    rate, ratio = summary(seconds, name, 2 * bs)
+                    line = f"{resize:>6} {bs:>4} {name:<18} {rate:>8.1f} {ratio:>22}"
+                    if name in flops:
+                        achieved = flops[name] * rate / (2 * bs) / 1e9
+                        line += f" {achieved:>8.0f} {ceiling:>8.0f} {100 * achieved / ceiling:>6.0f}%"
+                    print(line, flush=True)
 
 
 if __name__ == "__main__":

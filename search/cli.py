@@ -6,11 +6,10 @@ import argparse
 import functools
 import signal
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mbu.search.slurm_settings import SlurmSettings
+from mbu.search.slurm_settings import SLURM_FLAGS, add_slurm_arguments
 from mbu.search.study_file import StudyConfig
 from mbu.train.errors import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_command
 from mbu.train.stop import StopRequest, signals_stop
@@ -21,16 +20,38 @@ if TYPE_CHECKING:  # the launchers import Optuna, MLflow and plotting: only when
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    """``mbu search`` and ``mbu confirm``: one set of launch flags, the confirmation stage alone for the latter."""
+    search = subparsers.add_parser(
         "search",
         help="run or resume an Optuna study described by a TOML study file",
         description="Create or resume the study of STUDY (Optuna storage, default sqlite:///optuna.db) and run "
         "trials until it has [study].n_trials finished (complete or pruned) ones; failed trials do not count, "
         "and [study].max_failures failed trials in a row stop the launch. Each trial trains, scores its masks, "
         "and is recorded as a nested MLflow run (default store sqlite:///mlflow.db, or $MLFLOW_TRACKING_URI). "
-        "Exit codes: 0 target reached, 1 stopped on failures (each failed trial listed) or a worker failed, "
-        "2 a usage error, 75 stopped by SIGTERM (trials checkpointed and queued to resume), 130 Ctrl-C.",
+        "With a [confirm] table (or a confirmation flag) the best trials are then confirmed on fresh seeds, "
+        "as mbu confirm does. Exit codes: 0 target reached, 1 stopped on failures (each failed trial listed) "
+        "or a worker failed, 2 a usage error, 75 stopped by SIGTERM (trials checkpointed and queued to resume), "
+        "130 Ctrl-C.",
     )
+    add_launch_arguments(search)
+    confirm = subparsers.add_parser(
+        "confirm",
+        help="train a finished study's best trials and presets again on fresh seeds, with intervals",
+        description="Once the study of STUDY has its [study].n_trials finished trials, train its [confirm].top_k "
+        "best complete trials (and, with presets, the trial of every [[enqueue]] point) again on [confirm].seeds "
+        "fresh seeds ([train].seed + 1, + 2, ...: the same seeds for every candidate), score each run as a trial "
+        "is, and write runs/<study>/confirm_report.{md,json}: per candidate the mean, standard deviation and "
+        "t-based 95% interval of validation and test IoU; per preset the paired difference in test IoU with its "
+        "interval and a verdict. Runs go to runs/<study>/confirm/ and under the study's parent MLflow run. A "
+        "relaunch runs only what is missing; raising --seeds or --top-k tops it up. The confirmation runs are "
+        "trials of the Optuna study <study>/confirm, so --workers, --population and --slurm work as in mbu search. "
+        "Exit codes as mbu search.",
+    )
+    add_launch_arguments(confirm)
+    confirm.set_defaults(confirm_only=True)
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", type=Path, help="study file, e.g. studies/synthetic_glasses.toml")
     parser.add_argument("--storage", default=None, help="Optuna storage URL, overriding [study].storage")
     parser.add_argument(
@@ -71,6 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(default 1). On a GPU the K steps overlap (one CUDA stream per trial); on CPU they take turns, as fast "
         "as K trials one after another. Each trial keeps its own run, checkpoint, evaluations and pruning",
     )
+    add_confirm_arguments(parser)
     add_slurm_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -79,78 +101,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also show Optuna's and MLflow's own log lines and experimental-API warnings (hidden by default)",
     )
-    parser.set_defaults(func=main)
+    parser.set_defaults(func=main, confirm_only=False)
 
 
-def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--slurm``, ``--wait`` and one flag per ``[slurm]`` key (same name), each overriding the study file."""
+def add_confirm_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``[confirm]`` key, each overriding it; any of them confirms a study without the table."""
     group = parser.add_argument_group(
-        "SLURM cluster (see docs/slurm.md)",
-        "With --slurm, the study is prepared here as with --workers, then submitted as one array job whose tasks "
-        'are workers of the study (needs submitit: pip install -e ".[slurm]"); it prints the job id and '
-        "the log folder runs/<study>/slurm/. Each flag below overrides its [slurm] key in the study file.",
-    )
-    group.add_argument("--slurm", action="store_true", help="submit the study as a SLURM array job of workers")
-    group.add_argument(
-        "--wait",
-        action="store_true",
-        help="with --slurm: block until every task has ended (printing each task's state changes from squeue), "
-        "then exit 0 if the study has its n_trials finished trials, 1 if not",
+        "confirmation on fresh seeds (see docs/confirmation.md)",
+        "Each flag overrides its [confirm] key in the study file; with mbu search, giving one confirms a study "
+        "that has no [confirm] table.",
     )
     group.add_argument(
-        "--partition", default=None, metavar="NAME", help="SLURM partition (default: the cluster's default)"
+        "--top-k", type=int, default=None, metavar="K", help="confirm the K best complete trials (default 1)"
     )
     group.add_argument(
-        "--tasks", type=int, default=None, metavar="N", help="tasks in the array, one worker each (default 2)"
-    )
-    group.add_argument("--gpus-per-task", type=int, default=None, metavar="N", help="GPUs per task (default 0: none)")
-    group.add_argument("--cpus-per-task", type=int, default=None, metavar="N", help="CPU cores per task (default 4)")
-    group.add_argument(
-        "--mem-gb", type=float, default=None, metavar="GB", help="memory per task, GB (default: the partition's)"
-    )
-    group.add_argument(
-        "--time-min", type=int, default=None, metavar="MIN", help="time limit per task in minutes (default 60)"
-    )
-    group.add_argument(
-        "--signal-delay-s",
-        type=int,
-        default=None,
-        metavar="S",
-        help="SLURM sends SIGUSR2 this many seconds before the time limit (it may come up to a minute earlier); "
-        "the task's trials then checkpoint, are queued to resume, and the task requeues itself (default 120)",
-    )
-    group.add_argument(
-        "--max-requeue",
+        "--seeds",
         type=int,
         default=None,
         metavar="N",
-        help="time-limit requeues of one task before it ends (default 3)",
+        help="fresh training seeds per candidate, [train].seed + 1 ... + N, the same for every candidate "
+        "(default 3; at least 2 for an interval)",
     )
     group.add_argument(
-        "--single-node",
-        action="store_true",
-        help="the partition is one node: allow SQLite Optuna and MLflow stores, otherwise refused with --slurm "
-        "(SQLite file locking across the nodes of a shared filesystem is not safe)",
-    )
-    group.add_argument(
-        "--sbatch",
-        action="append",
+        "--presets",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        metavar="OPTION",
-        help="an extra sbatch option, e.g. --sbatch=--account=lab (repeatable; added to [slurm].sbatch)",
+        help="also confirm the trial of every [[enqueue]] point and compare each candidate with them, paired "
+        "by seed (default: --presets)",
     )
-    group.add_argument(
-        "--setup",
-        action="append",
-        default=None,
-        metavar="LINE",
-        help="a shell line each task runs before its worker, e.g. --setup 'module load cuda' "
-        "(repeatable; added to [slurm].setup)",
-    )
-
-
-# One flag per [slurm] key, of the same name.
-SLURM_FLAGS = tuple(f.name for f in fields(SlurmSettings))
 
 
 def launch_options(args: argparse.Namespace) -> LaunchOptions:
@@ -163,6 +141,10 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         population=args.population,
         progress=not args.no_progress,
         verbose=args.verbose,
+        top_k=args.top_k,
+        seeds=args.seeds,
+        presets=args.presets,
+        confirm_only=args.confirm_only,
     )
 
 
@@ -260,6 +242,9 @@ def exit_code(summary: StudySummary, config: StudyConfig, launch: str = "the lau
             f"why); queued retries resume from their checkpoints when the study is launched again: {again}",
             file=sys.stderr,
         )
+        return EXIT_FAILED
+    if summary.confirm_problem:
+        print(f"mbu search: {summary.confirm_problem}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

@@ -19,8 +19,18 @@ from mbu.data.files import check_writable
 from mbu.data.images import AnnotatedImages, load_domain
 from mbu.data.synthetic import write_dataset
 from mbu.evaluate.segmentation import load_test_annotations
+from mbu.search.confirm import pending, prepare_stage, run_stage
+from mbu.search.confirm_report import confirmation_lines
+from mbu.search.confirm_settings import ConfirmSettings, confirm_problem
 from mbu.search.runner import TrialsEnded, run_trials
-from mbu.search.storage import check_storage_url, count_finished, count_taken, load_existing_study
+from mbu.search.storage import (
+    check_storage_url,
+    count_finished,
+    count_states,
+    count_taken,
+    count_waiting,
+    load_existing_study,
+)
 from mbu.search.study import check_study_folder, check_tracking_store, open_study
 from mbu.search.study_file import StudyConfig
 from mbu.search.study_report import StudySummary, summary_text, write_study_report
@@ -28,7 +38,7 @@ from mbu.search.tracking import open_parent_run
 from mbu.search.workers import WorkersEnded, launch_lock, start_workers
 from mbu.train.step import check_step_device, resolve_device
 from mbu.train.stop import StopRequest
-from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
+from mbu.train.tracking import Recorder, check_tracking_uri, missing_sqlite_file, resolve_tracking_uri
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +51,10 @@ class LaunchOptions:
     population: int | None = None  # --population over [study].population
     progress: bool = True  # progress bars (--no-progress turns them off)
     verbose: bool = False  # libraries' own log lines (--verbose), passed on to worker processes
+    top_k: int | None = None  # --top-k over [confirm].top_k
+    seeds: int | None = None  # --seeds over [confirm].seeds
+    presets: bool | None = None  # --presets / --no-presets over [confirm].presets
+    confirm_only: bool = False  # mbu confirm: no search trials, and the search must have its n_trials
 
 
 def positive_integer(flag: str, value: int | None) -> None:
@@ -62,11 +76,47 @@ def resolve_settings(config: StudyConfig, options: LaunchOptions) -> StudyConfig
     )
     check_storage_url(settings.storage)
     check_tracking_uri(settings.tracking_uri)
+    confirm = resolve_confirm(config, options, settings.n_trials)
+    if options.confirm_only:
+        check_search_done(replace(config, study=settings))
     check_writable(config.study_dir, "[study].runs_dir")
     # A missing GPU (or a captured step without one) fails here, not in every trial.
     sample = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir / "check")
     check_step_device(sample, resolve_device(sample.device, sample.gpu), f"{config.path}: [train].cuda_graph = true")
-    return replace(config, study=settings)
+    return replace(config, study=settings, confirm=confirm)
+
+
+def resolve_confirm(config: StudyConfig, options: LaunchOptions, n_trials: int) -> ConfirmSettings | None:
+    """``[confirm]`` with the flags over it; a flag (or ``mbu confirm``) without the table uses its defaults."""
+    given = {"top_k": options.top_k, "seeds": options.seeds, "presets": options.presets}
+    given = {key: value for key, value in given.items() if value is not None}
+    if config.confirm is None and not given and not options.confirm_only:
+        return None
+    confirm = replace(config.confirm or ConfirmSettings(), **given)
+    problem = confirm_problem(confirm)
+    if problem is not None:
+        raise ValueError(f"--{problem[0].replace('_', '-')} {problem[1]}")
+    if confirm.top_k > n_trials:
+        raise ValueError(
+            f"[confirm].top_k = {confirm.top_k} is more than the study's n_trials ({n_trials}): "
+            "it can never have that many complete trials"
+        )
+    return confirm
+
+
+def check_search_done(config: StudyConfig) -> None:
+    """``mbu confirm``: the search must have its ``n_trials`` finished trials (read without writing)."""
+    finished, storage = 0, config.study.storage
+    if missing_sqlite_file(storage) is None:
+        try:
+            finished = count_finished(optuna.load_study(study_name=config.study.name, storage=storage))
+        except KeyError:
+            pass  # no such study yet
+    if finished < config.study.n_trials:
+        raise ValueError(
+            f"study {config.study.name} has {finished} of {config.study.n_trials} finished trials; "
+            f"run mbu search {config.path} first"
+        )
 
 
 def prepare_data(config: StudyConfig, progress: bool = True) -> Path:
@@ -111,12 +161,17 @@ def prepare_for_workers(config: StudyConfig, progress: bool) -> bool:
 
     The parent run is closed again here: each worker reopens it through the study and logs to it.
     """
-    _, _, parent = prepare_study(config, progress)
-    if parent is None:
-        print(f"study {config.study.name} already has its {config.study.n_trials} trials: nothing launched")
-        return False
-    parent.end("FINISHED")
-    return True
+    study, _, parent = prepare_study(config, progress)
+    if parent is not None:
+        parent.end("FINISHED")
+        return True
+    if config.confirm is not None:
+        with launch_lock(config.study_dir):
+            if pending(prepare_stage(config, study)):  # also refuses a top_k the study cannot fill
+                return True
+    also = " and its confirmation runs" if config.confirm is not None else ""
+    print(f"study {config.study.name} already has its {config.study.n_trials} trials{also}: nothing launched")
+    return False
 
 
 def run_study(
@@ -145,9 +200,36 @@ def run_study(
             parent.end(status)
     summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
     summary.failed, summary.stopped_on_failures, summary.stopped_by = ended.failed, ended.on_failures, ended.stopped_by
-    summary.wall_seconds = time.monotonic() - started
     summary.target = config.study.n_trials
+    searched = not ended.stopped_by and not ended.on_failures and count_finished(study) >= config.study.n_trials
+    if config.confirm is not None and searched:
+        confirm_study(config, study, annotated, options.progress, stop, summary)
+    summary.confirmation = confirmation_lines(config.study_dir, config.path)
+    summary.wall_seconds = time.monotonic() - started
     return summary
+
+
+def confirm_study(
+    config: StudyConfig,
+    study: optuna.Study,
+    annotated: AnnotatedImages,
+    progress: bool,
+    stop: StopRequest,
+    summary: StudySummary,
+) -> None:
+    """The confirmation stage in this worker, once the search has its target; how it ended goes to ``summary``."""
+    stage, ended, _ = run_stage(config, study, annotated, progress, stop)
+    write_study_report(study, config.study_dir)  # now with its confirmation section
+    summary.failed += [(number, f"confirmation run: {error}") for number, error in ended.failed]
+    summary.stopped_by = ended.stopped_by
+    finished, target = count_finished(stage.study), stage.config.study.n_trials
+    live = count_states(stage.study).get("RUNNING", 0) + count_waiting(stage.study)
+    if ended.stopped_by is None and ((finished < target and not live) or stage.abandoned):
+        given_up = f"; given up after repeated failures: {stage.abandoned}" if stage.abandoned else ""
+        summary.confirm_problem = (
+            f"the confirmation ended with {finished} of {target} runs finished{given_up}; launching it again "
+            f"queues failed runs again (up to [study].max_retry times): mbu confirm {config.path}"
+        )
 
 
 def launch_workers(
@@ -164,6 +246,7 @@ def launch_workers(
     summary.wall_seconds = time.monotonic() - started
     summary.stopped_by = ended.stopped_by
     summary.target = config.study.n_trials
+    summary.confirmation = confirmation_lines(config.study_dir, config.path)
     return summary, ended
 
 
@@ -172,4 +255,5 @@ def study_summary(config: StudyConfig, options: LaunchOptions) -> str:
     storage = options.storage or config.study.storage
     study = load_existing_study(config.study.name, storage)
     uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)
-    return summary_text(study, storage, uri, config.study_dir)
+    confirmation = confirmation_lines(config.study_dir, config.path)
+    return summary_text(study, storage, uri, config.study_dir) + "\n" + "\n".join(confirmation)

@@ -36,9 +36,11 @@ from mbu.search.storage import (
     Heartbeats,
     count_finished,
     count_taken,
+    count_waiting,
     heartbeat_ages,
 )
 from mbu.search.study_file import StudyConfig, StudySettings
+from mbu.search.trial import frozen_trial
 from mbu.train.stop import StopRequest
 from mbu.train.tracking import Recorder
 
@@ -83,9 +85,11 @@ def run_trials(
         try:
             while True:
                 while not population.full and stop() is None and not ended.on_failures:
-                    if count_taken(study) >= settings.n_trials:
+                    if count_taken(study) >= settings.n_trials or (config.queued_only and not count_waiting(study)):
                         break
                     trial = ask(study)
+                    if config.queued_only and not from_queue(study, trial):
+                        break  # another worker took the last queued trial first: this one is failed, never run
                     heartbeats.add(trial)
                     outcome = population.start(trial)
                     if outcome is not None:
@@ -158,6 +162,15 @@ def pause(seconds: float, stop: Callable[[], str | None], until: Callable[[], bo
             if until():
                 return
             checked = time.monotonic()
+
+
+def from_queue(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether the trial came from the queue; a sampled one of a queued-only study is failed at once."""
+    if "fixed_params" in frozen_trial(trial).system_attrs:
+        return True
+    trial.set_user_attr("error", "nothing left to run: another worker took the last queued trial")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return False
 
 
 def ask(study: optuna.Study) -> optuna.Trial:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mbu.search.confirm_report import confirmation_lines
 from mbu.search.launch import LaunchOptions, prepare_for_workers, resolve_settings
 from mbu.search.slurm_settings import SlurmSettings, slurm_problem
 from mbu.search.slurm_task import ArrayTask
@@ -271,4 +272,5 @@ def launch_array(
     study = load_existing_study(config.study.name, config.study.storage)
     summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
     summary.target = config.study.n_trials
+    summary.confirmation = confirmation_lines(config.study_dir, config.path)
     return summary

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -44,3 +45,74 @@ def slurm_problem(settings: SlurmSettings) -> tuple[str, str] | None:
         if not option.startswith("--") or option == "--":
             return "sbatch", f"options are written --name=value or --flag, got {option!r}"
     return None
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--slurm``, ``--wait`` and one flag per ``[slurm]`` key (same name), each overriding the study file."""
+    group = parser.add_argument_group(
+        "SLURM cluster (see docs/slurm.md)",
+        "With --slurm, the study is prepared here as with --workers, then submitted as one array job whose tasks "
+        'are workers of the study (needs submitit: pip install -e ".[slurm]"); it prints the job id and '
+        "the log folder runs/<study>/slurm/. Each flag below overrides its [slurm] key in the study file.",
+    )
+    group.add_argument("--slurm", action="store_true", help="submit the study as a SLURM array job of workers")
+    group.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --slurm: block until every task has ended (printing each task's state changes from squeue), "
+        "then exit 0 if the study has its n_trials finished trials, 1 if not",
+    )
+    group.add_argument(
+        "--partition", default=None, metavar="NAME", help="SLURM partition (default: the cluster's default)"
+    )
+    group.add_argument(
+        "--tasks", type=int, default=None, metavar="N", help="tasks in the array, one worker each (default 2)"
+    )
+    group.add_argument("--gpus-per-task", type=int, default=None, metavar="N", help="GPUs per task (default 0: none)")
+    group.add_argument("--cpus-per-task", type=int, default=None, metavar="N", help="CPU cores per task (default 4)")
+    group.add_argument(
+        "--mem-gb", type=float, default=None, metavar="GB", help="memory per task, GB (default: the partition's)"
+    )
+    group.add_argument(
+        "--time-min", type=int, default=None, metavar="MIN", help="time limit per task in minutes (default 60)"
+    )
+    group.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=None,
+        metavar="S",
+        help="SLURM sends SIGUSR2 this many seconds before the time limit (it may come up to a minute earlier); "
+        "the task's trials then checkpoint, are queued to resume, and the task requeues itself (default 120)",
+    )
+    group.add_argument(
+        "--max-requeue",
+        type=int,
+        default=None,
+        metavar="N",
+        help="time-limit requeues of one task before it ends (default 3)",
+    )
+    group.add_argument(
+        "--single-node",
+        action="store_true",
+        help="the partition is one node: allow SQLite Optuna and MLflow stores, otherwise refused with --slurm "
+        "(SQLite file locking across the nodes of a shared filesystem is not safe)",
+    )
+    group.add_argument(
+        "--sbatch",
+        action="append",
+        default=None,
+        metavar="OPTION",
+        help="an extra sbatch option, e.g. --sbatch=--account=lab (repeatable; added to [slurm].sbatch)",
+    )
+    group.add_argument(
+        "--setup",
+        action="append",
+        default=None,
+        metavar="LINE",
+        help="a shell line each task runs before its worker, e.g. --setup 'module load cuda' "
+        "(repeatable; added to [slurm].setup)",
+    )
+
+
+# One flag per [slurm] key, of the same name.
+SLURM_FLAGS = tuple(f.name for f in fields(SlurmSettings))

@@ -106,6 +106,11 @@ def count_taken(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=TAKEN))
 
 
+def count_waiting(study: optuna.Study) -> int:
+    """Queued trials (presets, retries, confirmation runs) not yet taken by a worker."""
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
 def count_finished(study: optuna.Study) -> int:
     """Complete plus pruned trials: what counts towards ``n_trials``."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))

@@ -87,13 +87,14 @@ def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry
     """
     trials = study.get_trials(deepcopy=False)
     for point in points:
-        same = [t for t in trials if _runs_point(t, point)]
+        same = [t for t in trials if runs_point(t, point)]
         failures = sum(t.state == optuna.trial.TrialState.FAIL for t in same)
         if len(same) == failures and failures <= max_retry:
             study.enqueue_trial(point)
 
 
-def _runs_point(trial: optuna.trial.FrozenTrial, point: dict[str, float]) -> bool:
+def runs_point(trial: optuna.trial.FrozenTrial, point: dict[str, float]) -> bool:
+    """Whether the trial ran that (possibly partial) point: its fixed or sampled values match."""
     params = trial.system_attrs.get("fixed_params") or trial.params
     return all(params.get(name) == value for name, value in point.items())
 

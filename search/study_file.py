@@ -10,6 +10,7 @@ Layout::
     [[enqueue]]        parameter values to try first (e.g. the published presets)
     [slurm]            partition, tasks, gpus_per_task, cpus_per_task, mem_gb, time_min, signal_delay_s,
                        max_requeue, single_node, sbatch, setup: ``mbu search --slurm`` (see ``search.slurm``)
+    [confirm]          top_k, seeds, presets: retrain the best trials on fresh seeds (see ``search.confirm``)
 
 Every error names the file and the key.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 from mbu.data.images import DataError, count_annotated
 from mbu.data.synthetic import SynthConfig
+from mbu.search.confirm_settings import ConfirmSettings, parse_confirm
 from mbu.search.slurm_settings import SlurmSettings, slurm_problem
 from mbu.search.typed_tables import StudyFileError, check_keys, check_types, typed_table
 from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
@@ -38,7 +40,7 @@ DIRECTIONS = ("maximize", "minimize")
 MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu"}
 TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(WEIGHT_NAMES)
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
-TABLES = ("study", "data", "train", "space", "enqueue", "slurm")  # the study file's top-level tables
+TABLES = ("study", "data", "train", "space", "enqueue", "slurm", "confirm")  # the study file's top-level tables
 SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)
 # Scoring splits the annotated test A images into a validation half (to choose the threshold) and a test half.
 MIN_ANNOTATED = 2
@@ -87,6 +89,13 @@ class StudyConfig:
     space: dict[str, ParamRange] = field(default_factory=dict)  # sampled parameters
     enqueue: list[dict[str, float]] = field(default_factory=list)  # first trials
     slurm: SlurmSettings = field(default_factory=SlurmSettings)  # mbu search --slurm
+    confirm: ConfirmSettings | None = None  # [confirm]: None, no confirmation stage
+    experiment: str = ""  # MLflow experiment of the runs; empty: the study's name (set for a confirmation)
+    queued_only: bool = False  # trials are only the queued ones, never sampled (a confirmation's runs)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.study.name
 
     @property
     def study_dir(self) -> Path:
@@ -285,5 +294,6 @@ def load_study_file(path: Path | str) -> StudyConfig:
     space = parse_space(raw, train, path)
     config = StudyConfig(path, study, data_root, synthetic, train, space, parse_enqueue(raw, space, path))
     config.slurm = parse_slurm(raw, path)
+    config.confirm = parse_confirm(raw, path)
     check_trial_config(config)
     return config

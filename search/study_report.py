@@ -18,6 +18,7 @@ import matplotlib
 import optuna
 from mbu.data.files import atomic_write
 from mbu.evaluate.segmentation import figure_warnings
+from mbu.search.confirm_report import CONFIRM_REPORT_JSON, CONFIRM_REPORT_MD, summary_lines
 from mbu.search.storage import count_states
 from mbu.search.study_file import trial_name
 from mbu.search.tracking import ui_command
@@ -53,6 +54,8 @@ class StudySummary:
     stopped_on_failures: bool = False  # the launch gave up after max_failures failed trials in a row
     stopped_by: str | None = None  # a stop was asked (a signal): its trials were checkpointed and queued to resume
     target: int = 0  # the finished trials the launch aimed at (its resolved n_trials)
+    confirmation: list[str] = field(default_factory=list)  # the verdict on fresh seeds, or how to get one
+    confirm_problem: str | None = None  # the confirmation ended short (failed runs), said on stderr
 
     @classmethod
     def of(cls, study: optuna.Study, storage: str, tracking_uri: str) -> StudySummary:
@@ -77,6 +80,7 @@ class StudySummary:
             for key in shown:
                 lines.append(f"  {key:<{width}}  {self.best_metrics[key]:.4f}")
             lines += [f"warning: {note}" for note in figure_warnings(self.best_metrics)]
+        lines += self.confirmation
         lines.append(f"optuna storage: {self.storage}")
         lines.append(f"compare trials: {ui_command(self.tracking_uri)}")
         if self.wall_seconds:
@@ -190,6 +194,7 @@ def study_markdown(
     caveat: str | None = None,
     best_warnings: list[str] | None = None,
     plots: list[Path] | None = None,
+    confirmation: list[str] | None = None,
 ) -> str:
     lines = [f"# Study `{name}`", "", "Trials by state: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items()))]
     lines += ["", "## Trials ranked by validation IoU", ""]
@@ -207,6 +212,11 @@ def study_markdown(
         lines += [f"\n> **Warning (best trial):** {note}." for note in best_warnings or []]
     else:
         lines.append("No trial has completed yet.")
+    if confirmation:
+        lines += ["", "## Confirmation on fresh seeds", "", "```", *confirmation, "```", ""]
+        lines.append(
+            f"Per candidate and seed, with the paired comparisons: [{CONFIRM_REPORT_MD}]({CONFIRM_REPORT_MD})."
+        )
     lines += ["", "## Parameter importances (Optuna)", ""]
     if isinstance(importances, dict):
         if caveat:
@@ -237,6 +247,8 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
     best_warnings = figure_warnings(best_report or rows[0]) if rows else []
     caveat = importance_caveat(study) if isinstance(importances, dict) else None
     plots = write_plots(study, study_dir)
+    confirm_file = study_dir / CONFIRM_REPORT_JSON
+    confirmation = summary_lines(json.loads(confirm_file.read_text())) if confirm_file.is_file() else None
     data = {
         "study": study.study_name,
         "objective": (study.metric_names or ["objective"])[0],
@@ -247,9 +259,10 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
         "best_trial_report": best_report,
         "best_trial_warnings": best_warnings,
         "plots": [p.name for p in plots],
+        "confirmation": confirmation,
     }
     json_path, md_path = study_dir / STUDY_REPORT_JSON, study_dir / STUDY_REPORT_MD
     write_json(json_path, data)
-    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings, plots)
+    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings, plots, confirmation)
     atomic_write(md_path, lambda tmp: tmp.write_text(text))
     return [json_path, md_path, *plots]

@@ -29,6 +29,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 RUN_ID_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study attribute: the study's parent MLflow run
 PARENT_ROLE = "study-parent"  # value of the parent run's ``role`` tag
+# Optuna trial attributes a queued trial may carry: its MLflow run's name (else trial-<n>) and extra tags.
+RUN_NAME_ATTR = "mlflow_run_name"
+RUN_TAGS_ATTR = "mlflow_run_tags"
 # MLflow run status for each way a trial ends.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 # Trial-run tags naming the SLURM job a trial ran in (``mbu search --slurm``): environment variable -> tag.
@@ -79,7 +82,9 @@ def open_trial_run(trial: optuna.Trial, config: StudyConfig, cfg: TrainConfig, p
     """The trial's run, nested under the study's; its id goes to the trial and to the trial's run folder."""
     settings = config.study
     tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING", **slurm_tags()}
-    run = Recorder.start(settings.tracking_uri, settings.name, trial_name(trial.number), parent_id=parent.run_id)
+    tags |= trial.user_attrs.get(RUN_TAGS_ATTR, {})
+    name = trial.user_attrs.get(RUN_NAME_ATTR) or trial_name(trial.number)
+    run = Recorder.start(settings.tracking_uri, config.experiment_name, name, parent_id=parent.run_id)
     try:
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
         write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})

@@ -24,6 +24,7 @@ from mbu.train.tracking import Recorder
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 OBJECTIVE_KEY = "val/iou_best"  # what the study maximises: best-threshold IoU on the validation half
+TRAIN_SEED_ATTR = "train_seed"  # Optuna trial attribute: a training seed fixed on the trial (confirmation runs)
 
 
 def trial_dir(config: StudyConfig, number: int) -> Path:
@@ -35,6 +36,8 @@ def sampled_config(trial: optuna.Trial, config: StudyConfig) -> TrainConfig:
     """The trial's sampled values over the study's fixed settings; resuming a lost try when there is one."""
     params = {name: trial.suggest_float(name, rng.low, rng.high, log=rng.log) for name, rng in config.space.items()}
     cfg = config.trial_config(params, trial_dir(config, trial.number))
+    if TRAIN_SEED_ATTR in trial.user_attrs:  # else [train].seed, the same for every trial of a search
+        cfg = replace(cfg, seed=int(trial.user_attrs[TRAIN_SEED_ATTR]))
     resume = checkpoint_to_resume(trial, config)
     if resume is not None:
         trial.set_user_attr("resumed_from_iteration", resume[1])

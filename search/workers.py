@@ -46,6 +46,10 @@ def worker_arguments(config: StudyConfig, verbose: bool = False) -> list[str]:
     arguments = ["search", str(config.path), "--no-progress"]
     arguments += ["--storage", settings.storage, "--tracking-uri", settings.tracking_uri]
     arguments += ["--n-trials", str(settings.n_trials), "--population", str(settings.population)]
+    if config.confirm is not None:  # each worker confirms once the search has its target
+        confirm = config.confirm
+        arguments += ["--top-k", str(confirm.top_k), "--seeds", str(confirm.seeds)]
+        arguments.append("--presets" if confirm.presets else "--no-presets")
     return arguments + (["--verbose"] if verbose else [])
 
 

@@ -493,6 +493,37 @@ MISTAKES = [
         _study(GOOD_STUDY),
         env={"SLURM_CONF": "/nonexistent/slurm.conf"},
     ),  # fmt: skip
+    # mbu confirm and the [confirm] table
+    Mistake(
+        "confirm table with zero seeds",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [confirm].seeds must be a positive integer, got 0",
+        _changed({"confirm": {"seeds": 0}}),
+    ),  # fmt: skip
+    Mistake(
+        "confirm table presets not a boolean",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [confirm].presets must be true or false, got 'yes'",
+        _changed({"confirm": {"presets": "yes"}}),
+    ),  # fmt: skip
+    Mistake(
+        "confirm seeds flag zero",
+        lambda s: ["confirm", "study.toml", "--seeds", "0"],
+        "--seeds must be a positive integer, got 0",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "confirm top-k beyond n_trials",
+        lambda s: ["search", "study.toml", "--top-k", "3"],
+        "[confirm].top_k = 3 is more than the study's n_trials (1): it can never have that many complete trials",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
+    Mistake(
+        "confirm a study that has not run",
+        lambda s: ["confirm", "study.toml"],
+        "study mistakes has 0 of 1 finished trials; run mbu search study.toml first",
+        _study(GOOD_STUDY),
+    ),  # fmt: skip
     Mistake(
         "search slurm flag without --slurm",
         lambda s: ["search", "study.toml", "--tasks", "3"],

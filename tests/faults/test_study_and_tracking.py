@@ -6,13 +6,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import free_port, tiny_study
+from helpers import changed, free_port, tiny_tables, toml_text
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import StudyFileError, load_study_file
 
 from mbu.cli import main
 
-STUDY = tiny_study("edited", train={"iters": 2, "progress_iter": 1})  # its [space.lr] has high = 1e-3
+EDITED = tiny_tables("edited", train={"iters": 2, "progress_iter": 1})  # its [space.lr] has high = 1e-3
+STUDY = toml_text(EDITED)
 
 
 def test_edited_search_space_is_refused_and_compatible_edits_are_accepted(tmp_path: Path) -> None:
@@ -20,14 +21,14 @@ def test_edited_search_space_is_refused_and_compatible_edits_are_accepted(tmp_pa
     study_file.write_text(STUDY)
     run_study(load_study_file(study_file), LaunchOptions(progress=False))
 
-    study_file.write_text(STUDY.replace("high = 1e-3", "high = 1e-2"))  # the space changed
+    study_file.write_text(toml_text(changed(EDITED, {"space": {"lr": {"high": 1e-2}}})))  # the space changed
     with pytest.raises(StudyFileError, match=r"study 'edited' .* different space.*new name"):
         run_study(load_study_file(study_file), LaunchOptions(n_trials=2, progress=False))
     study = optuna.load_study(study_name="edited", storage="sqlite:///optuna.db")
     assert len(study.get_trials()) == 1  # nothing was added
 
     # Logging cadence is not what a trial learns: editing it is accepted.
-    study_file.write_text(STUDY.replace("progress_iter = 1", "progress_iter = 2"))
+    study_file.write_text(toml_text(changed(EDITED, {"train": {"progress_iter": 2}})))
     summary = run_study(load_study_file(study_file), LaunchOptions(n_trials=2, progress=False))
     assert summary.states == {"COMPLETE": 2}
 

@@ -1,0 +1,204 @@
+"""The confirmation stage: a study's best trials and its presets trained again on fresh seeds.
+
+A search names its best trial from one training seed, and the seed alone moves
+the IoU about as much as the search gains; so once the search has its
+``n_trials``, each candidate (the ``[confirm].top_k`` best complete trials, and
+the trial of each ``[[enqueue]]`` point when ``presets``) is trained again on
+``seeds`` fresh seeds: ``[train].seed`` + 1, + 2, ..., the same seeds for every
+candidate so that comparisons are paired. The search-time run is never one of
+them. ``search.confirm_report`` turns the runs into intervals and verdicts.
+
+The confirmation runs are the trials of a second Optuna study in the same
+storage, ``<study>/confirm`` (no study file can give a name with a ``/``), each
+queued with its candidate's parameters and its seed. So every launcher (one
+worker, ``--workers``, ``--population``, ``--slurm``), heartbeats, retries from
+checkpoint and stops work on them unchanged, and a relaunch runs only what is
+missing: raising ``seeds`` or ``top_k`` queues the new pairs. Their folders are
+``runs/<study>/confirm/trial-<n>/``; their MLflow runs sit under the study's
+parent run, tagged ``stage=confirm``, ``candidate``, ``candidate_trial`` and
+``seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+from mbu.data.images import AnnotatedImages
+from mbu.search.confirm_report import CANDIDATE_ATTR, parent_figures, write_confirm_report
+from mbu.search.runner import TrialsEnded, run_trials
+from mbu.search.storage import count_finished, count_taken
+from mbu.search.study import check_study_folder, open_study, runs_point
+from mbu.search.study_file import StudyConfig
+from mbu.search.tracking import RUN_NAME_ATTR, RUN_TAGS_ATTR, open_parent_run
+from mbu.search.trial import TRAIN_SEED_ATTR
+from mbu.search.workers import launch_lock
+from mbu.train.config import TrainConfig
+from mbu.train.stop import StopRequest
+
+STAGE = "confirm"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A search trial whose parameters are confirmed."""
+
+    trial: int  # its number in the search
+    params: dict[str, float]
+    label: str  # "trial 3", "preset #1 (trial 0)"
+    preset: int | None  # index of its [[enqueue]] point, None for a top-k trial that is no preset
+    search_value: float  # the objective (validation IoU) it was chosen on
+    search_test_iou: float | None
+
+
+def stage_name(study_name: str) -> str:
+    """The Optuna study holding a study's confirmation runs."""
+    return f"{study_name}/{STAGE}"
+
+
+def fresh_seeds(config: StudyConfig, count: int) -> list[int]:
+    """``count`` training seeds that the search never trained with: [train].seed + 1, ..., + count."""
+    base = int(config.train.get("seed", TrainConfig.seed))
+    return [base + i for i in range(1, count + 1)]
+
+
+def candidates(study: optuna.Study, config: StudyConfig) -> list[Candidate]:
+    """The top-k complete trials by the objective, then the presets' trials; one line if there are too few."""
+    settings, name = config.confirm, config.study.name
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError(f"study {name} has no complete trial to confirm")
+    if settings.top_k > len(complete):
+        raise ValueError(
+            f"[confirm].top_k = {settings.top_k}, but study {name} has {len(complete)} complete trial(s): "
+            "lower top_k or run more trials"
+        )
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(complete, key=lambda t: -t.value if maximize else t.value)  # stable: ties by number
+    chosen = {t.number: _candidate(t, f"trial {t.number}", None) for t in ranked[: settings.top_k]}
+    for index, point in enumerate(config.enqueue if settings.presets else []):
+        runs = [t for t in complete if runs_point(t, point)]
+        if not runs:
+            continue  # the preset never completed: the report says so
+        first = min(runs, key=lambda t: t.number)
+        label = f"preset #{index + 1} (trial {first.number})"
+        if first.number in chosen:
+            label = f"trial {first.number}, preset #{index + 1}"
+        chosen[first.number] = _candidate(first, label, index)
+    return list(chosen.values())
+
+
+def _candidate(trial: optuna.trial.FrozenTrial, label: str, preset: int | None) -> Candidate:
+    return Candidate(trial.number, dict(trial.params), label, preset, trial.value, trial.user_attrs.get("test/iou"))
+
+
+def stage_config(config: StudyConfig, n_runs: int) -> StudyConfig:
+    """The confirmation study's config: the search's settings, its own name, folder and queued runs only."""
+    settings = replace(config.study, name=stage_name(config.study.name), n_trials=max(n_runs, 1), pruner="none")
+    return replace(
+        config,
+        study=settings,
+        data_root=str(config.resolved_data_root()),  # the search's data, not a copy in the stage's folder
+        synthetic=None,
+        enqueue=[],
+        confirm=None,
+        experiment=config.experiment_name,  # the runs go into the study's own MLflow experiment
+        queued_only=True,
+    )
+
+
+@dataclass
+class Stage:
+    """A confirmation prepared: its study, config (target: the runs still to finish), candidates, seeds."""
+
+    study: optuna.Study
+    config: StudyConfig
+    candidates: list[Candidate]
+    seeds: list[int]
+    abandoned: list[tuple[int, int]]  # (candidate trial, seed) pairs that failed more than max_retry times
+
+
+def runs_of(study: optuna.Study, trial: int, seed: int) -> list[optuna.trial.FrozenTrial]:
+    """The confirmation study's tries of one (candidate, seed) pair."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get(CANDIDATE_ATTR) == trial and t.user_attrs.get(TRAIN_SEED_ATTR) == seed
+    ]
+
+
+def queue_runs(study: optuna.Study, chosen: list[Candidate], seeds: list[int], max_retry: int) -> list[tuple]:
+    """Queue every (candidate, seed) pair with no live or finished try, seed by seed; returns the given-up pairs.
+
+    Seed-major order: an interrupted confirmation already holds paired runs. A pair whose tries all
+    failed is queued again up to ``max_retry`` times, as a preset is.
+    """
+    abandoned = []
+    for seed in seeds:
+        for candidate in chosen:
+            tries = runs_of(study, candidate.trial, seed)
+            failures = sum(t.state == optuna.trial.TrialState.FAIL for t in tries)
+            if len(tries) > failures:
+                continue  # waiting, running or finished
+            if failures > max_retry:
+                abandoned.append((candidate.trial, seed))
+                continue
+            name = f"confirm trial-{candidate.trial} seed-{seed}"
+            tags = {"stage": STAGE, "candidate": candidate.label, "candidate_trial": candidate.trial, "seed": seed}
+            attrs = {CANDIDATE_ATTR: candidate.trial, TRAIN_SEED_ATTR: seed, RUN_NAME_ATTR: name, RUN_TAGS_ATTR: tags}
+            study.enqueue_trial(candidate.params, user_attrs=attrs)
+    return abandoned
+
+
+def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
+    """Candidates chosen, the confirmation study opened and its missing runs queued (under the launch lock).
+
+    Everything that can be refused (no complete trial, ``top_k`` too large) is checked before anything
+    is written.
+    """
+    chosen = candidates(search, config)
+    seeds = fresh_seeds(config, config.confirm.seeds)
+    planned = stage_config(config, len(chosen) * len(seeds))
+    check_study_folder(planned)
+    study = open_study(planned)
+    count_taken(study)  # fails (and queues retries of) runs whose worker died
+    abandoned = queue_runs(study, chosen, seeds, config.study.max_retry)
+    target = len(chosen) * len(seeds) - len(abandoned)
+    planned = replace(planned, study=replace(planned.study, n_trials=max(target, 1)))
+    return Stage(study, planned, chosen, seeds, abandoned)
+
+
+def pending(stage: Stage) -> bool:
+    """Whether some queued run is still to finish."""
+    return count_finished(stage.study) < stage.config.study.n_trials
+
+
+def run_stage(
+    config: StudyConfig, search: optuna.Study, annotated: AnnotatedImages, progress: bool, stop: StopRequest
+) -> tuple[Stage, TrialsEnded, dict[str, Any]]:
+    """Prepare the confirmation, run its queued runs in this worker until none is left (or a stop), report.
+
+    The report is written whatever this worker ran (a relaunch of a finished confirmation rewrites it and
+    trains nothing); it goes to the study's parent run when this worker ran confirmation runs.
+    """
+    with launch_lock(config.study_dir):
+        stage = prepare_stage(config, search)
+        parent = open_parent_run(search, config) if pending(stage) else None
+    ended = TrialsEnded()
+    if parent is None:
+        report, _ = write_confirm_report(stage, config.study_dir)
+        return stage, ended, report
+    status = "KILLED"
+    try:
+        ended = run_trials(stage.study, stage.config, annotated, parent, progress, stop)
+        report, paths = write_confirm_report(stage, config.study_dir)
+        metrics, tags = parent_figures(report)
+        parent.log_metrics(metrics, step=0)
+        parent.set_tags(tags)
+        for path in paths:
+            parent.log_artifact(path)
+        status = "FINISHED"
+    finally:
+        parent.end(status)
+    return stage, ended, report

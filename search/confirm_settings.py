@@ -1,0 +1,44 @@
+"""``[confirm]``: which of a study's trials are trained again on fresh seeds, and how many seeds.
+
+Kept apart from ``search.confirm`` (which runs the stage) so that reading a
+study file needs neither Optuna nor MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mbu.search.typed_tables import StudyFileError, typed_table
+
+
+@dataclass
+class ConfirmSettings:
+    top_k: int = 1  # the best k complete trials by the objective are confirmed
+    seeds: int = 3  # fresh training seeds per candidate, the same seeds for every candidate (paired)
+    presets: bool = True  # also confirm the trial of every [[enqueue]] point (the published presets)
+
+
+def confirm_problem(settings: ConfirmSettings) -> tuple[str, str] | None:
+    """The first bad value as (key, why), or None; shared by the study file and the flags."""
+    for key in ("top_k", "seeds"):
+        value = getattr(settings, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return key, f"must be a positive integer, got {value!r}"
+    if not isinstance(settings.presets, bool):
+        return "presets", f"must be true or false, got {settings.presets!r}"
+    return None
+
+
+def parse_confirm(raw: dict[str, Any], path: Path) -> ConfirmSettings | None:
+    """``[confirm]``, or None when the study file has no such table (no confirmation stage)."""
+    if "confirm" not in raw:
+        return None
+    if not isinstance(raw["confirm"], dict):
+        raise StudyFileError(f"{path}: [confirm] must be a table with top_k, seeds and presets")
+    settings = typed_table(ConfirmSettings, "[confirm]", raw["confirm"], path)
+    problem = confirm_problem(settings)
+    if problem is not None:
+        raise StudyFileError(f"{path}: [confirm].{problem[0]} {problem[1]}")
+    return settings

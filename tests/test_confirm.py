@@ -1,0 +1,194 @@
+"""The confirmation stage: candidates retrained on fresh seeds, paired intervals, exactly-once runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from helpers import mbu_command, study_runs, tiny_study
+from mbu.search.confirm import candidates
+from mbu.search.confirm_report import Interval, t_interval, verdict
+from mbu.search.study_file import load_study_file
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from mbu.cli import main
+
+CONFIRMED = {"top_k": 2, "seeds": 2}  # both search trials (trial 0 is the preset), seeds 1 and 2
+
+
+def confirm_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=f"{name}/confirm", storage=storage).get_trials()
+
+
+def pairs(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[int, int]]:
+    """(candidate trial, seed) of each complete confirmation run."""
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return sorted((t.user_attrs["candidate_trial"], t.user_attrs["train_seed"]) for t in complete)
+
+
+def test_the_t_interval_matches_scipy_and_a_hand_worked_case() -> None:
+    # Hand-worked: mean 2, sd 1, t(0.975, 2) = 4.302653, half-width 4.302653 / sqrt(3) = 2.484138.
+    hand = t_interval([1.0, 2.0, 3.0])
+    assert (hand.n, hand.mean, hand.sd) == (3, 2.0, 1.0)
+    assert hand.low == pytest.approx(2 - 2.484138, abs=1e-6) and hand.high == pytest.approx(2 + 2.484138, abs=1e-6)
+    # Paired differences against scipy's paired t-test interval.
+    a, b = [0.41, 0.38, 0.44, 0.40], [0.37, 0.36, 0.41, 0.40]
+    ours = t_interval([x - y for x, y in zip(a, b, strict=True)])
+    theirs = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (ours.low, ours.high) == pytest.approx((theirs.low, theirs.high), abs=1e-12)
+    assert t_interval([0.5]).low is None and t_interval([]).mean is None
+
+
+def test_verdicts_say_beats_only_when_the_interval_excludes_zero() -> None:
+    assert verdict("trial 1", "preset #1 (trial 0)", Interval(3, 0.031, 0.01, 0.008, 0.054), 3) == (
+        "trial 1 beats preset #1 (trial 0) by 0.0310 test IoU, 95% interval [0.0080, 0.0540], 3 of 3 seeds"
+    )
+    assert "is worse than preset by 0.0200" in verdict("trial 1", "preset", Interval(3, -0.02, 0.01, -0.04, -0.01), 0)
+    spans = verdict("trial 1", "preset", Interval(3, 0.01, 0.02, -0.03, 0.05), 2)
+    assert "not distinguishable from preset" in spans and "spans 0" in spans
+    assert "too few for an interval" in verdict("trial 1", "preset", Interval(1, 0.01), 1)
+
+
+def test_candidates_are_the_top_k_then_the_presets_and_too_few_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(tiny_study("ranked", 4, confirm={"top_k": 2}, enqueue=[{"lr": 2e-4}]))
+    config = load_study_file(tmp_path / "s.toml")
+    study = optuna.create_study(direction="maximize")
+    for value, lr in [(0.2, 2e-4), (0.5, 3e-4), (0.4, 5e-4), (0.1, 9e-4)]:  # trial 0 runs the preset
+        study.enqueue_trial({"lr": lr})
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-3, log=True)
+        study.tell(trial, value)
+    chosen = candidates(study, config)
+    assert [(c.trial, c.label) for c in chosen] == [(1, "trial 1"), (2, "trial 2"), (0, "preset #1 (trial 0)")]
+    config.confirm.top_k = 5
+    with pytest.raises(ValueError, match=r"\[confirm\].top_k = 5, but study ranked has 4 complete trial"):
+        candidates(study, config)
+    with pytest.raises(ValueError, match="no complete trial to confirm"):
+        candidates(optuna.create_study(), config)
+
+
+def test_a_confirmed_run_equals_mbu_train_with_its_parameters_and_seed_and_seeds_top_up(tmp_path: Path, capsys) -> None:
+    os.chdir(tmp_path)
+    study = tiny_study("confirmed", 2, study={"seed": 4}, confirm=CONFIRMED, enqueue=[{"lr": 2e-4}])
+    (tmp_path / "study.toml").write_text(study)
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "confirmation on 2 fresh seeds (4 of 4 runs finished):" in out and "confirmed best: " in out
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trials = confirm_trials(storage, "confirmed")
+    assert pairs(trials) == [(0, 1), (0, 2), (1, 1), (1, 2)]  # the search trained with seed 0: never reused
+    report = json.loads((tmp_path / "runs" / "confirmed" / "confirm_report.json").read_text())
+    assert report["seeds"] == [1, 2] and report["runs_finished"] == report["runs_planned"] == 4
+    assert sorted(c["trial"] for c in report["candidates"]) == [0, 1]
+    assert [c["preset"] for c in report["candidates"]].count(0) == 1  # trial 0 ran the [[enqueue]] point
+    assert len(report["comparisons"]) == 1 and report["comparisons"][0]["preset"] == 0
+
+    # MLflow: each confirmation run nested under the study's parent, tagged with its candidate and seed.
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = study_runs(client, "confirmed")
+    confirm_runs = [r for r in runs.trials if r.data.tags.get("stage") == "confirm"]
+    assert len(confirm_runs) == 4 and len(runs.parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in confirm_runs} == {runs.parents[0].info.run_id}
+    assert sorted((int(r.data.tags["candidate_trial"]), int(r.data.tags["seed"])) for r in confirm_runs) == pairs(
+        trials
+    )
+    parent = client.get_run(runs.parents[0].info.run_id)
+    assert parent.data.tags["confirmed/state"] == "complete" and "confirmed/test_iou_mean" in parent.data.metrics
+
+    # The run of (trial 1, seed 2) is an ordinary mbu train run with that trial's lr and seed 2.
+    lr = optuna.load_study(study_name="confirmed", storage=storage).trials[1].params["lr"]
+    run = next(t for t in trials if (t.user_attrs["candidate_trial"], t.user_attrs["train_seed"]) == (1, 2))
+    root = tmp_path / "runs" / "confirmed" / "synthetic-64px-seed3"
+    train = ["train", "--root", str(root), "--out", "alone", "--resize", "64", "--bs", "4", "--iters", "4"]
+    train += ["--progress_iter", "2", "--lr", repr(lr), "--seed", "2", "--device", "cpu", "--no-progress"]
+    assert main(train) == 0
+    assert main(["eval", "--run", "alone", "--no-progress"]) == 0
+    alone = json.loads((tmp_path / "alone" / "report.json").read_text())["metrics"]
+    assert alone["test/iou"] == pytest.approx(run.user_attrs["test/iou"], abs=1e-6)
+    assert alone["val/iou_best"] == pytest.approx(run.value, abs=1e-6)
+    alone_run = json.loads((tmp_path / "alone" / "mlflow_run.json").read_text())["run_id"]
+    history = lambda run_id: [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss_total")]  # noqa: E731
+    assert history(alone_run) == history(run.user_attrs["mlflow_run_id"]) != []
+
+    # Raising seeds tops up: one new run per candidate, nothing trained twice; a finished one runs nothing.
+    assert main(["confirm", "study.toml", "--seeds", "3", "--no-progress"]) == 0
+    assert pairs(confirm_trials(storage, "confirmed")) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert main(["confirm", "study.toml", "--seeds", "3", "--no-progress"]) == 0
+    assert len(confirm_trials(storage, "confirmed")) == 6
+    markdown = (tmp_path / "runs" / "confirmed" / "study_report.md").read_text()
+    assert "## Confirmation" in markdown and "confirm_report.md" in markdown
+
+
+def test_a_study_without_confirm_is_not_confirmed_and_says_how(tmp_path: Path, capsys) -> None:
+    os.chdir(tmp_path)
+    (tmp_path / "study.toml").write_text(tiny_study("plain", 1, train={"iters": 2, "progress_iter": 1}))
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    assert "not confirmed: mbu confirm study.toml" in capsys.readouterr().out
+    names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}")]
+    assert names == ["plain"]
+    assert not (tmp_path / "runs" / "plain" / "confirm").exists()
+
+
+def test_confirm_refuses_a_study_short_of_its_target_and_changes_nothing(tmp_path: Path, capsys) -> None:
+    os.chdir(tmp_path)
+    (tmp_path / "study.toml").write_text(tiny_study("short", 2, confirm={"seeds": 2}))
+    assert main(["confirm", "study.toml", "--no-progress"]) == 2
+    assert "has 0 of 2 finished trials; run mbu search study.toml first" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_confirmation_resumes_and_runs_every_pair_exactly_once(tmp_path: Path) -> None:
+    # Runs of 30 iterations, a checkpoint every 10: SIGTERM lands mid-confirmation.
+    train = {"iters": 30, "progress_iter": 10, "save_iter": 10}
+    (tmp_path / "study.toml").write_text(tiny_study("resumed", 1, train=train, confirm={"seeds": 2}))
+    launch = subprocess.Popen(mbu_command("search", "study.toml", "--no-progress"), cwd=tmp_path)
+    confirm_dir = tmp_path / "runs" / "resumed" / "confirm"
+    deadline = time.monotonic() + 300
+    while not list(confirm_dir.glob("trial-*/checkpoint.pt")):
+        assert launch.poll() is None and time.monotonic() < deadline, "no confirmation checkpoint appeared"
+        time.sleep(0.2)
+    launch.send_signal(signal.SIGTERM)
+    assert launch.wait(timeout=120) == 75
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    stopped = [t for t in confirm_trials(storage, "resumed") if t.state == optuna.trial.TrialState.FAIL]
+    assert len(stopped) == 1 and "stopped: SIGTERM" in stopped[0].user_attrs["error"]
+    relaunch = subprocess.run(mbu_command("search", "study.toml", "--no-progress"), cwd=tmp_path)
+    assert relaunch.returncode == 0
+
+    trials = confirm_trials(storage, "resumed")
+    assert pairs(trials) == [(0, 1), (0, 2)]  # each pair once, the stopped one resumed
+    retry = next(t for t in trials if t.user_attrs.get("resumed_from_iteration"))
+    assert retry.user_attrs["train_seed"] == stopped[0].user_attrs["train_seed"]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    confirm_runs = [r for r in study_runs(client, "resumed").trials if r.data.tags.get("stage") == "confirm"]
+    finished = sorted(int(r.data.tags["seed"]) for r in confirm_runs if r.info.status == "FINISHED")
+    assert finished == [1, 2] and sum(r.info.status == "FAILED" for r in confirm_runs) == 1
+    report = json.loads((tmp_path / "runs" / "resumed" / "confirm_report.json").read_text())
+    assert report["runs_finished"] == 2 and math.isfinite(report["candidates"][0]["test_iou"]["mean"])
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_confirmation_and_run_each_pair_once(tmp_path: Path, capsys) -> None:
+    os.chdir(tmp_path)
+    study = tiny_study("shared", 2, study={"seed": 5}, confirm={"top_k": 2, "seeds": 2, "presets": False})
+    (tmp_path / "study.toml").write_text(study)
+    assert main(["search", "study.toml", "--workers", "2", "--no-progress"]) == 0
+    assert "confirmation on 2 fresh seeds (4 of 4 runs finished):" in capsys.readouterr().out
+    trials = confirm_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "shared")
+    assert pairs(trials) == [(0, 1), (0, 2), (1, 1), (1, 2)] and len(trials) == 4
+    workers = {int(t.user_attrs["worker"].split(":")[1]) for t in trials}
+    assert os.getpid() not in workers  # run by the worker processes, not the launcher
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = study_runs(client, "shared")
+    assert len(runs.parents) == 1 and sum(r.data.tags.get("stage") == "confirm" for r in runs.trials) == 4
