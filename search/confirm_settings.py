@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mbu.search.typed_tables import StudyFileError, typed_table
+from mbu.search.typed_tables import StudyFileError, positive_integer_problem, typed_table
 
 
 @dataclass
@@ -23,9 +23,9 @@ class ConfirmSettings:
 def confirm_problem(settings: ConfirmSettings) -> tuple[str, str] | None:
     """The first bad value as (key, why), or None; shared by the study file and the flags."""
     for key in ("top_k", "seeds"):
-        value = getattr(settings, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return key, f"must be a positive integer, got {value!r}"
+        problem = positive_integer_problem(getattr(settings, key))
+        if problem is not None:
+            return key, problem
     if not isinstance(settings.presets, bool):
         return "presets", f"must be true or false, got {settings.presets!r}"
     return None

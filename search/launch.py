@@ -35,6 +35,7 @@ from mbu.search.study import check_study_folder, check_tracking_store, open_stud
 from mbu.search.study_file import StudyConfig
 from mbu.search.study_report import StudySummary, summary_text, write_study_report
 from mbu.search.tracking import open_parent_run
+from mbu.search.typed_tables import positive_integer_problem
 from mbu.search.workers import WorkersEnded, launch_lock, start_workers
 from mbu.train.step import check_step_device, resolve_device
 from mbu.train.stop import StopRequest
@@ -59,8 +60,9 @@ class LaunchOptions:
 
 def positive_integer(flag: str, value: int | None) -> None:
     """A flag that must be a positive integer when given (None: not given)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    problem = None if value is None else positive_integer_problem(value)
+    if problem is not None:
+        raise ValueError(f"{flag} {problem}")
 
 
 def resolve_settings(config: StudyConfig, options: LaunchOptions) -> StudyConfig:

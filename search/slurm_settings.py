@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
+from mbu.search.typed_tables import positive_integer_problem
+
 
 @dataclass
 class SlurmSettings:
@@ -26,9 +28,9 @@ class SlurmSettings:
 def slurm_problem(settings: SlurmSettings) -> tuple[str, str] | None:
     """The first bad ``[slurm]`` value as (key, what is wrong), or None."""
     for key in ("tasks", "cpus_per_task", "time_min", "signal_delay_s"):
-        value = getattr(settings, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return key, f"must be a positive integer, got {value!r}"
+        problem = positive_integer_problem(getattr(settings, key))
+        if problem is not None:
+            return key, problem
     for key in ("gpus_per_task", "max_requeue"):
         value = getattr(settings, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

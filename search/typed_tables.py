@@ -52,3 +52,10 @@ def typed_table(cls: type, where: str, table: dict[str, Any], path: Path) -> Any
         return cls(**table)
     except (TypeError, ValueError) as err:
         raise StudyFileError(f"{path}: {where}: {err}") from err
+
+
+def positive_integer_problem(value: Any) -> str | None:
+    """What is wrong with a value that must be a positive integer (``True`` is not one), or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    return None
