@@ -1,11 +1,12 @@
 """Atomic file writes: a reader (or a crash) never sees half a file.
 
-Shared by checkpoints, reports and the decode cache.
+Shared by checkpoints, reports and the decode cache; the disk a folder uses, in words.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -73,3 +74,18 @@ def atomic_write(path: Path, write: Any) -> None:
             free = shutil.disk_usage(path.parent).free // 2**20
             raise WriteError(f"cannot write {path} ({free} MiB free on its disk): {err}") from err
         raise
+
+
+def disk_used(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist)."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def human_bytes(count: int) -> str:
+    """``123.4 MB`` style, in powers of 1000 as disks are sold."""
+    if count < 1000:
+        return f"{count} B"
+    exponent = min(4, int(math.log10(count) // 3))
+    return f"{count / 1000**exponent:.1f} {' kMGT'[exponent]}B"

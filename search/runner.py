@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import optuna
 from mbu.data.images import AnnotatedImages
+from mbu.search.checkpoints import FINISHED, thin_checkpoints
 from mbu.search.population import Outcome, Population
 from mbu.search.sampler import record_draw
 from mbu.search.storage import (
@@ -78,6 +79,8 @@ def run_trials(
         in_a_row = in_a_row + 1 if outcome.state == optuna.trial.TrialState.FAIL else 0
         # Once that many failed in a row the worker asks for no more, even if a trial in flight completes.
         ended.on_failures = ended.on_failures or in_a_row >= settings.max_failures
+        if outcome.state in FINISHED:
+            thin_checkpoints(study, config)
 
     told: set[tuple] = set()  # trials running elsewhere that this worker has already spoken of
     population = Population(study, config, annotated, parent, progress)

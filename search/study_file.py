@@ -3,7 +3,7 @@
 Layout::
 
     [study]            name, direction, n_trials, sampler, seed, pruner, storage, tracking_uri, runs_dir,
-                       heartbeat_interval, grace_period, max_retry, max_failures, population
+                       heartbeat_interval, grace_period, max_retry, max_failures, population, keep_checkpoints
     [data]             root = "DIR"   or   [data.synthetic] size, n_train, n_test, seed
     [train]            fixed training settings (the ``mbu train`` flag names)
     [space.NAME]       low, high, log: one table per sampled parameter
@@ -42,9 +42,7 @@ TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
 TABLES = ("study", "data", "train", "space", "enqueue", "slurm", "confirm")  # the study file's top-level tables
 SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)
-# Scoring splits the annotated test A images into a validation half (to choose the threshold) and a test half.
-MIN_ANNOTATED = 2
-
+MIN_ANNOTATED = 2  # annotated test A images: a validation half (choosing the threshold) and a test half
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name anywhere, never a path
 
@@ -70,6 +68,7 @@ class StudySettings:
     max_retry: int = 2  # retries of a trial whose worker died (or a preset that failed); resumes from its checkpoint
     max_failures: int = 3  # a launch stops after this many failed trials in a row (exit code 1)
     population: int = 1  # trials one worker process trains at once on its device (see docs/scaling.md, "Populations")
+    keep_checkpoints: int = 0  # full checkpoints for the N best complete trials, weights only for the rest; 0: all
 
 
 @dataclass
@@ -183,8 +182,9 @@ def parse_study(raw: dict[str, Any], path: Path) -> StudySettings:
         raise StudyFileError(
             f"{path}: [study].grace_period must exceed heartbeat_interval ({study.heartbeat_interval})"
         )
-    if not isinstance(study.max_retry, int) or study.max_retry < 0:
-        raise StudyFileError(f"{path}: [study].max_retry must be an integer >= 0, got {study.max_retry!r}")
+    for key in ("max_retry", "keep_checkpoints"):
+        if not isinstance(getattr(study, key), int) or getattr(study, key) < 0:
+            raise StudyFileError(f"{path}: [study].{key} must be an integer >= 0, got {getattr(study, key)!r}")
     if not 0 <= study.seed < SEED_LIMIT:
         raise StudyFileError(f"{path}: [study].seed must be an integer in [0, 2**32), got {study.seed!r}")
     return study

@@ -16,7 +16,7 @@ from typing import Any
 
 import matplotlib
 import optuna
-from mbu.data.files import atomic_write
+from mbu.data.files import atomic_write, disk_used, human_bytes
 from mbu.evaluate.segmentation import figure_warnings
 from mbu.search.confirm_report import CONFIRM_REPORT_JSON, CONFIRM_REPORT_MD, summary_lines
 from mbu.search.storage import count_states
@@ -195,8 +195,11 @@ def study_markdown(
     best_warnings: list[str] | None = None,
     plots: list[Path] | None = None,
     confirmation: list[str] | None = None,
+    disk: str = "",
 ) -> str:
     lines = [f"# Study `{name}`", "", "Trials by state: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items()))]
+    if disk:
+        lines += ["", f"Disk used by the study's runs: {disk}."]
     lines += ["", "## Trials ranked by validation IoU", ""]
     if rows:
         params = sorted({p for r in rows for p in r["params"]})
@@ -260,9 +263,11 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
         "best_trial_warnings": best_warnings,
         "plots": [p.name for p in plots],
         "confirmation": confirmation,
+        "disk_bytes": disk_used(study_dir),
     }
     json_path, md_path = study_dir / STUDY_REPORT_JSON, study_dir / STUDY_REPORT_MD
     write_json(json_path, data)
-    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings, plots, confirmation)
+    disk = f"{human_bytes(data['disk_bytes'])} under {study_dir}"
+    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings, plots, confirmation, disk)
     atomic_write(md_path, lambda tmp: tmp.write_text(text))
     return [json_path, md_path, *plots]

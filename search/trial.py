@@ -16,7 +16,7 @@ from mbu.evaluate.report import score_and_report
 from mbu.evaluate.segmentation import predict_masks, score_masks
 from mbu.evaluate.tracking import log_scores
 from mbu.search.study_file import StudyConfig, trial_name
-from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData
 from mbu.train.model import ContentTransferModel
@@ -61,6 +61,7 @@ def checkpoint_to_resume(trial: optuna.Trial, config: StudyConfig) -> tuple[Path
             continue
         try:
             state = load_checkpoint(run_dir)
+            check_resumable(state, run_dir)
         except CheckpointError as err:
             warnings.warn(f"trial {trial.number}: not resuming from {run_dir}: {err}", stacklevel=2)
             continue

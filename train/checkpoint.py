@@ -68,6 +68,34 @@ def _load_failure(path: Path, err: Exception) -> str:
     return f"truncated or corrupt ({first})"
 
 
+# The keys a weights-only checkpoint keeps: enough to evaluate, transfer and remove, not to resume.
+WEIGHTS_KEYS = ("model", "config", "iteration", "model_version")
+
+
+def keep_weights_only(path: Path) -> int:
+    """Rewrite the checkpoint at ``path`` without its optimizer and RNG state; the bytes freed.
+
+    Reports, ``mbu eval``, ``mbu transfer`` and ``mbu remove`` read only the weights and the config, so
+    they work on it unchanged; a resume is refused (:func:`check_resumable`). Already thinned: nothing done.
+    """
+    path = Path(path)
+    before = path.stat().st_size
+    state = load_checkpoint(path)
+    if state.get("weights_only"):
+        return 0
+    save_checkpoint(path, {**{key: state[key] for key in WEIGHTS_KEYS if key in state}, "weights_only": True})
+    return before - path.stat().st_size
+
+
+def check_resumable(state: dict[str, Any], source: Path) -> None:
+    """Refuse to resume from a weights-only checkpoint: its Adam moments are gone, so it cannot continue."""
+    if state.get("weights_only"):
+        raise CheckpointError(
+            f"checkpoint {source} keeps the weights only ([study].keep_checkpoints dropped its optimizer state "
+            "once its trial had finished): it can be evaluated, not resumed; train again without --load"
+        )
+
+
 def check_model_version(state: dict[str, Any], source: Path) -> None:
     """Refuse weights trained for another model: they would load, and silently compute something else."""
     version = state.get("model_version", 1)  # mbu 0.1 wrote no version

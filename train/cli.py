@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mbu.data.files import check_writable
 from mbu.data.images import DataError, list_images, load_display_images, read_domains
-from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
+from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_resumable, load_checkpoint
 from mbu.train.config import AMP_MODES, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
 from mbu.train.step import check_step_device, resolve_device
@@ -320,6 +320,7 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
     cfg = replace(cfg, **absolute)
     if cfg.load:
         state = load_checkpoint(Path(cfg.load))
+        check_resumable(state, Path(cfg.load))
         cfg = resume_config(cfg, state["config"], typed_flags(args))
     if not cfg.root:
         raise ValueError("--root is required: the data root with trainA/ trainB/ (or trainA.txt ...)")

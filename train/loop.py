@@ -14,6 +14,7 @@ from mbu.train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     check_architecture,
+    check_resumable,
     load_checkpoint,
     save_checkpoint,
     write_json,
@@ -187,6 +188,7 @@ class Training:
     def _resume(self, load: Path) -> None:
         state = load_checkpoint(load, map_location=self.device)
         check_architecture(state, self.cfg.resize, self.cfg.sep, load)
+        check_resumable(state, load)
         self.model.load_state_dict(state["model"])
         self.optimizers.load_state_dict(state)
         self.start = int(state["iteration"])
