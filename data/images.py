@@ -12,10 +12,12 @@ uint8 tensor, and the decoded tensor is kept in the on-disk cache of
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -97,8 +99,8 @@ def _square(image: Image.Image, resize: int, resample: Image.Resampling, crop: f
     return image.crop((left, top, left + resize, top + resize))
 
 
-def decode_image(path: Path, resize: int, crop: int | None = None) -> np.ndarray:
-    """(S, S, 3) uint8 RGB; any mode (grey, palette, RGBA, 16-bit) is converted."""
+def decode_image(path: Path | BinaryIO, resize: int, crop: int | None = None) -> np.ndarray:
+    """(S, S, 3) uint8 RGB of an image file or open binary file; any mode (grey, palette, RGBA, 16-bit) is converted."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -107,8 +109,14 @@ def decode_image(path: Path, resize: int, crop: int | None = None) -> np.ndarray
                 image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).astype(np.uint8))
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from err
+        name = path if isinstance(path, (str, Path)) else "given as bytes"
+        raise DataError(f"cannot read image {name}: {err}") from err
     return np.array(_square(rgb, resize, Image.Resampling.BICUBIC, crop))
+
+
+def decode_image_bytes(data: bytes, resize: int) -> torch.Tensor:
+    """(3, S, S) uint8 of an encoded image (PNG, JPEG, ...), resized exactly as :func:`decode_image` does."""
+    return torch.from_numpy(decode_image(io.BytesIO(data), resize)).permute(2, 0, 1).contiguous()
 
 
 def decode_mask(path: Path, resize: int, crop: float | None = None) -> np.ndarray:

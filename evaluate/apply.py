@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from mbu.data.files import check_writable
 from mbu.data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
+from mbu.evaluate.packaged import LoadedModel
 from mbu.evaluate.report import load_model
 from mbu.train.visuals import transfer_grids
 from PIL import Image
@@ -14,6 +16,30 @@ from PIL import Image
 DEFAULT_BATCH = 32
 GRID_FILE = "transfer_grid.png"
 PAIR_PATTERN = "{guide}__on__{target}.png"  # one transfer: the guide's content on the target
+RUN_THRESHOLD = 0.5  # mbu remove --run without --threshold (a run folder names no threshold of its own)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a run folder (``--run``) or an MLflow model URI (``--model``)."""
+
+    run: Path | None = None
+    uri: str | None = None
+    tracking_uri: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.uri is None):
+            raise ValueError("give one of --run (a run folder) or --model (an MLflow model URI), not both or neither")
+
+    def load(self, device: str) -> LoadedModel:
+        """The model, its config and its threshold (the model's own with --model, 0.5 with --run)."""
+        if self.uri is not None:
+            from mbu.evaluate.packaged import load_model_uri
+            from mbu.train.tracking import resolve_tracking_uri
+
+            return load_model_uri(self.uri, resolve_tracking_uri(self.tracking_uri), device)
+        model, cfg, _ = load_model(self.run, device)
+        return LoadedModel(model, cfg, RUN_THRESHOLD, {"run": str(self.run)})
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -74,7 +100,7 @@ def _save(image: torch.Tensor, path: Path) -> None:
 
 
 def transfer(
-    run_dir: Path,
+    source: ModelSource,
     guides: list[Path],
     targets: list[Path],
     out: Path,
@@ -88,8 +114,8 @@ def transfer(
     target_stems = [name[: -len(".png")] for name in output_names(target_paths)]
     names = [PAIR_PATTERN.format(guide=g, target=t) for g in guide_stems for t in target_stems] + [GRID_FILE]
     check_not_written(out, names, overwrite)
-    model, cfg, _ = load_model(run_dir, device)
-    dev = next(model.parameters()).device
+    loaded = source.load(device)
+    model, cfg, dev = loaded.model, loaded.cfg, loaded.device
     out.mkdir(parents=True, exist_ok=True)
     targets_t = _load(target_paths, cfg.resize, dev)
     if overwrite:
@@ -119,16 +145,19 @@ def clear_transfers(out: Path) -> list[Path]:
 
 
 def remove(
-    run_dir: Path,
+    source: ModelSource,
     inputs: list[Path],
-    threshold: float,
+    threshold: float | None,
     out: Path,
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Remove the content of each image (mask >= threshold), in batches; one output per input, named by stem."""
-    if not 0.0 <= threshold <= 1.0:
+    """Remove the content of each image (mask >= threshold), in batches; one output per input, named by stem.
+
+    ``threshold`` None: the model's own (a ``--model``'s validation-chosen one; 0.5 for a run folder).
+    """
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
     if batch_size < 1:
         raise ValueError(f"--bs must be a positive integer, got {batch_size}")
@@ -136,8 +165,9 @@ def remove(
     check_output_folder(out, inputs, paths)
     names = output_names(paths)
     check_not_written(out, names, overwrite)
-    model, cfg, _ = load_model(run_dir, device)
-    dev = next(model.parameters()).device
+    loaded = source.load(device)
+    model, cfg, dev = loaded.model, loaded.cfg, loaded.device
+    threshold = loaded.threshold if threshold is None else threshold
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and MLflow load only when a command runs
+    from mbu.evaluate.apply import ModelSource
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +46,7 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
         "(guides as rows, targets as columns); a repeated stem gets -2, -3, ... --out must not be a folder "
         "of inputs.",
     )
-    transfer.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
+    add_model_source(transfer)
     transfer.add_argument(
         "--guide", required=True, nargs="+", type=Path, help="images (or folders) whose content is taken"
     )
@@ -65,13 +69,14 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
         "output PNG per input, same stem (a repeated stem gets -2, -3, ...). --out must not be a folder of "
         "inputs.",
     )
-    remove.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
+    add_model_source(remove)
     remove.add_argument("--input", required=True, nargs="+", type=Path, help="images, or folders of images")
     remove.add_argument(
         "--threshold",
         type=float,
-        default=0.5,
-        help="mask threshold in [0, 1], e.g. a report's val/threshold_best (default: %(default)s)",
+        default=None,
+        help="mask threshold in [0, 1], e.g. a report's val/threshold_best (default: the threshold of the "
+        "--model, 0.5 with --run)",
     )
     remove.add_argument("--out", required=True, type=Path, help="output folder")
     remove.add_argument("--bs", type=int, default=32, help="images per batch (default: %(default)s)")
@@ -80,10 +85,34 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
     remove.set_defaults(func=remove_main)
 
 
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--run or --model (with --tracking-uri): where the weights come from."""
+    parser.add_argument("--run", type=Path, help="run folder holding checkpoint.pt (or give --model)")
+    parser.add_argument(
+        "--model",
+        metavar="URI",
+        help="an MLflow model instead of a run folder: models:/NAME@champion, models:/NAME/VERSION or "
+        "runs:/RUN_ID/model (a study registers its champion under its name)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store that holds --model (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    from mbu.evaluate.apply import ModelSource
+
+    if args.tracking_uri and args.model is None:
+        raise ValueError("--tracking-uri goes with --model; a --run folder holds its own weights")
+    return ModelSource(run=args.run, uri=args.model, tracking_uri=args.tracking_uri)
+
+
 def transfer_main(args: argparse.Namespace) -> int:
     from mbu.evaluate.apply import transfer
 
-    written = transfer(args.run, args.guide, args.target, args.out, args.device, args.overwrite)
+    written = transfer(model_source(args), args.guide, args.target, args.out, args.device, args.overwrite)
     print(f"wrote {len(written) - 1} transfers and {written[-1]}")
     return 0
 
@@ -91,7 +120,7 @@ def transfer_main(args: argparse.Namespace) -> int:
 def remove_main(args: argparse.Namespace) -> int:
     from mbu.evaluate.apply import remove
 
-    written = remove(args.run, args.input, args.threshold, args.out, args.device, args.bs, args.overwrite)
+    written = remove(model_source(args), args.input, args.threshold, args.out, args.device, args.bs, args.overwrite)
     print(f"wrote {len(written)} images to {args.out}")
     return 0
 

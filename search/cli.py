@@ -190,7 +190,7 @@ def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
         with signals_stop(stop.request, signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint and leave
             summary = run_study(config, options, stop)
         print(summary.format())
-        return exit_code(summary, config)
+        return publish(config, options, exit_code(summary, config))
     summary, ended = launch_workers(config, options, args.workers, args.gpus)
     print(summary.format())
     if ended.stopped_by == "SIGINT":
@@ -199,7 +199,34 @@ def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     if failed:
         print(f"workers {failed} exited with an error; see their logs", file=sys.stderr)
         return EXIT_FAILED
-    return exit_code(summary, config)
+    return publish(config, options, exit_code(summary, config))
+
+
+def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
+    """After a launch that reached its target: the champion registered (``search.registry``); ``code`` back.
+
+    Every worker that ends at the target publishes, one at a time (the launch lock): the first registers,
+    the others find the alias already on the champion.
+    """
+    if code != EXIT_OK:
+        return code
+    from mbu.search.registry import publish_champion
+    from mbu.search.storage import load_existing_study
+    from mbu.search.workers import launch_lock
+    from mbu.train.tracking import resolve_tracking_uri
+    from mlflow.exceptions import MlflowException
+
+    study = load_existing_study(config.study.name, options.storage or config.study.storage)
+    tracking_uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)
+    try:
+        with launch_lock(config.study_dir):
+            line = publish_champion(study, config, tracking_uri)
+    except (MlflowException, OSError) as err:  # the trials are safe; the next launch registers it
+        print(f"mbu search: the champion was not registered ({err}); launch again to retry", file=sys.stderr)
+        return code
+    if line:
+        print(line)
+    return code
 
 
 def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOptions) -> int:
@@ -213,7 +240,7 @@ def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOpt
     if summary is None:
         return EXIT_OK  # submitted; --summary follows it
     print(summary.format())
-    return exit_code(summary, config, "the array", f"mbu search {config.path} --slurm")
+    return publish(config, options, exit_code(summary, config, "the array", f"mbu search {config.path} --slurm"))
 
 
 def exit_code(summary: StudySummary, config: StudyConfig, launch: str = "the launch", again: str = "") -> int:

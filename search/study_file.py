@@ -1,9 +1,10 @@
-"""Study files (TOML): parsed into typed configs and checked before anything runs.
+"""Study files (TOML): parsed into typed configs and checked before anything runs, each error naming its key.
 
 Layout::
 
     [study]            name, direction, n_trials, sampler, seed, pruner, storage, tracking_uri, runs_dir,
-                       heartbeat_interval, grace_period, max_retry, max_failures, population, keep_checkpoints
+                       heartbeat_interval, grace_period, max_retry, max_failures, population,
+                       keep_checkpoints, registered_model
     [data]             root = "DIR"   or   [data.synthetic] size, n_train, n_test, seed
     [train]            fixed training settings (the ``mbu train`` flag names)
     [space.NAME]       low, high, log: one table per sampled parameter
@@ -11,8 +12,6 @@ Layout::
     [slurm]            partition, tasks, gpus_per_task, cpus_per_task, mem_gb, time_min, signal_delay_s,
                        max_requeue, single_node, sbatch, setup: ``mbu search --slurm`` (see ``search.slurm``)
     [confirm]          top_k, seeds, presets: retrain the best trials on fresh seeds (see ``search.confirm``)
-
-Every error names the file and the key.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
 TABLES = ("study", "data", "train", "space", "enqueue", "slurm", "confirm")  # the study file's top-level tables
 SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)
 MIN_ANNOTATED = 2  # annotated test A images: a validation half (choosing the threshold) and a test half
-
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name anywhere, never a path
+NAMING = "use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 100)"
 
 
 def trial_name(number: int) -> str:
@@ -69,6 +68,7 @@ class StudySettings:
     max_failures: int = 3  # a launch stops after this many failed trials in a row (exit code 1)
     population: int = 1  # trials one worker process trains at once on its device (see docs/scaling.md, "Populations")
     keep_checkpoints: int = 0  # full checkpoints for the N best complete trials, weights only for the rest; 0: all
+    registered_model: str | None = None  # Model Registry name of the study's champion; None: the study's name; "": off
 
 
 @dataclass
@@ -162,11 +162,10 @@ def parse_study(raw: dict[str, Any], path: Path) -> StudySettings:
     if "study" not in raw or "name" not in raw["study"]:
         raise StudyFileError(f"{path}: missing key [study].name")
     study = typed_table(StudySettings, "[study]", raw["study"], path)
-    if not isinstance(study.name, str) or not STUDY_NAME.fullmatch(study.name):
-        raise StudyFileError(
-            f"{path}: [study].name {study.name!r} cannot name a folder under runs_dir and an MLflow experiment: "
-            "use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 100)"
-        )
+    for key, what in (("name", "a folder and an MLflow experiment"), ("registered_model", "a registered model")):
+        value = getattr(study, key)
+        if (key == "name" or value) and not (isinstance(value, str) and STUDY_NAME.fullmatch(value)):
+            raise StudyFileError(f"{path}: [study].{key} {value!r} cannot name {what}: {NAMING}")
     for key, value, allowed in (
         ("direction", study.direction, DIRECTIONS),
         ("sampler", study.sampler, SAMPLERS),

@@ -60,9 +60,13 @@ def changed(tables: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, 
 
 
 def tiny_tables(name: str, n_trials: int = 1, lr_space: bool = True, **changes: Any) -> dict[str, Any]:
-    """A study on the tiny data as nested tables (4 iterations at 64 px, batch 4), with ``changes`` merged in."""
+    """A study on the tiny data as nested tables (4 iterations at 64 px, batch 4), with ``changes`` merged in.
+
+    It registers no champion (``registered_model = ""``: a few seconds per launch); the tests of the
+    registry, and those of concurrent launches, turn it on with ``study={"registered_model": DROP}``.
+    """
     tables = {
-        "study": {"name": name, "n_trials": n_trials},
+        "study": {"name": name, "n_trials": n_trials, "registered_model": ""},
         "data": TINY_DATA,
         "train": {"resize": 64, "bs": 4, "iters": 4, "progress_iter": 2, "device": "cpu"},
         **({"space": LR_SPACE} if lr_space else {}),

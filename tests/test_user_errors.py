@@ -306,6 +306,38 @@ MISTAKES = [
         _copy_inputs,
     ),  # fmt: skip
     Mistake(
+        "remove with a run folder and a model",
+        lambda s: [
+            "remove",
+            "--run",
+            str(s["run"]),
+            "--model",
+            "models:/m@champion",
+            "--input",
+            "photos",
+            "--out",
+            "o",
+        ],
+        "give one of --run (a run folder) or --model (an MLflow model URI), not both or neither",
+        _copy_inputs,
+    ),  # fmt: skip
+    Mistake(
+        "remove tracking URI without a model",
+        lambda s: [
+            "remove",
+            "--run",
+            str(s["run"]),
+            "--tracking-uri",
+            "sqlite:///x.db",
+            "--input",
+            "photos",
+            "--out",
+            "o",
+        ],
+        "--tracking-uri goes with --model",
+        _copy_inputs,
+    ),  # fmt: skip
+    Mistake(
         "remove zero batch",
         lambda s: ["remove", "--run", str(s["run"]), "--input", "photos", "--out", "o", "--bs", "0"],
         "--bs must be a positive integer",
@@ -401,6 +433,12 @@ MISTAKES = [
         lambda s: ["search", "study.toml"],
         "[study].seed must be an integer in [0, 2**32), got -1",
         _changed({"study": {"seed": -1}}),
+    ),  # fmt: skip
+    Mistake(
+        "search registered model not a plain name",
+        lambda s: ["search", "study.toml"],
+        "[study].registered_model 'my model' cannot name a registered model",
+        _changed({"study": {"registered_model": "my model"}}),
     ),  # fmt: skip
     Mistake(
         "search range without high",

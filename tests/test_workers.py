@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
-from helpers import mbu_command, study_runs, tiny_study
+from helpers import DROP, mbu_command, study_runs, tiny_study
 from mbu.search.sampler import SEED_ATTR
 from mlflow.tracking import MlflowClient
 
@@ -39,13 +39,22 @@ def assert_distinct_points(trials: list[optuna.trial.FrozenTrial]) -> None:
     assert len(set(seeds)) == len(seeds)
 
 
+def assert_one_champion(tmp_path: Path, name: str) -> None:
+    """Every launch that reached the target published; the registry holds one version, the best trial's."""
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+    assert client.get_model_version_by_alias(name, "champion").run_id == study.best_trial.user_attrs["mlflow_run_id"]
+
+
 def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path: Path, capsys) -> None:
-    (tmp_path / "study.toml").write_text(tiny_study("pair", 6, study={"seed": 2}))
+    (tmp_path / "study.toml").write_text(tiny_study("pair", 6, study={"seed": 2, "registered_model": DROP}))
     assert main(["search", "study.toml", "--workers", "2", "--no-progress"]) == 0
     assert "study pair: 6 COMPLETE" in capsys.readouterr().out
     trials = assert_recorded_once(tmp_path, "pair", 6)
     assert_distinct_points(trials)  # a sampler seeded once per process gave 3 points, each twice
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    assert_one_champion(tmp_path, "pair")  # both workers and the launcher published, one at a time
 
     # A relaunch that tops the study up draws new points too.
     assert main(["search", "study.toml", "--n-trials", "8", "--no-progress"]) == 0
@@ -53,7 +62,7 @@ def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path
 
 
 def test_two_launches_at_once_both_contribute_and_no_trial_is_recorded_twice(tmp_path: Path) -> None:
-    (tmp_path / "study.toml").write_text(tiny_study("twice", 4, study={"seed": 2}))
+    (tmp_path / "study.toml").write_text(tiny_study("twice", 4, study={"seed": 2, "registered_model": DROP}))
     command = mbu_command("search", "study.toml", "--no-progress")
     launches = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in "ab"]
     outputs = [p.communicate(timeout=300)[0].decode() for p in launches]
@@ -61,3 +70,4 @@ def test_two_launches_at_once_both_contribute_and_no_trial_is_recorded_twice(tmp
     trials = assert_recorded_once(tmp_path, "twice", 4)
     assert_distinct_points(trials)
     assert {t.user_attrs["worker"].split(":")[1] for t in trials} == {str(p.pid) for p in launches}
+    assert_one_champion(tmp_path, "twice")

@@ -1,0 +1,144 @@
+"""The study's champion in the MLflow Model Registry, under the alias ``champion``.
+
+The champion is the confirmed best (``confirm_report.json``) once a
+confirmation has all its runs, else the best trial, tagged ``unconfirmed``.
+Its search-time trial run gets the model (``evaluate.packaged``: weights,
+config and validation-chosen threshold) in its ``model/`` artifacts, a new
+version of ``[study].registered_model`` (default: the study's name) points at
+it, and the alias moves there. A launch whose champion is the one the alias
+already names (same run, same confirmation state) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+from mbu.evaluate.packaged import MODEL_ARTIFACT, log_model_package
+from mbu.search.confirm_report import CONFIRM_REPORT_JSON
+from mbu.search.study_file import StudyConfig
+from mbu.search.trial import trial_dir
+from mbu.train.checkpoint import CHECKPOINT_FILE, RUN_FILE
+from mlflow.exceptions import MlflowException
+
+ALIAS = "champion"
+REPORT_FILE = "report.json"  # a trial folder's scores (evaluate.report)
+
+
+@dataclass
+class Champion:
+    """The trial whose weights the study publishes, and the figures its model version carries."""
+
+    trial: int
+    run_id: str
+    folder: Path
+    threshold: float
+    confirmed: bool
+    tags: dict[str, str]
+    description: str
+
+
+def registered_name(config: StudyConfig) -> str:
+    """The Model Registry name (``""``: the study registers nothing)."""
+    name = config.study.registered_model
+    return config.study.name if name is None else name
+
+
+def confirmed_best(study_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    """(trial, candidate entry) of a finished confirmation's confirmed best, else None."""
+    path = study_dir / CONFIRM_REPORT_JSON
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    best = report.get("confirmed_best")
+    if not best or report.get("runs_finished") != report.get("runs_planned"):
+        return None
+    entry = next(c for c in report["candidates"] if c["trial"] == best["trial"])
+    return int(best["trial"]), entry
+
+
+def choose_champion(study: optuna.Study, config: StudyConfig) -> Champion | None:
+    """The champion of a study with a complete trial (None before), from its folder and reports."""
+    confirmation = confirmed_best(config.study_dir)
+    if confirmation is None:
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            return None
+        number = study.best_trial.number
+    else:
+        number = confirmation[0]
+    folder = trial_dir(config, number)
+    run_id = json.loads((folder / RUN_FILE).read_text())["run_id"]
+    metrics = json.loads((folder / REPORT_FILE).read_text())["metrics"]
+    threshold, test_iou = float(metrics["val/threshold_best"]), float(metrics["test/iou"])
+    tags = {
+        "study": config.study.name,
+        "trial": str(number),
+        "mlflow_run": run_id,
+        "threshold": f"{threshold:.2f}",
+        "test_iou": f"{test_iou:.4f}",
+        "data": config.data_root or f"synthetic, {config.synthetic.size} px",
+        "confirmed": "false" if confirmation is None else "true",
+    }
+    if confirmation is None:
+        tags["unconfirmed"] = "true"
+        figure = f"search-time test IoU {test_iou:.4f} (one seed, not confirmed: mbu confirm {config.path})"
+    else:
+        fresh = confirmation[1]["test_iou"]
+        interval = "" if fresh["low"] is None else f" [{fresh['low']:.4f}, {fresh['high']:.4f}]"  # None: 1 seed
+        tags["confirmed_test_iou"] = f"{fresh['mean']:.4f}{interval}"
+        within = f", 95% interval{interval}" if interval else " (one seed: no interval)"
+        figure = f"test IoU on {fresh['n']} fresh seed(s) {fresh['mean']:.4f}{within}; search-time {test_iou:.4f}"
+    description = (
+        f"Champion of study {config.study.name}: trial {number}, {figure}; mask threshold {threshold:.2f} "
+        f"(chosen on validation); data: {tags['data']}; MLflow run {run_id}."
+    )
+    return Champion(number, run_id, folder, threshold, confirmation is not None, tags, description)
+
+
+def current_version(client: mlflow.MlflowClient, name: str) -> Any | None:
+    """The version the alias names, or None (no such model or alias yet)."""
+    try:
+        return client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        return None
+
+
+def has_model(client: mlflow.MlflowClient, run_id: str) -> bool:
+    return any(item.path == f"{MODEL_ARTIFACT}/MLmodel" for item in client.list_artifacts(run_id, MODEL_ARTIFACT))
+
+
+def publish_champion(study: optuna.Study, config: StudyConfig, tracking_uri: str) -> str | None:
+    """Register the study's champion (if it changed) and point the alias at it; the line to print, or None."""
+    name = registered_name(config)
+    champion = choose_champion(study, config) if name else None
+    if champion is None:
+        return None
+    client = mlflow.MlflowClient(tracking_uri)
+    uri = f"models:/{name}@{ALIAS}"
+    state = "confirmed" if champion.confirmed else "unconfirmed"
+    current = current_version(client, name)
+    if (
+        current is not None
+        and current.run_id == champion.run_id
+        and current.tags.get("confirmed") == str(champion.confirmed).lower()
+    ):
+        return f"champion: {uri} (version {current.version}, trial {champion.trial}, {state}; unchanged)"
+    if not has_model(client, champion.run_id):
+        settings = {"study": config.study.name, "trial": champion.trial, "run_id": champion.run_id}
+        log_model_package(client, champion.run_id, champion.folder / CHECKPOINT_FILE, champion.threshold, settings)
+    try:
+        client.create_registered_model(name, description=f"Champions of study {config.study.name} (mbu).")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(champion.run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    version = client.create_model_version(
+        name, source, run_id=champion.run_id, tags=champion.tags, description=champion.description
+    )
+    client.set_registered_model_alias(name, ALIAS, version.version)
+    return f"champion: {uri} (version {version.version}, trial {champion.trial}, {state})"
