@@ -81,6 +81,21 @@ def test_the_champion_is_registered_aliased_moved_by_a_confirmation_and_used_by_
     by_uri = ["remove", "--model", f"models:/{NAME}@champion", "--input", str(image), "--out", "by-uri"]
     assert main([*by_uri, "--device", "cpu"]) == 0  # its threshold: the model's own
     assert np.array_equal(pixels(tmp_path / "by-uri" / f"{image.stem}.png"), pixels(removed_by_run))
+    targets = sorted((tmp_path / "runs" / NAME).glob("synthetic-*/testB/*"))[:2]
+    for flag, value, out in (("--run", str(folder), "t-run"), ("--model", f"runs:/{first.run_id}/model", "t-uri")):
+        transfer = ["transfer", flag, value, "--guide", str(image), "--target", *map(str, targets), "--out", out]
+        assert main([*transfer, "--device", "cpu"]) == 0
+    for made in sorted((tmp_path / "t-run").iterdir()):
+        assert np.array_equal(pixels(made), pixels(tmp_path / "t-uri" / made.name)), made.name
+
+    # Bad model URIs: one line each, nothing written.
+    other = next(t for t in study.trials if t.number != best.number).user_attrs["mlflow_run_id"]
+    capsys.readouterr()
+    for uri in (f"runs:/{other}/model", f"models:/{NAME}@no-such-alias"):
+        assert main(["remove", "--model", uri, "--input", str(image), "--out", "refused"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and uri in err, err
+    assert not (tmp_path / "refused").exists()
 
     # A confirmation names the champion again: a new version, tagged confirmed, and the alias moves to it.
     confirm = ["confirm", str(study_file), "--top-k", "1", "--seeds", "1", "--no-progress"]
