@@ -80,7 +80,13 @@ def disk_used(folder: Path) -> int:
     """Bytes of the files under ``folder`` (0 when it does not exist)."""
     if not folder.is_dir():
         return 0
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() and not path.is_symlink() else 0
+        except FileNotFoundError:  # another worker's temporary file, renamed away meanwhile
+            continue
+    return total
 
 
 def human_bytes(count: int) -> str:

@@ -40,6 +40,7 @@ from mbu.train.checkpoint import WEIGHTS_KEYS, load_checkpoint, save_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.model import ContentTransferModel
 from mbu.train.step import resolve_device
+from mbu.train.tracking import missing_sqlite_file
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from PIL import Image
@@ -194,6 +195,9 @@ def quiet_downloads() -> None:
 def load_model_uri(uri: str, tracking_uri: str, device: str = "auto") -> LoadedModel:
     """The model at ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder)."""
     quiet_downloads()
+    missing = missing_sqlite_file(tracking_uri)
+    if missing is not None and not Path(uri).is_dir():  # opening it would create an empty store
+        raise ValueError(f"--model {uri}: no MLflow store at {missing} ({tracking_uri}); give --tracking-uri")
     with tempfile.TemporaryDirectory() as tmp:
         if Path(uri).is_dir():
             local = Path(uri)

@@ -48,6 +48,6 @@ def thin_checkpoints(study: optuna.Study, config: StudyConfig) -> int:
             continue
         try:
             freed += keep_weights_only(path)
-        except CheckpointError as err:  # an unreadable checkpoint is left as it is, and said
+        except (CheckpointError, OSError) as err:  # unreadable, or no room to rewrite it: left as it is, and said
             warnings.warn(f"trial {number}: checkpoint not thinned: {err}", stacklevel=2)
     return freed

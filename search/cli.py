@@ -221,8 +221,9 @@ def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
     try:
         with launch_lock(config.study_dir):
             line = publish_champion(study, config, tracking_uri)
-    except (MlflowException, OSError) as err:  # the trials are safe; the next launch registers it
-        print(f"mbu search: the champion was not registered ({err}); launch again to retry", file=sys.stderr)
+    except (MlflowException, OSError, ValueError, KeyError) as err:  # the trials are safe either way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"mbu search: the champion was not registered ({type(err).__name__}: {first})", file=sys.stderr)
         return code
     if line:
         print(line)

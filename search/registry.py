@@ -18,7 +18,7 @@ from typing import Any
 
 import mlflow
 import optuna
-from mbu.evaluate.packaged import MODEL_ARTIFACT, log_model_package
+from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_FILE, log_model_package
 from mbu.search.confirm_report import CONFIRM_REPORT_JSON
 from mbu.search.study_file import StudyConfig
 from mbu.search.trial import trial_dir
@@ -48,22 +48,27 @@ def registered_name(config: StudyConfig) -> str:
     return config.study.name if name is None else name
 
 
-def confirmed_best(study_dir: Path) -> tuple[int, dict[str, Any]] | None:
-    """(trial, candidate entry) of a finished confirmation's confirmed best, else None."""
+PARTIAL = "partial"  # a confirmation with runs still to finish: the champion waits for it
+
+
+def confirmed_best(study_dir: Path) -> tuple[int, dict[str, Any]] | str | None:
+    """(trial, candidate entry) of a finished confirmation's confirmed best, ``PARTIAL``, or None (no report)."""
     path = study_dir / CONFIRM_REPORT_JSON
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
     best = report.get("confirmed_best")
     if not best or report.get("runs_finished") != report.get("runs_planned"):
-        return None
+        return PARTIAL  # e.g. a stopped top-up, or another worker still training the last run
     entry = next(c for c in report["candidates"] if c["trial"] == best["trial"])
     return int(best["trial"]), entry
 
 
 def choose_champion(study: optuna.Study, config: StudyConfig) -> Champion | None:
-    """The champion of a study with a complete trial (None before), from its folder and reports."""
+    """The champion of a study with a complete trial (None before, or while a confirmation is partial)."""
     confirmation = confirmed_best(config.study_dir)
+    if confirmation == PARTIAL:
+        return None
     if confirmation is None:
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
@@ -104,12 +109,25 @@ def current_version(client: mlflow.MlflowClient, name: str) -> Any | None:
     """The version the alias names, or None (no such model or alias yet)."""
     try:
         return client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise  # a server that fails is not "no champion yet": registering now would duplicate it
 
 
 def has_model(client: mlflow.MlflowClient, run_id: str) -> bool:
-    return any(item.path == f"{MODEL_ARTIFACT}/MLmodel" for item in client.list_artifacts(run_id, MODEL_ARTIFACT))
+    """The run holds a whole model (an upload cut short leaves its MLmodel without the weights)."""
+    files = {item.path for item in client.list_artifacts(run_id, f"{MODEL_ARTIFACT}/artifacts")}
+    return {f"{MODEL_ARTIFACT}/artifacts/{name}" for name in (WEIGHTS_FILE, SETTINGS_FILE)} <= files
+
+
+def refresh_figures(client: mlflow.MlflowClient, name: str, version: Any, champion: Champion) -> None:
+    """Bring the version's tags and description up to the champion's current figures."""
+    for key, value in champion.tags.items():
+        if version.tags.get(key) != value:
+            client.set_model_version_tag(name, version.version, key, value)
+    if version.description != champion.description:
+        client.update_model_version(name, version.version, description=champion.description)
 
 
 def publish_champion(study: optuna.Study, config: StudyConfig, tracking_uri: str) -> str | None:
@@ -127,6 +145,7 @@ def publish_champion(study: optuna.Study, config: StudyConfig, tracking_uri: str
         and current.run_id == champion.run_id
         and current.tags.get("confirmed") == str(champion.confirmed).lower()
     ):
+        refresh_figures(client, name, current, champion)  # a confirmation topped up: same model, new figures
         return f"champion: {uri} (version {current.version}, trial {champion.trial}, {state}; unchanged)"
     if not has_model(client, champion.run_id):
         settings = {"study": config.study.name, "trial": champion.trial, "run_id": champion.run_id}

@@ -161,3 +161,15 @@ def test_mlflow_models_serve_answers_with_the_masks_of_the_run_folder(tmp_path: 
     assert np.array_equal(pixels(base64.b64decode(row["removed"])), pixels(removed_by_run))
     assert row["transferred"] == ""
     assert torch.from_numpy(np.array(row["mask"])).shape == (64, 64)
+
+
+def test_a_partial_confirmation_names_no_champion_until_it_has_every_run(tmp_path: Path) -> None:
+    from mbu.search.registry import PARTIAL, confirmed_best
+
+    assert confirmed_best(tmp_path) is None  # no confirmation: the best trial is the champion
+    candidate = {"trial": 4, "test_iou": {"mean": 0.4, "low": 0.3, "high": 0.5, "n": 3}}
+    report = {"confirmed_best": {"trial": 4}, "candidates": [candidate], "runs_finished": 5, "runs_planned": 6}
+    (tmp_path / "confirm_report.json").write_text(json.dumps(report))
+    assert confirmed_best(tmp_path) == PARTIAL  # a stopped top-up, or a worker still training its last run
+    (tmp_path / "confirm_report.json").write_text(json.dumps({**report, "runs_finished": 6}))
+    assert confirmed_best(tmp_path) == (4, candidate)
