@@ -36,10 +36,11 @@ import numpy as np
 import pandas as pd
 import torch
 from mbu.data.images import decode_image_bytes, to_model_range, to_uint8
-from mbu.train.checkpoint import WEIGHTS_KEYS, load_checkpoint, save_checkpoint
+from mbu.evaluate.report import load_model
+from mbu.train.checkpoint import load_checkpoint, save_checkpoint, weights_only_state
 from mbu.train.config import TrainConfig
+from mbu.train.errors import first_line
 from mbu.train.model import ContentTransferModel
-from mbu.train.step import resolve_device
 from mbu.train.tracking import missing_sqlite_file
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
@@ -121,12 +122,8 @@ def predict_rows(loaded: LoadedModel, images: list[bytes], targets: list[bytes |
 
 def load_weights(weights: Path, settings_file: Path, device: str = "cpu") -> LoadedModel:
     """The model of a saved package's weights and settings files, in eval mode on ``device``."""
-    state = load_checkpoint(weights, map_location="cpu")
+    model, cfg, _ = load_model(weights, device)  # a weights file loads as a run folder's checkpoint does
     settings = json.loads(Path(settings_file).read_text())
-    cfg = TrainConfig.from_dict(state["config"])
-    model = ContentTransferModel(cfg.model_config())
-    model.load_state_dict(state["model"])
-    model.to(resolve_device(device)).eval()
     return LoadedModel(model, cfg, float(settings["threshold"]), settings)
 
 
@@ -164,7 +161,7 @@ def save_model_package(checkpoint: Path, threshold: float, dst: Path, settings: 
     quiet_downloads()  # MLflow downloads the new model once to check its input example
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
-        save_checkpoint(weights, {key: state[key] for key in WEIGHTS_KEYS if key in state} | {"weights_only": True})
+        save_checkpoint(weights, weights_only_state(state))
         settings_file.write_text(json.dumps({**settings, "threshold": threshold}, indent=2))
         mlflow.pyfunc.save_model(
             path=str(dst),
@@ -209,8 +206,9 @@ def load_model_uri(uri: str, tracking_uri: str, device: str = "auto") -> LoadedM
                     )
                 )
             except mlflow.exceptions.MlflowException as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ValueError(f"--model {uri}: not found in the MLflow store {tracking_uri}: {first}") from err
+                raise ValueError(
+                    f"--model {uri}: not found in the MLflow store {tracking_uri}: {first_line(err)}"
+                ) from err
         artifacts = local / "artifacts"
         if not (artifacts / WEIGHTS_FILE).is_file() or not (artifacts / SETTINGS_FILE).is_file():
             raise ValueError(f"--model {uri} is not a model written by mbu (no artifacts/{WEIGHTS_FILE})")

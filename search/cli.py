@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from mbu.search.slurm_settings import SLURM_FLAGS, add_slurm_arguments
 from mbu.search.study_file import StudyConfig
-from mbu.train.errors import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_command
+from mbu.train.errors import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, first_line, run_command
 from mbu.train.stop import StopRequest, signals_stop
 
 if TYPE_CHECKING:  # the launchers import Optuna, MLflow and plotting: only when a study runs
@@ -222,8 +222,7 @@ def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
         with launch_lock(config.study_dir):
             line = publish_champion(study, config, tracking_uri)
     except (MlflowException, OSError, ValueError, KeyError) as err:  # the trials are safe either way
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"mbu search: the champion was not registered ({type(err).__name__}: {first})", file=sys.stderr)
+        print(f"mbu search: the champion was not registered ({type(err).__name__}: {first_line(err)})", file=sys.stderr)
         return code
     if line:
         print(line)

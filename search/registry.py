@@ -22,11 +22,10 @@ from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_FILE, l
 from mbu.search.confirm_report import CONFIRM_REPORT_JSON
 from mbu.search.study_file import StudyConfig
 from mbu.search.trial import trial_dir
-from mbu.train.checkpoint import CHECKPOINT_FILE, RUN_FILE
+from mbu.train.checkpoint import CHECKPOINT_FILE, REPORT_FILE, RUN_FILE
 from mlflow.exceptions import MlflowException
 
 ALIAS = "champion"
-REPORT_FILE = "report.json"  # a trial folder's scores (evaluate.report)
 
 
 @dataclass

@@ -83,8 +83,13 @@ def keep_weights_only(path: Path) -> int:
     state = load_checkpoint(path)
     if state.get("weights_only"):
         return 0
-    save_checkpoint(path, {**{key: state[key] for key in WEIGHTS_KEYS if key in state}, "weights_only": True})
+    save_checkpoint(path, weights_only_state(state))
     return before - path.stat().st_size
+
+
+def weights_only_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state without its optimizer and RNG state, marked ``weights_only``."""
+    return {**{key: state[key] for key in WEIGHTS_KEYS if key in state}, "weights_only": True}
 
 
 def check_resumable(state: dict[str, Any], source: Path) -> None:

@@ -38,6 +38,12 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (libraries such as MLflow add paragraphs), else its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     """``args.func(args)`` with the exit-code rules above; ``argv`` is what to relaunch after a Ctrl-C."""
     try:
