@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MASK_FOLDER_SUFFIX = "_masks"
+MIN_ANNOTATED = 2  # annotated test A images a scoring needs: a validation half (choosing the threshold) and a test half
 DATASET_FILE = "mbu_data.json"  # written by ``mbu data ...``: how the root was prepared (crop, source)
 
 
@@ -117,6 +118,12 @@ def decode_image(path: Path | BinaryIO, resize: int, crop: int | None = None) ->
 def decode_image_bytes(data: bytes, resize: int) -> torch.Tensor:
     """(3, S, S) uint8 of an encoded image (PNG, JPEG, ...), resized exactly as :func:`decode_image` does."""
     return torch.from_numpy(decode_image(io.BytesIO(data), resize)).permute(2, 0, 1).contiguous()
+
+
+def decode_image_array(pixels: np.ndarray, resize: int) -> torch.Tensor:
+    """(3, S, S) uint8 of an H x W x 3 uint8 RGB array, resized exactly as :func:`decode_image` does."""
+    square = _square(Image.fromarray(np.ascontiguousarray(pixels)), resize, Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(square)).permute(2, 0, 1).contiguous()
 
 
 def decode_mask(path: Path, resize: int, crop: float | None = None) -> np.ndarray:

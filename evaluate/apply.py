@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from mbu.data.files import check_writable
 from mbu.data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
-from mbu.evaluate.packaged import LoadedModel
+from mbu.evaluate.packaged import DEFAULT_THRESHOLD, LoadedModel
 from mbu.evaluate.report import load_model
 from mbu.train.visuals import transfer_grids
 from PIL import Image
@@ -16,7 +16,6 @@ from PIL import Image
 DEFAULT_BATCH = 32
 GRID_FILE = "transfer_grid.png"
 PAIR_PATTERN = "{guide}__on__{target}.png"  # one transfer: the guide's content on the target
-RUN_THRESHOLD = 0.5  # mbu remove --run without --threshold (a run folder names no threshold of its own)
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,8 @@ class ModelSource:
             from mbu.train.tracking import resolve_tracking_uri
 
             return load_model_uri(self.uri, resolve_tracking_uri(self.tracking_uri), device)
-        model, cfg, _ = load_model(self.run, device)
-        return LoadedModel(model, cfg, RUN_THRESHOLD, {"run": str(self.run)})
+        model, cfg, iteration = load_model(self.run, device)
+        return LoadedModel(model, cfg, DEFAULT_THRESHOLD, {"run": str(self.run)}, iteration)
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:

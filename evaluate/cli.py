@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch and MLflow load only when a command runs
     from mbu.evaluate.apply import ModelSource
+    from mbu.train.tracking import Recorder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,10 +19,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "every threshold 0.00..1.00, pick the threshold on a validation half and report IoU on the other "
         "half (plus the optimistic best-on-test 'oracle' figure). Writes RUN/report.json (with --masks, or a "
         "--root other than the run's, RUN/eval-NAME-HASH/report.json, NAME that folder's name and HASH a digest "
-        "of its full path: the run's own report and those of other folders are kept).",
+        "of its full path: the run's own report and those of other folders are kept). With --model instead of "
+        "--run, the MLflow model is scored and its report written to --out.",
     )
-    parser.add_argument("--run", required=True, type=Path, help="run folder holding checkpoint.pt")
-    parser.add_argument("--root", default=None, help="data root to score on (default: the root the run trained on)")
+    add_model_source(parser)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="with --model: the folder for the report (new, or one that is not a run folder); a --run's report "
+        "goes into the run folder",
+    )
+    parser.add_argument(
+        "--root", default=None, help="data root to score on (default: the root the run or model trained on)"
+    )
     parser.add_argument(
         "--masks",
         type=Path,
@@ -125,13 +136,26 @@ def remove_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_trained_model(run_dir: Path, recorder: Recorder, device: str, progress: bool) -> str:
+    """``mbu train --log-model``'s step, handed to the train layer by ``mbu.cli`` (imports on call)."""
+    from mbu.evaluate.packaged import log_trained_model as log
+
+    return log(run_dir, recorder, device, progress)
+
+
 def main(args: argparse.Namespace) -> int:
-    from mbu.evaluate.report import evaluate_run
+    from mbu.evaluate.report import evaluate_model, evaluate_run
     from mbu.evaluate.segmentation import figure_warnings
 
-    report = evaluate_run(
-        args.run, args.root, args.device, args.split_seed, progress=not args.no_progress, masks_dir=args.masks
-    )
+    source = model_source(args)
+    if (args.out is None) != (args.model is None):
+        raise ValueError("--out goes with --model (a --run's report is written into its run folder)")
+    progress = not args.no_progress
+    if args.model is not None:
+        loaded = source.load(args.device)
+        report = evaluate_model(loaded, args.model, args.out, args.root, args.split_seed, progress, args.masks)
+    else:
+        report = evaluate_run(args.run, args.root, args.device, args.split_seed, progress, args.masks)
     m = report["metrics"]
     left_out = len(report["unannotated"])
     print(

@@ -5,10 +5,12 @@ The model is an MLflow ``pyfunc`` model (``MaskModel``) saved in a run's
 ``mlflow models serve`` and ``mbu transfer/remove --model`` use a study's
 result from an MLflow server alone, without the run folder.
 
-Its input is a table with one row per image: ``image``, the encoded image
-(PNG, JPEG, ... bytes; base64 in a JSON request), and the optional
-``target``, an image that receives the content of ``image``. Any size: each is
-resized as in training. Its output, one row per input row:
+Its input is a table with one row per image. The image is ``image``, encoded
+(PNG, JPEG, ... bytes; base64 in a JSON request), or ``pixels``, a uint8
+H x W x 3 RGB array (nested lists in JSON); the optional ``target`` (encoded)
+or ``target_pixels`` (array) is an image that receives the content of the
+image. Any size: each is resized as in training. Its output, one row per
+input row:
 
 - ``mask``: the soft mask in [0, 1], S x S (S the training size);
 - ``binary_mask``: 1 where ``mask`` >= the model's threshold;
@@ -35,13 +37,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mbu.data.images import decode_image_bytes, to_model_range, to_uint8
-from mbu.evaluate.report import load_model
-from mbu.train.checkpoint import load_checkpoint, save_checkpoint, weights_only_state
+from mbu.data.images import (
+    MIN_ANNOTATED,
+    count_annotated,
+    decode_image_array,
+    decode_image_bytes,
+    to_model_range,
+    to_uint8,
+)
+from mbu.evaluate.report import load_model, score_and_report
+from mbu.evaluate.segmentation import load_test_annotations
+from mbu.evaluate.tracking import log_scores
+from mbu.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, weights_only_state
 from mbu.train.config import TrainConfig
 from mbu.train.errors import first_line
 from mbu.train.model import ContentTransferModel
-from mbu.train.tracking import missing_sqlite_file
+from mbu.train.tracking import Recorder, missing_sqlite_file
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from PIL import Image
@@ -50,9 +61,17 @@ MODEL_ARTIFACT = "model"  # the model's folder among a run's artifacts: runs:/<r
 WEIGHTS_FILE = "weights.pt"
 SETTINGS_FILE = "model.json"
 BATCH = 32  # images per forward pass
+DEFAULT_THRESHOLD = 0.5  # a model whose data root has no annotated images to choose one on
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(DataType.binary, "image"), ColSpec(DataType.binary, "target", required=False)]),
+    inputs=Schema(
+        [
+            ColSpec(DataType.binary, "image", required=False),
+            ColSpec(Array(Array(Array(DataType.long))), "pixels", required=False),
+            ColSpec(DataType.binary, "target", required=False),
+            ColSpec(Array(Array(Array(DataType.long))), "target_pixels", required=False),
+        ]
+    ),
     outputs=Schema(
         [
             ColSpec(Array(Array(DataType.double)), "mask"),
@@ -72,6 +91,7 @@ class LoadedModel:
     cfg: TrainConfig
     threshold: float
     settings: dict[str, Any]
+    iteration: int = 0  # the training iteration of the weights
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +105,9 @@ def png_base64(image: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+ImageInput = bytes | np.ndarray  # encoded bytes, or a uint8 H x W x 3 RGB array
+
+
 def _as_bytes(value: Any, column: str, row: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -93,21 +116,36 @@ def _as_bytes(value: Any, column: str, row: int) -> bytes:
     raise ValueError(f"row {row}: {column} must be encoded image bytes (PNG, JPEG, ...), got {type(value).__name__}")
 
 
-def predict_rows(loaded: LoadedModel, images: list[bytes], targets: list[bytes | None]) -> pd.DataFrame:
-    """The model's output table (see the module docstring) for encoded images and optional targets."""
+def _as_pixels(value: Any, column: str, row: int) -> np.ndarray:
+    """A uint8 H x W x 3 array of an array or nested lists of integers in 0..255."""
+    array = np.asarray(value)
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise ValueError(f"row {row}: {column} must be an H x W x 3 RGB array, got shape {array.shape}")
+    if array.dtype != np.uint8 and (not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() > 255):
+        raise ValueError(f"row {row}: {column} must hold integers in 0..255 (uint8 RGB), got {array.dtype}")
+    return array.astype(np.uint8)
+
+
+def _decode(image: ImageInput, size: int) -> torch.Tensor:
+    """(3, S, S) uint8 of encoded bytes or an RGB array, resized as in training."""
+    return decode_image_array(image, size) if isinstance(image, np.ndarray) else decode_image_bytes(image, size)
+
+
+def predict_rows(loaded: LoadedModel, images: list[ImageInput], targets: list[ImageInput | None]) -> pd.DataFrame:
+    """The model's output table (see the module docstring) for images and optional targets."""
     size, threshold, model = loaded.cfg.resize, loaded.threshold, loaded.model
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for start in range(0, len(images), BATCH):
             chunk = images[start : start + BATCH]
-            x = to_model_range(torch.stack([decode_image_bytes(data, size) for data in chunk]).to(loaded.device))
-            masks = model.segment(x)[:, 0]
-            removed = model.remove(x, threshold)
-            for i, mask in enumerate(masks):
+            x = to_model_range(torch.stack([_decode(image, size) for image in chunk]).to(loaded.device))
+            soft = model.segment(x)
+            removed = model.remove(x, threshold, soft_mask=soft)  # the masks once, not twice
+            for i, mask in enumerate(soft[:, 0]):
                 target = targets[start + i]
                 transferred = ""
                 if target is not None:
-                    onto = to_model_range(decode_image_bytes(target, size)[None].to(loaded.device))
+                    onto = to_model_range(_decode(target, size)[None].to(loaded.device))
                     transferred = png_base64(model.transfer(x[i : i + 1], onto)[0])
                 rows.append(
                     {
@@ -122,9 +160,9 @@ def predict_rows(loaded: LoadedModel, images: list[bytes], targets: list[bytes |
 
 def load_weights(weights: Path, settings_file: Path, device: str = "cpu") -> LoadedModel:
     """The model of a saved package's weights and settings files, in eval mode on ``device``."""
-    model, cfg, _ = load_model(weights, device)  # a weights file loads as a run folder's checkpoint does
+    model, cfg, iteration = load_model(weights, device)  # a weights file loads as a run folder's checkpoint does
     settings = json.loads(Path(settings_file).read_text())
-    return LoadedModel(model, cfg, float(settings["threshold"]), settings)
+    return LoadedModel(model, cfg, float(settings["threshold"]), settings, iteration)
 
 
 class MaskModel(mlflow.pyfunc.PythonModel):
@@ -134,12 +172,23 @@ class MaskModel(mlflow.pyfunc.PythonModel):
         self.loaded = load_weights(Path(context.artifacts["weights"]), Path(context.artifacts["settings"]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if "image" not in model_input:
-            raise ValueError("the input needs an 'image' column of encoded images")
-        images = [_as_bytes(v, "image", i) for i, v in enumerate(model_input["image"])]
-        raw_targets = model_input["target"] if "target" in model_input else [None] * len(images)
-        targets = [None if _missing(v) else _as_bytes(v, "target", i) for i, v in enumerate(raw_targets)]
+        if "image" not in model_input and "pixels" not in model_input:
+            raise ValueError("the input needs an 'image' column of encoded images or a 'pixels' column of RGB arrays")
+        images = [_row_image(model_input, i, "image", "pixels") for i in range(len(model_input))]
+        if any(image is None for image in images):
+            row = images.index(None)
+            raise ValueError(f"row {row} has neither an image nor pixels")
+        targets = [_row_image(model_input, i, "target", "target_pixels") for i in range(len(model_input))]
         return predict_rows(self.loaded, images, targets)
+
+
+def _row_image(table: pd.DataFrame, row: int, encoded: str, array: str) -> ImageInput | None:
+    """Row ``row``'s image from the column of encoded images or the column of arrays (None: neither)."""
+    value = table[encoded].iloc[row] if encoded in table else None
+    if not _missing(value):
+        return _as_bytes(value, encoded, row)
+    value = table[array].iloc[row] if array in table else None
+    return None if _missing(value) else _as_pixels(value, array, row)
 
 
 def _missing(value: Any) -> bool:
@@ -184,9 +233,52 @@ def log_model_package(
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
 
+def log_trained_model(run_dir: Path, recorder: Recorder, device: str = "auto", progress: bool = True) -> str:
+    """``mbu train --log-model``: the finished run's model in its MLflow run; the line to print.
+
+    Where the data root has annotated test A images the run is scored first, as ``mbu eval --run``
+    scores it (report files and scores logged too), and the model takes the threshold chosen on the
+    validation half; without them it takes ``DEFAULT_THRESHOLD``, and says so.
+    """
+    run_dir = Path(run_dir)
+    model, cfg, iteration = load_model(run_dir, device)
+    count = count_annotated(Path(cfg.root))
+    if count is not None and count >= MIN_ANNOTATED:
+        annotated = load_test_annotations(Path(cfg.root), cfg.resize, progress)
+        scores, paths = score_and_report(model, annotated, cfg, iteration, run_dir)
+        for path in paths:
+            recorder.log_artifact(path)
+        log_scores(scores, iteration, recorder)
+        threshold = scores.metrics["val/threshold_best"]
+        how = f"threshold {threshold:.2f} chosen on validation, test IoU {scores.metrics['test/iou']:.4f}"
+    else:
+        threshold = DEFAULT_THRESHOLD
+        how = f"threshold {threshold}: {cfg.root} has no annotated test A images to choose one on"
+    settings = {"run": str(run_dir.resolve()), "run_id": recorder.run_id, "threshold_chosen": how}
+    uri = log_model_package(recorder.client, recorder.run_id, run_dir / CHECKPOINT_FILE, threshold, settings)
+    return f"model: {uri} ({how})"
+
+
 def quiet_downloads() -> None:
     """No MLflow progress bar per artifact download (a model is a handful of files)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def registry_source(uri: str, client: mlflow.MlflowClient) -> str:
+    """Where the files of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` model are; other URIs as given.
+
+    Resolved with ``client``: MLflow's own download looks a registered model up in the process-wide
+    registry (``$MLFLOW_TRACKING_URI``), not in the store the caller names.
+    """
+    if not uri.startswith("models:/"):
+        return uri
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    if "@" in name and not version:
+        name, alias = name.split("@", 1)
+        version = str(client.get_model_version_by_alias(name, alias).version)
+    if not name or not version.isdigit():
+        raise ValueError(f"--model {uri}: give models:/NAME@ALIAS or models:/NAME/VERSION (a number)")
+    return client.get_model_version_download_uri(name, version)
 
 
 def load_model_uri(uri: str, tracking_uri: str, device: str = "auto") -> LoadedModel:
@@ -200,10 +292,9 @@ def load_model_uri(uri: str, tracking_uri: str, device: str = "auto") -> LoadedM
             local = Path(uri)
         else:
             try:
+                source = registry_source(uri, mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri))
                 local = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
-                    )
+                    mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
                 )
             except mlflow.exceptions.MlflowException as err:
                 raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
@@ -31,6 +31,9 @@ from mbu.train.checkpoint import (
 from mbu.train.config import TrainConfig
 from mbu.train.model import ContentTransferModel
 from mbu.train.step import resolve_device
+
+if TYPE_CHECKING:
+    from mbu.evaluate.packaged import LoadedModel
 
 EXAMPLES_PER_SIDE = 4  # best and worst test images shown
 
@@ -154,10 +157,13 @@ def markdown(report: dict[str, Any]) -> str:
     notes = figure_warnings(m)
     warnings = "".join(f"> **Warning:** {note}.\n\n" for note in notes)  # one quote block each
     scored = report["scored_on"]
+    if "model" in report:
+        what = f"MLflow model `{report['model']}`, weights of iteration {report['iteration']}"
+    else:
+        what = f"Run `{Path(report['checkpoint']).parent}`, checkpoint at iteration {report['iteration']}"
     return f"""# Segmentation report
 
-Run `{Path(report["checkpoint"]).parent}`, checkpoint at iteration {report["iteration"]}; scored on the test A
-images of `{scored["root"]}` against the masks in `{scored["masks"]}`.
+{what}; scored on the test A images of `{scored["root"]}` against the masks in `{scored["masks"]}`.
 
 {warnings}## Headline
 
@@ -198,16 +204,21 @@ def write_report(
     iteration: int,
     checkpoint: Path | None = None,
     scored_on: dict[str, str] | None = None,
+    model_uri: str | None = None,
 ) -> list[Path]:
     """Write every report file into ``run_dir``; returns their paths (JSON first).
 
-    ``checkpoint`` names the scored checkpoint (default: the one in ``run_dir``); ``scored_on`` the
-    data root and masks folder scored (default: the training root and its ``testA_masks/``).
+    ``checkpoint`` names the scored checkpoint (default: the one in ``run_dir``), or ``model_uri`` the
+    MLflow model scored; ``scored_on`` the data root and masks folder scored (default: the training
+    root and its ``testA_masks/``).
     """
     run_dir = Path(run_dir)
+    scored = (
+        {"model": model_uri} if model_uri else {"checkpoint": str((checkpoint or run_dir / CHECKPOINT_FILE).resolve())}
+    )
     report = {
         **scores.to_dict(),
-        "checkpoint": str((checkpoint or run_dir / CHECKPOINT_FILE).resolve()),
+        **scored,
         "iteration": iteration,
         "scored_on": scored_on or scoring_source(cfg.root),
         "config": cfg.to_dict(),
@@ -230,11 +241,13 @@ def score_and_report(
     split_seed: int = 0,
     checkpoint: Path | None = None,
     scored_on: dict[str, str] | None = None,
+    model_uri: str | None = None,
 ) -> tuple[SegmentationScores, list[Path]]:
     """Masks and baseline maps of the annotated images, their scores, and the report files."""
     maps = predict_maps(model, annotated.images)
     scores = score_masks(maps.masks, annotated.masks, annotated.names, split_seed, maps.reconstruction_error)
-    return scores, write_report(run_dir, scores, maps, annotated, cfg, iteration, checkpoint, scored_on)
+    paths = write_report(run_dir, scores, maps, annotated, cfg, iteration, checkpoint, scored_on, model_uri)
+    return scores, paths
 
 
 def scoring_source(root: str | Path, masks_dir: Path | None = None) -> dict[str, str]:
@@ -280,4 +293,37 @@ def evaluate_run(
     annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress, masks_dir)
     checkpoint = run_dir / CHECKPOINT_FILE
     scores, paths = score_and_report(model, annotated, cfg, iteration, out, split_seed, checkpoint, scored_on)
+    return {"metrics": scores.metrics, "paths": paths, "unannotated": annotated.unannotated, "report_dir": out}
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    uri: str,
+    out: Path,
+    root: str | None = None,
+    split_seed: int = 0,
+    progress: bool = True,
+    masks_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Score an MLflow model (``mbu eval --model``) on ``root`` (default: the root it trained on); report in ``out``.
+
+    ``out`` is a new folder, or one that holds no run: a run folder's own report is ``mbu eval --run``'s.
+    """
+    out = Path(out)
+    if (out / CHECKPOINT_FILE).exists():
+        raise FileExistsError(f"--out {out} is a run folder; score it with --run {out}, or give another --out")
+    check_writable(out, "--out")
+    data_root = Path(root or loaded.cfg.root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(
+            f"--model {uri} trained on {data_root}, which is not a folder on this machine; give --root"
+            if root is None
+            else f"--root {data_root} is not a folder"
+        )
+    scored_on = scoring_source(data_root, masks_dir)
+    annotated = load_test_annotations(data_root, loaded.cfg.resize, progress, masks_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scores, paths = score_and_report(
+        loaded.model, annotated, loaded.cfg, loaded.iteration, out, split_seed, scored_on=scored_on, model_uri=uri
+    )
     return {"metrics": scores.metrics, "paths": paths, "unannotated": annotated.unannotated, "report_dir": out}

@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mask-based unsupervised content transfer: data, training, evaluation and hyperparameter search.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data_cli, train_cli, evaluate_cli, search_cli):
+    data_cli.add_parser(commands)
+    train_cli.add_parser(commands, log_model=evaluate_cli.log_trained_model)  # train cannot import evaluate
+    for module in (evaluate_cli, search_cli):
         module.add_parser(commands)
     evaluate_cli.add_apply_parsers(commands)
     report_cli.add_report_parser(commands)

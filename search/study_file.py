@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mbu.data.images import DataError, count_annotated
+from mbu.data.images import MIN_ANNOTATED, DataError, count_annotated
 from mbu.data.synthetic import SynthConfig
 from mbu.search.confirm_settings import ConfirmSettings, parse_confirm
 from mbu.search.slurm_settings import SlurmSettings, slurm_problem
@@ -41,7 +41,6 @@ TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
 TABLES = ("study", "data", "train", "space", "enqueue", "slurm", "confirm")  # the study file's top-level tables
 SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)
-MIN_ANNOTATED = 2  # annotated test A images: a validation half (choosing the threshold) and a test half
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name anywhere, never a path
 NAMING = "use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 100)"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PG_BIN, TINY_SYNTH, TrackingServer, running_postgres, start_tracking_server
+from helpers import PG_BIN, TINY_SYNTH, TrackingServer, create_database, running_postgres, start_tracking_server
 from mbu.data.cache import CACHE_ENV
 from mbu.data.synthetic import write_dataset
 
@@ -57,3 +57,12 @@ def postgres_url() -> Iterator[str]:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
     with running_postgres() as url:
         yield url
+
+
+@pytest.fixture
+def postgres_tracking_server(tmp_path: Path, postgres_url: str) -> Iterator[TrackingServer]:
+    """An MLflow tracking server on loopback whose store is a database of the PostgreSQL server."""
+    store = create_database(postgres_url, "mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
+    server = start_tracking_server(tmp_path, store)
+    yield server
+    server.kill()

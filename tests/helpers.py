@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -151,12 +152,13 @@ class TrackingServer:
             self.process.wait(timeout=30)
 
 
-def start_tracking_server(folder: Path) -> TrackingServer:
-    """An MLflow tracking server on loopback with its own SQLite store in ``folder``, once it answers."""
+def start_tracking_server(folder: Path, backend_store_uri: str | None = None) -> TrackingServer:
+    """An MLflow server on loopback, once it answers (store: ``backend_store_uri``, else SQLite in ``folder``)."""
     port = free_port()
+    store = backend_store_uri or f"sqlite:///{folder / 'server.db'}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--workers", "1"],
+        + ["--backend-store-uri", store, "--workers", "1"],
         cwd=folder,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -187,6 +189,14 @@ PG_BIN = _postgres_bin()
 def _as_postgres(command: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: drop to the postgres user the package creates."""
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def create_database(url: str, name: str) -> str:
+    """A new empty database on the server of ``url``; its URL."""
+    parts = urllib.parse.urlsplit(url)
+    createdb = [str(PG_BIN / "createdb"), "-h", str(parts.hostname), "-p", str(parts.port), "-U", "postgres", name]
+    subprocess.run(_as_postgres(createdb), check=True, capture_output=True)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Workers on "other machines": two launches join one study through PostgreSQL and an MLflow server.
 
 Starts a throwaway PostgreSQL server (Debian's postgresql package; `.ci/run` installs it) and an
-MLflow tracking server, both on loopback, then checks every trial is recorded exactly once.
+MLflow tracking server whose store is another database of it, both on loopback, then checks
+every trial is recorded exactly once and the champion is registered once and used by its URI.
 Skipped where PostgreSQL is not installed, unless MBU_REQUIRE_POSTGRES=1 (set by `.ci/run`).
 """
 
@@ -11,15 +12,17 @@ import subprocess
 from pathlib import Path
 
 import optuna
-from helpers import TrackingServer, mbu_command, study_runs, tiny_study
+from helpers import DROP, TrackingServer, mbu_command, study_runs, tiny_study
 from mlflow.tracking import MlflowClient
 
-STUDY = tiny_study("shared", 4)
+MODEL = "models:/shared@champion"
+STUDY = tiny_study("shared", 4, study={"registered_model": DROP})  # the registry on
 
 
 def test_two_workers_share_a_study_through_postgresql_and_an_mlflow_server(
-    tmp_path: Path, postgres_url: str, tracking_server: TrackingServer
+    tmp_path: Path, postgres_url: str, postgres_tracking_server: TrackingServer
 ) -> None:
+    tracking_server = postgres_tracking_server
     (tmp_path / "study.toml").write_text(STUDY)
     command = mbu_command("search", "study.toml", "--no-progress")
     command += ["--storage", postgres_url, "--tracking-uri", tracking_server.uri]
@@ -39,3 +42,17 @@ def test_two_workers_share_a_study_through_postgresql_and_an_mlflow_server(
     assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(client.list_artifacts(r.info.run_id) for r in children)  # reports went through the server
+
+    # The champion: registered once (both launches publish), in the PostgreSQL-backed registry, usable by URI.
+    best = optuna.load_study(study_name="shared", storage=postgres_url).best_trial
+    versions = client.search_model_versions("name='shared'")
+    assert len(versions) == 1 and versions[0].run_id == best.user_attrs["mlflow_run_id"], outputs
+    assert client.get_model_version_by_alias("shared", "champion").version == versions[0].version
+    image = sorted((tmp_path / "runs" / "shared").glob("synthetic-*/testA/*"))[0]
+    for flag, value, out in (("--run", f"runs/shared/trial-{best.number}", "by-run"), ("--model", MODEL, "by-uri")):
+        command = ["remove", flag, value, "--input", str(image), "--out", out, "--threshold", "0.5", "--device", "cpu"]
+        command += ["--tracking-uri", tracking_server.uri] if flag == "--model" else []
+        assert subprocess.run(mbu_command(*command), cwd=tmp_path, capture_output=True).returncode == 0
+    assert (tmp_path / "by-uri" / f"{image.stem}.png").read_bytes() == (
+        tmp_path / "by-run" / f"{image.stem}.png"
+    ).read_bytes()

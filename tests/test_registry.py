@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -18,7 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from helpers import DROP, free_port, tiny_study
+from helpers import DROP, free_port, study_runs, tiny_study
 from mbu.data.images import decode_images, to_model_range
 from mbu.evaluate.report import load_model
 from mlflow.tracking import MlflowClient
@@ -46,25 +47,40 @@ def run_folder_outputs(folder: Path, image: Path, threshold: float) -> tuple[np.
     return mask, out / f"{image.stem}.png"
 
 
-def test_the_champion_is_registered_aliased_moved_by_a_confirmation_and_used_by_uri(tmp_path: Path, capsys) -> None:
+def test_the_champion_is_registered_aliased_moved_by_a_new_best_and_a_confirmation_and_used_by_uri(
+    tmp_path: Path, capsys
+) -> None:
     os.chdir(tmp_path)
     study_file = tmp_path / "study.toml"
-    study_file.write_text(tiny_study(NAME, 2, study={"seed": 3, "registered_model": DROP}, enqueue=[{"lr": 2e-4}]))
+    # 20 iterations: enough for lr 1e-3 to beat lr 1e-4 (the all-ones level) on validation IoU
+    enqueue = [{"lr": 1e-4}, {"lr": 1e-3}]
+    tables = {"study": {"registered_model": DROP}, "train": {"iters": 20}, "enqueue": enqueue}
+    study_file.write_text(tiny_study(NAME, 1, **tables))
     assert main(["search", str(study_file), "--no-progress"]) == 0
-    assert f"champion: models:/{NAME}@champion (version 1, trial " in capsys.readouterr().out
+    assert f"champion: models:/{NAME}@champion (version 1, trial 0, unconfirmed)" in capsys.readouterr().out
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    best = study.best_trial
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = client.get_model_version_by_alias(NAME, "champion")
-    assert first.run_id == best.user_attrs["mlflow_run_id"] and first.tags["unconfirmed"] == "true"
-    assert first.tags["trial"] == str(best.number) and f"trial {best.number}" in first.description
-    report = json.loads((tmp_path / "runs" / NAME / f"trial-{best.number}" / "report.json").read_text())["metrics"]
-    assert float(first.tags["threshold"]) == pytest.approx(report["val/threshold_best"], abs=0.005)
+    trial_0 = optuna.load_study(study_name=NAME, storage=storage).trials[0]
+    assert first.run_id == trial_0.user_attrs["mlflow_run_id"] and first.tags["unconfirmed"] == "true"
+    assert first.tags["trial"] == "0" and "trial 0" in first.description
 
     # A relaunch with the same champion changes nothing.
     assert main(["search", str(study_file), "--no-progress"]) == 0
     assert "unchanged" in capsys.readouterr().out
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+
+    # A relaunch whose new trial is the new best: a new version, and the alias moves to it.
+    assert main(["search", str(study_file), "--n-trials", "2", "--no-progress"]) == 0
+    study = optuna.load_study(study_name=NAME, storage=storage)
+    assert study.best_trial.number == 1, [t.value for t in study.trials]  # lr 1e-3 learned something in 20 steps
+    assert f"champion: models:/{NAME}@champion (version 2, trial 1, unconfirmed)" in capsys.readouterr().out
+    best = study.best_trial
+    second = client.get_model_version_by_alias(NAME, "champion")
+    assert str(second.version) == "2" and second.run_id == best.user_attrs["mlflow_run_id"]
+    assert second.tags["trial"] == "1" and "trial 1" in second.description
+    report = json.loads((tmp_path / "runs" / NAME / "trial-1" / "report.json").read_text())["metrics"]
+    assert float(second.tags["threshold"]) == pytest.approx(report["val/threshold_best"], abs=0.005)
 
     # The registered model, loaded by URI, gives what the trial's run folder gives, at the model's threshold.
     folder = tmp_path / "runs" / NAME / f"trial-{best.number}"
@@ -81,28 +97,44 @@ def test_the_champion_is_registered_aliased_moved_by_a_confirmation_and_used_by_
     by_uri = ["remove", "--model", f"models:/{NAME}@champion", "--input", str(image), "--out", "by-uri"]
     assert main([*by_uri, "--device", "cpu"]) == 0  # its threshold: the model's own
     assert np.array_equal(pixels(tmp_path / "by-uri" / f"{image.stem}.png"), pixels(removed_by_run))
+
+    # A uint8 array gives what its encoded image gives.
+    as_arrays = model.predict(pd.DataFrame({"pixels": [pixels(image)], "target_pixels": [pixels(image).tolist()]}))
+    np.testing.assert_array_equal(np.array(as_arrays["mask"][0]), served_mask)
+    assert as_arrays["removed"][0] == out["removed"][0] and as_arrays["transferred"][0] == out["transferred"][0]
+    with pytest.raises(ValueError, match="row 0: pixels must be an H x W x 3 RGB array"):
+        model.predict(pd.DataFrame({"pixels": [np.zeros((8, 8, 4), np.uint8)]}))  # RGBA
+
+    # mbu eval --model scores the registered weights as the trial's own report scored its folder.
+    evaluation = ["eval", "--model", f"models:/{NAME}@champion", "--out", "eval-by-uri", "--device", "cpu"]
+    assert main([*evaluation, "--no-progress"]) == 0
+    by_model = json.loads((tmp_path / "eval-by-uri" / "report.json").read_text())
+    assert by_model["model"] == f"models:/{NAME}@champion" and "checkpoint" not in by_model
+    for key in ("val/iou_best", "val/threshold_best", "test/iou", "test/iou_oracle", "baseline/iou_all_ones"):
+        assert by_model["metrics"][key] == pytest.approx(report[key], abs=1e-9), key
+    assert f"MLflow model `models:/{NAME}@champion`" in (tmp_path / "eval-by-uri" / "report.md").read_text()
     targets = sorted((tmp_path / "runs" / NAME).glob("synthetic-*/testB/*"))[:2]
-    for flag, value, out in (("--run", str(folder), "t-run"), ("--model", f"runs:/{first.run_id}/model", "t-uri")):
+    for flag, value, out in (("--run", str(folder), "t-run"), ("--model", f"runs:/{second.run_id}/model", "t-uri")):
         transfer = ["transfer", flag, value, "--guide", str(image), "--target", *map(str, targets), "--out", out]
         assert main([*transfer, "--device", "cpu"]) == 0
     for made in sorted((tmp_path / "t-run").iterdir()):
         assert np.array_equal(pixels(made), pixels(tmp_path / "t-uri" / made.name)), made.name
 
     # Bad model URIs: one line each, nothing written.
-    other = next(t for t in study.trials if t.number != best.number).user_attrs["mlflow_run_id"]
+    parent = study_runs(client, NAME).parents[0].info.run_id  # the study's own run holds no model
     capsys.readouterr()
-    for uri in (f"runs:/{other}/model", f"models:/{NAME}@no-such-alias"):
+    for uri in (f"runs:/{parent}/model", f"models:/{NAME}@no-such-alias", f"models:/{NAME}/v2", f"models:/{NAME}/9"):
         assert main(["remove", "--model", uri, "--input", str(image), "--out", "refused"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and uri in err, err
     assert not (tmp_path / "refused").exists()
 
     # A confirmation names the champion again: a new version, tagged confirmed, and the alias moves to it.
-    confirm = ["confirm", str(study_file), "--top-k", "1", "--seeds", "1", "--no-progress"]
+    confirm = ["confirm", str(study_file), "--n-trials", "2", "--top-k", "1", "--seeds", "1", "--no-progress"]
     assert main(confirm) == 0
-    assert f"champion: models:/{NAME}@champion (version 2, trial " in capsys.readouterr().out
-    second = client.get_model_version_by_alias(NAME, "champion")
-    assert str(second.version) == "2" and second.tags["confirmed"] == "true" and "fresh seed" in second.description
+    assert f"champion: models:/{NAME}@champion (version 3, trial " in capsys.readouterr().out
+    third = client.get_model_version_by_alias(NAME, "champion")
+    assert str(third.version) == "3" and third.tags["confirmed"] == "true" and "fresh seed" in third.description
     assert main(confirm) == 0 and "unchanged" in capsys.readouterr().out
 
 
@@ -173,3 +205,36 @@ def test_a_partial_confirmation_names_no_champion_until_it_has_every_run(tmp_pat
     assert confirmed_best(tmp_path) == PARTIAL  # a stopped top-up, or a worker still training its last run
     (tmp_path / "confirm_report.json").write_text(json.dumps({**report, "runs_finished": 6}))
     assert confirmed_best(tmp_path) == (4, candidate)
+
+
+def test_train_log_model_scores_the_run_and_logs_a_model_that_loads_by_uri(
+    tmp_path: Path, tiny_root: Path, capsys
+) -> None:
+    os.chdir(tmp_path)
+    argv = ["train", "--root", str(tiny_root), "--out", "run", "--iters", "4", "--bs", "4", "--resize", "64"]
+    assert main([*argv, "--device", "cpu", "--no-progress", "--log-model"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model: "))
+    run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    assert line.startswith(f"model: runs:/{run_id}/model (threshold ")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())["metrics"]
+    assert f"threshold {report['val/threshold_best']:.2f} chosen on validation" in line
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["test/iou"] == pytest.approx(report["test/iou"])
+    assert "report.json" in {item.path for item in client.list_artifacts(run_id)}
+    image = sorted((tiny_root / "testA").iterdir())[0]
+    mask, _ = run_folder_outputs(tmp_path / "run", image, report["val/threshold_best"])
+    predicted = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(pd.DataFrame({"image": [image.read_bytes()]}))
+    np.testing.assert_allclose(np.array(predicted["mask"][0]), mask, atol=1e-6)
+    expected = (np.array(predicted["mask"][0]) >= report["val/threshold_best"]).astype(int)
+    assert np.array_equal(np.array(predicted["binary_mask"][0]), expected)
+
+    # A data root without annotated images: the model takes 0.5, and the line says why.
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_root, bare, ignore=shutil.ignore_patterns("*_masks"))
+    argv = ["train", "--root", str(bare), "--out", "bare-run", "--iters", "2", "--bs", "4", "--resize", "64"]
+    assert main([*argv, "--device", "cpu", "--no-progress", "--log-model"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model: "))
+    assert "threshold 0.5: " in line and "no annotated test A images" in line
+    assert not (tmp_path / "bare-run" / "report.json").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import DROP, TINY_SYNTH, changed, tiny_tables, tiny_train_config, toml_text
+from mbu.evaluate.packaged import save_model_package
 from mbu.train.checkpoint import CHECKPOINT_FILE
 from mbu.train.loop import train
 
@@ -27,7 +28,7 @@ from mbu.cli import main
 
 @pytest.fixture(scope="module")
 def shared(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A trained tiny run, a copy of it as mbu 0.1 wrote checkpoints, and a truncated checkpoint."""
+    """A trained tiny run, a copy of it as mbu 0.1 wrote checkpoints, a truncated checkpoint, its MLflow model."""
     base = tmp_path_factory.mktemp("shared")
     run = base / "run"
     train(tiny_train_config(tiny_root, run, iters=2), progress=False)
@@ -39,7 +40,8 @@ def shared(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     broken = base / "broken-run"
     broken.mkdir()
     (broken / CHECKPOINT_FILE).write_bytes((run / CHECKPOINT_FILE).read_bytes()[:5000])
-    return {"root": tiny_root, "run": run, "old": old, "broken": broken}
+    model = save_model_package(run / CHECKPOINT_FILE, 0.5, base / "model", {"run": str(run)})  # --model FOLDER
+    return {"root": tiny_root, "run": run, "old": old, "broken": broken, "model": model}
 
 
 def fingerprint(*folders: Path) -> dict[str, tuple]:
@@ -259,6 +261,20 @@ MISTAKES = [
     # mbu eval / report / transfer / remove
     Mistake("eval missing run", lambda s: ["eval", "--run", "nowhere"], "no checkpoint at"),
     Mistake("eval old checkpoint", lambda s: ["eval", "--run", str(s["old"])], "LeakyReLU(0.2)"),
+    Mistake(
+        "eval out without a model", lambda s: ["eval", "--run", str(s["run"]), "--out", "o"], "--out goes with --model"
+    ),
+    Mistake(
+        "eval model into a run folder",
+        lambda s: ["eval", "--model", str(s["model"]), "--out", "run", "--no-progress"],
+        "--out run is a run folder; score it with --run run",
+        lambda cwd, shared: shutil.copytree(shared["run"], cwd / "run"),
+    ),  # fmt: skip
+    Mistake(
+        "eval model on a missing root",
+        lambda s: ["eval", "--model", str(s["model"]), "--out", "o", "--root", "nowhere", "--no-progress"],
+        "--root nowhere is not a folder",
+    ),  # fmt: skip
     Mistake("eval on cuda", lambda s: ["eval", "--run", str(s["run"]), "--device", "cuda"], "CUDA is not available"),
     Mistake(
         "eval of a read-only run",

@@ -6,8 +6,10 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mbu.data.files import check_writable
 from mbu.data.images import DataError, list_images, load_display_images, read_domains
@@ -15,6 +17,9 @@ from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_resumable, 
 from mbu.train.config import AMP_MODES, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
 from mbu.train.step import check_step_device, resolve_device
+
+if TYPE_CHECKING:
+    from mbu.train.tracking import Recorder
 
 _D = TrainConfig()
 _W = LossWeights()
@@ -336,7 +341,12 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+ModelLogger = Callable[[Path, "Recorder", str, bool], str]  # (run folder, recorder, device, progress) -> line
+
+
+def add_parser(subparsers: argparse._SubParsersAction, log_model: ModelLogger | None = None) -> None:
+    """``mbu train``. ``log_model`` does ``--log-model``'s job: scoring and packaging live in the evaluate
+    layer, above this one, so the command line on top hands the function in."""
     parser = subparsers.add_parser(
         "train",
         help="train one model (the reference mask_train.py flags)",
@@ -352,8 +362,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "folder is refused",
     )
     parser.add_argument("--experiment", default="mbu-train", help="MLflow experiment of the run (default: %(default)s)")
+    parser.add_argument(
+        "--log-model",
+        action="store_true",
+        help="once trained, log the run's MLflow model (weights only, config, threshold) under runs:/RUN_ID/model, "
+        "for mbu eval/transfer/remove --model, mlflow.pyfunc.load_model and mlflow models serve. Where ROOT has "
+        "annotated test A images (testA_masks/) the run is scored first, as mbu eval --run scores it, and the model "
+        "takes the threshold chosen on the validation half; else 0.5",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=main)
+    parser.set_defaults(func=main, model_logger=log_model)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -378,6 +396,7 @@ def main(args: argparse.Namespace) -> int:
             (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
             recorder.log_params(train_params(cfg))
             result = train(cfg, progress=not args.no_progress, status=status, recorder=recorder, stop=stop)
+            logged = log_run_model(args, cfg, recorder)
         except (TrainingStopped, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C, no waiting
             reason = err.reason if isinstance(err, TrainingStopped) else "SIGINT"
             recorder.set_tags({"stopped": f"{reason} at iteration {status.iteration}"})
@@ -396,4 +415,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}")
     else:
         print(f"trained {result.iterations} iterations; checkpoint in {result.run_dir}")
+    if logged:
+        print(logged)
     return 0
+
+
+def log_run_model(args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder) -> str | None:
+    """``--log-model``: the finished run's model into its MLflow run (before the run is closed); the line to print."""
+    if not args.log_model:
+        return None
+    if args.model_logger is None:
+        raise RuntimeError("--log-model needs the mbu command line, which hands train the evaluate layer's logger")
+    device = str(resolve_device(cfg.device, cfg.gpu))
+    return args.model_logger(Path(cfg.out), recorder, device, not args.no_progress)

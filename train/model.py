@@ -291,7 +291,11 @@ class ContentTransferModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def remove(self, images: torch.Tensor, threshold: float) -> torch.Tensor:
-        """Replace the masked content with the content-free reconstruction."""
-        mask = (self.segment(images) >= threshold).to(images.dtype)
+    def remove(self, images: torch.Tensor, threshold: float, soft_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace the masked content with the content-free reconstruction.
+
+        ``soft_mask`` is :meth:`segment`'s output for ``images`` where the caller has it already.
+        """
+        soft_mask = self.segment(images) if soft_mask is None else soft_mask
+        mask = (soft_mask >= threshold).to(images.dtype)
         return mask * self.content_free(images) + (1 - mask) * images
