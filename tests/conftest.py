@@ -15,6 +15,12 @@ from helpers import PG_BIN, TINY_SYNTH, TrackingServer, create_database, running
 from mbu.data.cache import CACHE_ENV
 from mbu.data.synthetic import write_dataset
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes on two cores: one thread each (and in the processes they start), never four
+    # threads fighting over two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:

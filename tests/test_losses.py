@@ -90,8 +90,12 @@ def test_fast_step_matches_reference_losses_and_gradients(setup) -> None:
     assert torch.allclose(total, ref_total, rtol=1e-6)
     for name, value in terms.items():
         assert torch.allclose(value, ref_terms[name], rtol=1e-6), name
+    # Float rounding is relative to the largest gradient, not to each entry: a bias before a BatchNorm
+    # has a gradient of exactly zero in theory, rounding noise in practice, and that noise (like the
+    # order of every sum) changes with the number of threads.
+    atol = 1e-6 * max(g.abs().max().item() for g in grads[0])
     for g_ref, g_fast in zip(*grads, strict=True):
-        assert torch.allclose(g_ref, g_fast, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(g_ref, g_fast, rtol=1e-4, atol=atol)
 
 
 def test_discriminator_loss_matches_reference(setup) -> None:

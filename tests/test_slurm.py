@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from slurm_cluster import SlurmCluster, missing
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one cluster: every test of this file in one test process
+
 REASON = missing()
 if REASON is not None and os.environ.get("MBU_REQUIRE_SLURM") != "1":
     pytest.skip(REASON, allow_module_level=True)
