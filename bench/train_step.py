@@ -1,6 +1,6 @@
 """Time one training iteration: the reference's computation against the platform's.
 
-    python bench/train_step.py [--resize 64 128] [--bs 32] [--rounds 9] [--device cpu] [--variants fp32 bf16 ...]
+    python bench/train_step.py [--resize 64 128] [--bs 32] [--rounds 9] [--processes 1] [--device cpu] [--variants ...]
 
 Baseline: the reference ``mask_train.py`` step as it ran: every image opened
 and resized with PIL each time it is drawn (a DataLoader with num_workers=0),
@@ -25,7 +25,9 @@ the stock kernels.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -197,6 +199,43 @@ def matmul_ceiling(device: torch.device, repeats: int = 5) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
+def time_rows(args: argparse.Namespace, root: Path, resize: int, bs: int, device: torch.device) -> dict:
+    """One process's rounds of one (resize, bs): seconds per row and round, FLOPs per step, the ceiling."""
+    steps, flops = {}, {}
+    if not args.no_baseline:
+        steps["reference"] = baseline_stepper(root, TrainConfig(resize=resize, bs=bs), device)
+    for name in args.variants:
+        steps[name], flops[name] = platform_stepper(
+            root,
+            TrainConfig(resize=resize, bs=bs, **VARIANTS[name]),
+            device,
+            name in STOCK_KERNELS,
+            name in RELU_DECODERS,
+        )
+    ceiling = matmul_ceiling(device)  # per row: the machine's state when this row was timed
+    return {"seconds": interleaved(steps, args.iters, args.rounds, device), "flops": flops, "ceiling": [ceiling]}
+
+
+def pooled_rows(args: argparse.Namespace, resize: int, bs: int) -> dict:
+    """``time_rows`` in ``--processes`` fresh processes, their rounds pooled: a process's own speed
+    (where its memory landed, which cores it got) moves every round it times alike, so rounds from
+    one process are not independent samples."""
+    pooled: dict = {"seconds": {}, "flops": {}, "ceiling": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.processes):
+            out = Path(tmp) / f"{k}.json"
+            command = [sys.executable, __file__, "--resize", str(resize), "--bs", str(bs), "--iters", str(args.iters)]
+            command += ["--rounds", str(args.rounds), "--device", args.device, "--variants", *args.variants]
+            command += ["--no-baseline"] * args.no_baseline + ["--rows-json", str(out)]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            part = json.loads(out.read_text())
+            for name, values in part["seconds"].items():
+                pooled["seconds"].setdefault(name, []).extend(values)
+            pooled["flops"].update(part["flops"])
+            pooled["ceiling"] += part["ceiling"]
+    return pooled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resize", type=int, nargs="+", default=[64, 128], help="image sides (default: 64 128)")
@@ -218,37 +257,46 @@ def main() -> None:
         help="platform configurations to time (default: fp32)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the reference baseline rows")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="time the rounds in this many fresh processes, one after another, and pool them: two runs then "
+        "agree more closely than with the same rounds in one process (default: %(default)s)",
+    )
+    parser.add_argument("--rows-json", type=Path, default=None, help=argparse.SUPPRESS)  # a child's output
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.processes > 1:
+        print_table(args, device, lambda resize, bs: pooled_rows(args, resize, bs))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_dataset(SynthConfig(size=128, n_train=BENCH_IMAGES, n_test=1), Path(tmp), progress=False)
-        print(f"device {device}, {torch.get_num_threads()} threads; ceiling: a float32 matmul timed before each row")
-        header = f"{'resize':>6} {'bs':>4} {'variant':<18} {'img/s':>8} {'vs reference (range)':>22}"
-        print(f"{header} {'GFLOP/s':>8} {'ceiling':>8} {'% ceil':>7}")
-        variants = {name: VARIANTS[name] for name in args.variants}
-        for resize in args.resize:
-            for bs in args.bs:
-                steps, flops = {}, {}
-                if not args.no_baseline:
-                    steps["reference"] = baseline_stepper(root, TrainConfig(resize=resize, bs=bs), device)
-                for name, overrides in variants.items():
-                    steps[name], flops[name] = platform_stepper(
-                        root,
-                        TrainConfig(resize=resize, bs=bs, **overrides),
-                        device,
-                        name in STOCK_KERNELS,
-                        name in RELU_DECODERS,
-                    )
-                ceiling = matmul_ceiling(device)  # per row: the machine's state when this row was timed
-                seconds = interleaved(steps, args.iters, args.rounds, device)
-                for name in seconds:
-                    rate, ratio = summary(seconds, name, 2 * bs)
-                    line = f"{resize:>6} {bs:>4} {name:<18} {rate:>8.1f} {ratio:>22}"
-                    if name in flops:
-                        achieved = flops[name] * rate / (2 * bs) / 1e9
-                        line += f" {achieved:>8.0f} {ceiling:>8.0f} {100 * achieved / ceiling:>6.0f}%"
-                    print(line, flush=True)
+        if args.rows_json is not None:  # a child of --processes: one (resize, bs), rows as JSON
+            args.rows_json.write_text(json.dumps(time_rows(args, root, args.resize[0], args.bs[0], device)))
+            return
+        print_table(args, device, lambda resize, bs: time_rows(args, root, resize, bs, device))
+
+
+def print_table(args: argparse.Namespace, device: torch.device, rows: Callable[[int, int], dict]) -> None:
+    """The table: one line per (resize, bs, row), from ``rows(resize, bs)``."""
+    print(f"device {device}, {torch.get_num_threads()} threads; ceiling: a float32 matmul timed before each row")
+    if args.processes > 1:
+        print(f"{args.processes} processes x {args.rounds} rounds of {args.iters} iterations, pooled")
+    header = f"{'resize':>6} {'bs':>4} {'variant':<18} {'img/s':>8} {'vs reference (range)':>22}"
+    print(f"{header} {'GFLOP/s':>8} {'ceiling':>8} {'% ceil':>7}")
+    for resize in args.resize:
+        for bs in args.bs:
+            timed = rows(resize, bs)
+            ceiling = statistics.median(timed["ceiling"])
+            for name in timed["seconds"]:
+                rate, ratio = summary(timed["seconds"], name, 2 * bs)
+                line = f"{resize:>6} {bs:>4} {name:<18} {rate:>8.1f} {ratio:>22}"
+                if name in timed["flops"]:
+                    achieved = timed["flops"][name] * rate / (2 * bs) / 1e9
+                    line += f" {achieved:>8.0f} {ceiling:>8.0f} {100 * achieved / ceiling:>6.0f}%"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -189,6 +190,15 @@ def test_mlflow_models_serve_answers_with_the_masks_of_the_run_folder(tmp_path: 
         server.wait(30)
     row = answer["predictions"][0]
     np.testing.assert_allclose(np.array(row["mask"]), mask, atol=1e-6)
+    # And in a fresh Python process, through MLflow's own loader, as a colleague's script would.
+    script = (
+        "import sys, mlflow, numpy, pandas; model = mlflow.pyfunc.load_model(sys.argv[1]); "
+        "out = model.predict(pandas.DataFrame({'image': [open(sys.argv[2], 'rb').read()]})); "
+        "numpy.save(sys.argv[3], numpy.array(out['mask'][0]))"
+    )
+    fresh = [sys.executable, "-c", script, f"models:/{NAME}@champion", str(image), str(tmp_path / "fresh.npy")]
+    subprocess.run(fresh, check=True, capture_output=True, env=os.environ.copy())
+    np.testing.assert_allclose(np.load(tmp_path / "fresh.npy"), mask, atol=1e-6)
     assert np.array_equal(np.array(row["binary_mask"]), (np.array(row["mask"]) >= threshold).astype(int))
     assert np.array_equal(pixels(base64.b64decode(row["removed"])), pixels(removed_by_run))
     assert row["transferred"] == ""
