@@ -217,9 +217,9 @@ def time_rows(args: argparse.Namespace, root: Path, resize: int, bs: int, device
 
 
 def pooled_rows(args: argparse.Namespace, resize: int, bs: int) -> dict:
-    """``time_rows`` in ``--processes`` fresh processes, their rounds pooled: a process's own speed
-    (where its memory landed, which cores it got) moves every round it times alike, so rounds from
-    one process are not independent samples."""
+    """``time_rows`` in ``--processes`` fresh processes, their rounds pooled: the platform's step was seen
+    to run at a speed of its own in each process, moving all that process's rounds alike, so rounds of
+    one process are not independent samples (see docs/performance.md, "Repeatability")."""
     pooled: dict = {"seconds": {}, "flops": {}, "ceiling": []}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.processes):
