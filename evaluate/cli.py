@@ -148,7 +148,9 @@ def main(args: argparse.Namespace) -> int:
     from mbu.evaluate.segmentation import figure_warnings
 
     source = model_source(args)
-    if (args.out is None) != (args.model is None):
+    if args.model is not None and args.out is None:
+        raise ValueError("--model needs --out DIR, the folder for its report")
+    if args.model is None and args.out is not None:
         raise ValueError("--out goes with --model (a --run's report is written into its run folder)")
     progress = not args.no_progress
     if args.model is not None:

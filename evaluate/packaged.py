@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from mbu.data.images import (
     to_uint8,
 )
 from mbu.evaluate.report import load_model, score_and_report
-from mbu.evaluate.segmentation import load_test_annotations
+from mbu.evaluate.segmentation import figure_warnings, load_test_annotations
 from mbu.evaluate.tracking import log_scores
 from mbu.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, weights_only_state
 from mbu.train.config import TrainConfig
@@ -121,8 +122,12 @@ def _as_pixels(value: Any, column: str, row: int) -> np.ndarray:
     array = np.asarray(value)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
         raise ValueError(f"row {row}: {column} must be an H x W x 3 RGB array, got shape {array.shape}")
-    if array.dtype != np.uint8 and (not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() > 255):
-        raise ValueError(f"row {row}: {column} must hold integers in 0..255 (uint8 RGB), got {array.dtype}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"row {row}: {column} must hold integers in 0..255 (uint8 RGB), got {array.dtype}")
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(f"row {row}: {column} holds values {array.min()}..{array.max()}, outside 0..255")
+
     return array.astype(np.uint8)
 
 
@@ -208,6 +213,7 @@ def save_model_package(checkpoint: Path, threshold: float, dst: Path, settings: 
         raise ValueError(f"a model's threshold must be in [0, 1], got {threshold}")
     state = load_checkpoint(checkpoint, map_location="cpu")
     quiet_downloads()  # MLflow downloads the new model once to check its input example
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # and says so on the terminal
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
         save_checkpoint(weights, weights_only_state(state))
@@ -251,12 +257,16 @@ def log_trained_model(run_dir: Path, recorder: Recorder, device: str = "auto", p
         log_scores(scores, iteration, recorder)
         threshold = scores.metrics["val/threshold_best"]
         how = f"threshold {threshold:.2f} chosen on validation, test IoU {scores.metrics['test/iou']:.4f}"
+        warnings = [f"warning: {note}" for note in figure_warnings(scores.metrics)]
     else:
-        threshold = DEFAULT_THRESHOLD
-        how = f"threshold {threshold}: {cfg.root} has no annotated test A images to choose one on"
+        threshold, warnings = DEFAULT_THRESHOLD, []
+        how = (
+            f"threshold {threshold}: {cfg.root} has {count or 0} annotated test A images, and choosing one "
+            f"needs at least {MIN_ANNOTATED} (a validation half and a test half)"
+        )
     settings = {"run": str(run_dir.resolve()), "run_id": recorder.run_id, "threshold_chosen": how}
     uri = log_model_package(recorder.client, recorder.run_id, run_dir / CHECKPOINT_FILE, threshold, settings)
-    return f"model: {uri} ({how})"
+    return "\n".join([f"model: {uri} ({how})", *warnings])
 
 
 def quiet_downloads() -> None:
@@ -273,11 +283,15 @@ def registry_source(uri: str, client: mlflow.MlflowClient) -> str:
     if not uri.startswith("models:/"):
         return uri
     name, _, version = uri.removeprefix("models:/").partition("/")
+    alias = ""
     if "@" in name and not version:
         name, alias = name.split("@", 1)
+    if not name or not (alias or version.isdigit()):
+        raise ValueError(
+            f"--model {uri}: give models:/NAME@ALIAS or models:/NAME/VERSION (a number), or runs:/RUN_ID/model"
+        )
+    if alias:
         version = str(client.get_model_version_by_alias(name, alias).version)
-    if not name or not version.isdigit():
-        raise ValueError(f"--model {uri}: give models:/NAME@ALIAS or models:/NAME/VERSION (a number)")
     return client.get_model_version_download_uri(name, version)
 
 

@@ -224,6 +224,7 @@ def write_report(
         "config": cfg.to_dict(),
     }
     paths = [run_dir / name for name in REPORT_FILES]
+    run_dir.mkdir(parents=True, exist_ok=True)  # a new folder only once there is a report to put in it
     write_json(paths[0], report)
     atomic_write(paths[1], lambda tmp: tmp.write_text(markdown(report)))
     plot_curves(paths[2], scores)
@@ -321,8 +322,10 @@ def evaluate_model(
             else f"--root {data_root} is not a folder"
         )
     scored_on = scoring_source(data_root, masks_dir)
+    for folder in (scored_on["root"], scored_on["masks"]):  # figures among the images would be read as images
+        if Path(folder) == out.resolve() or Path(folder) in out.resolve().parents:
+            raise ValueError(f"--out {out} is inside {folder}, which this scoring reads; give a folder outside it")
     annotated = load_test_annotations(data_root, loaded.cfg.resize, progress, masks_dir)
-    out.mkdir(parents=True, exist_ok=True)
     scores, paths = score_and_report(
         loaded.model, annotated, loaded.cfg, loaded.iteration, out, split_seed, scored_on=scored_on, model_uri=uri
     )

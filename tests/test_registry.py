@@ -246,5 +246,5 @@ def test_train_log_model_scores_the_run_and_logs_a_model_that_loads_by_uri(
     argv = ["train", "--root", str(bare), "--out", "bare-run", "--iters", "2", "--bs", "4", "--resize", "64"]
     assert main([*argv, "--device", "cpu", "--no-progress", "--log-model"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model: "))
-    assert "threshold 0.5: " in line and "no annotated test A images" in line
+    assert "threshold 0.5: " in line and "has 0 annotated test A images, and choosing one needs at least 2" in line
     assert not (tmp_path / "bare-run" / "report.json").exists()

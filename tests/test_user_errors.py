@@ -86,6 +86,13 @@ def _copy_inputs(cwd: Path, shared: dict[str, Path]) -> None:
     (cwd / "done" / sorted((cwd / "photos").iterdir())[0].with_suffix(".png").name).write_bytes(b"earlier result")
 
 
+def _orphan_mask(cwd: Path, shared: dict[str, Path]) -> None:
+    """A copy of the data whose testA_masks/ holds a mask named like no test A image."""
+    shutil.copytree(shared["root"], cwd / "data")
+    first = sorted((cwd / "data" / "testA_masks").iterdir())[0]
+    shutil.copy(first, first.with_name("orphan.png"))
+
+
 def _file(name: str) -> Callable[[Path, dict[str, Path]], None]:
     return lambda cwd, shared: (cwd / name).write_text("not a folder\n")
 
@@ -168,6 +175,12 @@ def _train(*extra: str) -> Callable[[dict[str, Path]], list[str]]:
 MISTAKES = [
     # mbu train
     Mistake("train over a trained run", _train("--out", "{run}"), "already holds a trained run"),
+    Mistake(
+        "train log-model with a mask of no image",
+        lambda s: [*TRAIN, "--root", "data", "--out", "r", "--log-model"],
+        "has masks whose name matches no testA image",
+        _orphan_mask,
+    ),  # fmt: skip
     Mistake(
         "train resume with another bs",
         lambda s: ["train", "--load", str(s["run"]), "--out", str(s["run"]), "--bs", "8"],
@@ -261,6 +274,16 @@ MISTAKES = [
     # mbu eval / report / transfer / remove
     Mistake("eval missing run", lambda s: ["eval", "--run", "nowhere"], "no checkpoint at"),
     Mistake("eval old checkpoint", lambda s: ["eval", "--run", str(s["old"])], "LeakyReLU(0.2)"),
+    Mistake(
+        "eval model without out",
+        lambda s: ["eval", "--model", str(s["model"]), "--no-progress"],
+        "--model needs --out DIR, the folder for its report",
+    ),  # fmt: skip
+    Mistake(
+        "eval model report among the images",
+        lambda s: ["eval", "--model", str(s["model"]), "--out", str(s["root"] / "testA" / "report"), "--no-progress"],
+        "which this scoring reads; give a folder outside it",
+    ),  # fmt: skip
     Mistake(
         "eval out without a model", lambda s: ["eval", "--run", str(s["run"]), "--out", "o"], "--out goes with --model"
     ),

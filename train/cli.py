@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mbu.data.files import check_writable
-from mbu.data.images import DataError, list_images, load_display_images, read_domains
+from mbu.data.images import (
+    MIN_ANNOTATED,
+    DataError,
+    count_annotated,
+    list_images,
+    load_annotated,
+    load_display_images,
+    read_domains,
+)
 from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_resumable, load_checkpoint
 from mbu.train.config import AMP_MODES, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
 from mbu.train.losses import LossWeights
@@ -337,6 +345,7 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
     for domain in ("trainA", "trainB"):
         list_images(Path(cfg.root), domain)  # a missing or empty domain is an error naming it
     check_tracking_uri(resolve_tracking_uri())  # a store it cannot open or write fails now, before any decoding
+    check_log_model(args, cfg)
     check_training_data(cfg, progress=not getattr(args, "no_progress", False))
     return cfg
 
@@ -367,8 +376,8 @@ def add_parser(subparsers: argparse._SubParsersAction, log_model: ModelLogger | 
         action="store_true",
         help="once trained, log the run's MLflow model (weights only, config, threshold) under runs:/RUN_ID/model, "
         "for mbu eval/transfer/remove --model, mlflow.pyfunc.load_model and mlflow models serve. Where ROOT has "
-        "annotated test A images (testA_masks/) the run is scored first, as mbu eval --run scores it, and the model "
-        "takes the threshold chosen on the validation half; else 0.5",
+        "at least 2 annotated test A images (testA_masks/) the run is scored first, as mbu eval --run scores it, "
+        "and the model takes the threshold chosen on the validation half; else 0.5",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=main, model_logger=log_model)
@@ -396,7 +405,6 @@ def main(args: argparse.Namespace) -> int:
             (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
             recorder.log_params(train_params(cfg))
             result = train(cfg, progress=not args.no_progress, status=status, recorder=recorder, stop=stop)
-            logged = log_run_model(args, cfg, recorder)
         except (TrainingStopped, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C, no waiting
             reason = err.reason if isinstance(err, TrainingStopped) else "SIGINT"
             recorder.set_tags({"stopped": f"{reason} at iteration {status.iteration}"})
@@ -415,16 +423,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}")
     else:
         print(f"trained {result.iterations} iterations; checkpoint in {result.run_dir}")
-    if logged:
-        print(logged)
+    if args.log_model:  # after the run is FINISHED: a failure here leaves the trained run as it is
+        device = str(resolve_device(cfg.device, cfg.gpu))
+        print(args.model_logger(Path(cfg.out), recorder, device, not args.no_progress))
     return 0
 
 
-def log_run_model(args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder) -> str | None:
-    """``--log-model``: the finished run's model into its MLflow run (before the run is closed); the line to print."""
-    if not args.log_model:
-        return None
-    if args.model_logger is None:
+def check_log_model(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """Refuse, before training, a ``--log-model`` that would fail once the run has trained."""
+    if not getattr(args, "log_model", False):
+        return
+    if getattr(args, "model_logger", None) is None:
         raise RuntimeError("--log-model needs the mbu command line, which hands train the evaluate layer's logger")
-    device = str(resolve_device(cfg.device, cfg.gpu))
-    return args.model_logger(Path(cfg.out), recorder, device, not args.no_progress)
+    count = count_annotated(Path(cfg.root))
+    if count is not None and count >= MIN_ANNOTATED:
+        load_annotated(Path(cfg.root), cfg.resize, "test", progress=False)  # masks that match no image: an error now
