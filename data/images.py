@@ -261,6 +261,26 @@ def count_annotated(root: Path, split: str = "test", masks_dir: Path | None = No
     return sum(p.stem in stems for p in list_images(root, f"{split}A"))
 
 
+def pair_annotations(
+    root: Path, split: str = "test", masks_dir: Path | None = None
+) -> tuple[list[Path], dict[str, Path]]:
+    """Every ``{split}A`` image, and the masks by file stem; from the file names alone (nothing decoded).
+
+    ``masks_dir`` defaults to ``root/{split}A_masks/``. A mask without an image, or no mask at all, is an error.
+    """
+    mask_dir = Path(masks_dir) if masks_dir is not None else Path(root) / f"{split}A{MASK_FOLDER_SUFFIX}"
+    if not mask_dir.is_dir():
+        raise DataError(f"no ground-truth masks: {mask_dir} does not exist")
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    all_paths = list_images(Path(root), f"{split}A")
+    orphans = sorted(set(masks) - {p.stem for p in all_paths})
+    if orphans:
+        raise DataError(f"{mask_dir} has masks whose name matches no {split}A image, e.g. {orphans[:3]}")
+    if not any(p.stem in masks for p in all_paths):
+        raise DataError(f"none of the {split}A images has a mask in {mask_dir}")
+    return all_paths, masks
+
+
 def load_annotated(
     root: Path, resize: int, split: str = "test", progress: bool = True, masks_dir: Path | None = None
 ) -> AnnotatedImages:
@@ -272,18 +292,8 @@ def load_annotated(
     no mask at all, is an error.
     """
     root = Path(root)
-    mask_dir = Path(masks_dir) if masks_dir is not None else root / f"{split}A{MASK_FOLDER_SUFFIX}"
-    if not mask_dir.is_dir():
-        raise DataError(f"no ground-truth masks: {mask_dir} does not exist")
-    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    all_paths = list_images(root, f"{split}A")
+    all_paths, masks = pair_annotations(root, split, masks_dir)
     paths = [p for p in all_paths if p.stem in masks]
-    stems = {p.stem for p in paths}
-    orphans = sorted(set(masks) - stems)
-    if orphans:
-        raise DataError(f"{mask_dir} has masks whose name matches no {split}A image, e.g. {orphans[:3]}")
-    if not paths:
-        raise DataError(f"none of the {split}A images has a mask in {mask_dir}")
     crop = read_crop(root)
     images = torch.empty((len(paths), 3, resize, resize), dtype=torch.uint8)
     truth = torch.empty((len(paths), resize, resize), dtype=torch.bool)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch and MLflow load only when a command runs
     from mbu.evaluate.apply import ModelSource
+    from mbu.train.config import TrainConfig
     from mbu.train.tracking import Recorder
 
 
@@ -136,11 +137,11 @@ def remove_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def log_trained_model(run_dir: Path, recorder: Recorder, device: str, progress: bool) -> str:
+def log_trained_model(cfg: TrainConfig, recorder: Recorder, device: str, progress: bool) -> str:
     """``mbu train --log-model``'s step, handed to the train layer by ``mbu.cli`` (imports on call)."""
     from mbu.evaluate.packaged import log_trained_model as log
 
-    return log(run_dir, recorder, device, progress)
+    return log(cfg, recorder, device, progress)
 
 
 def main(args: argparse.Namespace) -> int:

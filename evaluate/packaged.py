@@ -46,8 +46,8 @@ from mbu.data.images import (
     to_model_range,
     to_uint8,
 )
-from mbu.evaluate.report import load_model, score_and_report
-from mbu.evaluate.segmentation import figure_warnings, load_test_annotations
+from mbu.evaluate.report import evaluate_run, load_model
+from mbu.evaluate.segmentation import figure_warnings
 from mbu.evaluate.tracking import log_scores
 from mbu.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, weights_only_state
 from mbu.train.config import TrainConfig
@@ -127,7 +127,6 @@ def _as_pixels(value: Any, column: str, row: int) -> np.ndarray:
             raise ValueError(f"row {row}: {column} must hold integers in 0..255 (uint8 RGB), got {array.dtype}")
         if array.min() < 0 or array.max() > 255:
             raise ValueError(f"row {row}: {column} holds values {array.min()}..{array.max()}, outside 0..255")
-
     return array.astype(np.uint8)
 
 
@@ -239,25 +238,24 @@ def log_model_package(
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
 
-def log_trained_model(run_dir: Path, recorder: Recorder, device: str = "auto", progress: bool = True) -> str:
-    """``mbu train --log-model``: the finished run's model in its MLflow run; the line to print.
+def log_trained_model(cfg: TrainConfig, recorder: Recorder, device: str = "auto", progress: bool = True) -> str:
+    """``mbu train --log-model``: the model of the run ``cfg`` trained, in its MLflow run; the lines to print.
 
     Where the data root has annotated test A images the run is scored first, as ``mbu eval --run``
     scores it (report files and scores logged too), and the model takes the threshold chosen on the
     validation half; without them it takes ``DEFAULT_THRESHOLD``, and says so.
     """
-    run_dir = Path(run_dir)
-    model, cfg, iteration = load_model(run_dir, device)
+    run_dir = Path(cfg.out)
     count = count_annotated(Path(cfg.root))
     if count is not None and count >= MIN_ANNOTATED:
-        annotated = load_test_annotations(Path(cfg.root), cfg.resize, progress)
-        scores, paths = score_and_report(model, annotated, cfg, iteration, run_dir)
-        for path in paths:
+        report = evaluate_run(run_dir, device=device, progress=progress)
+        for path in report["paths"]:
             recorder.log_artifact(path)
-        log_scores(scores, iteration, recorder)
-        threshold = scores.metrics["val/threshold_best"]
-        how = f"threshold {threshold:.2f} chosen on validation, test IoU {scores.metrics['test/iou']:.4f}"
-        warnings = [f"warning: {note}" for note in figure_warnings(scores.metrics)]
+        log_scores(report["scores"], report["iteration"], recorder)
+        metrics = report["metrics"]
+        threshold = metrics["val/threshold_best"]
+        how = f"threshold {threshold:.2f} chosen on validation, test IoU {metrics['test/iou']:.4f}"
+        warnings = [f"warning: {note}" for note in figure_warnings(metrics)]
     else:
         threshold, warnings = DEFAULT_THRESHOLD, []
         how = (

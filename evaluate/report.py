@@ -294,7 +294,14 @@ def evaluate_run(
     annotated = load_test_annotations(Path(root or cfg.root), cfg.resize, progress, masks_dir)
     checkpoint = run_dir / CHECKPOINT_FILE
     scores, paths = score_and_report(model, annotated, cfg, iteration, out, split_seed, checkpoint, scored_on)
-    return {"metrics": scores.metrics, "paths": paths, "unannotated": annotated.unannotated, "report_dir": out}
+    return {
+        "metrics": scores.metrics,
+        "scores": scores,
+        "iteration": iteration,
+        "paths": paths,
+        "unannotated": annotated.unannotated,
+        "report_dir": out,
+    }
 
 
 def evaluate_model(

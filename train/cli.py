@@ -17,8 +17,8 @@ from mbu.data.images import (
     DataError,
     count_annotated,
     list_images,
-    load_annotated,
     load_display_images,
+    pair_annotations,
     read_domains,
 )
 from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_resumable, load_checkpoint
@@ -350,7 +350,7 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-ModelLogger = Callable[[Path, "Recorder", str, bool], str]  # (run folder, recorder, device, progress) -> line
+ModelLogger = Callable[[TrainConfig, "Recorder", str, bool], str]  # (run's config, recorder, device, progress) -> lines
 
 
 def add_parser(subparsers: argparse._SubParsersAction, log_model: ModelLogger | None = None) -> None:
@@ -425,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"trained {result.iterations} iterations; checkpoint in {result.run_dir}")
     if args.log_model:  # after the run is FINISHED: a failure here leaves the trained run as it is
         device = str(resolve_device(cfg.device, cfg.gpu))
-        print(args.model_logger(Path(cfg.out), recorder, device, not args.no_progress))
+        print(args.model_logger(cfg, recorder, device, not args.no_progress))
     return 0
 
 
@@ -437,4 +437,4 @@ def check_log_model(args: argparse.Namespace, cfg: TrainConfig) -> None:
         raise RuntimeError("--log-model needs the mbu command line, which hands train the evaluate layer's logger")
     count = count_annotated(Path(cfg.root))
     if count is not None and count >= MIN_ANNOTATED:
-        load_annotated(Path(cfg.root), cfg.resize, "test", progress=False)  # masks that match no image: an error now
+        pair_annotations(Path(cfg.root))  # masks that match no image: an error now, not after training
