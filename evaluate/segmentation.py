@@ -11,7 +11,6 @@ import torch
 from mbu.data.images import AnnotatedImages, load_annotated, to_model_range
 from mbu.evaluate.iou import SweepCounts, safe_iou, sweep, threshold_grid
 from mbu.train.model import ContentTransferModel
-from sklearn.metrics import average_precision_score
 
 BOOTSTRAP_SAMPLES = 1000  # resamples of the test images for the per-image IoU interval
 
@@ -127,6 +126,9 @@ def score_masks(
     true_pixels = counts.truth[test].sum().item()
     test_probs = probs[test].flatten().double().numpy()
     test_truth = truth[test].flatten().numpy()
+    # Imported here: scikit-learn's import costs ~1.5 s, and only scoring needs it.
+    from sklearn.metrics import average_precision_score
+
     metrics = {
         "val/iou_best": float(val_curve[best]),
         "val/threshold_best": float(grid[best]),

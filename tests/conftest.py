@@ -6,6 +6,7 @@ Shared helpers that tests import by name are in ``helpers.py``.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from helpers import PG_BIN, TINY_SYNTH, TrackingServer, create_database, running_postgres, start_tracking_server
 from mbu.data.cache import CACHE_ENV
 from mbu.data.synthetic import write_dataset
+from mlflow.tracking import MlflowClient
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two test processes on two cores: one thread each (and in the processes they start), never four
@@ -22,13 +24,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, made once per test process.
+
+    A new store runs MLflow's schema migrations (~2 s); a copy of this one opens at once.
+    """
+    path = tmp_path_factory.mktemp("empty-mlflow-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, _empty_mlflow_store: Path
+) -> Iterator[None]:
     """Each test runs in its own folder with MLflow and the decode cache there, never the user's.
 
-    Global torch flags a test may change are put back afterwards.
+    The MLflow store starts as a copy of an empty one, except in tests marked ``fresh_mlflow_store``
+    (those about what happens where no store exists yet). Global torch flags a test may change are
+    put back afterwards.
     """
     monkeypatch.chdir(tmp_path)
+    if request.node.get_closest_marker("fresh_mlflow_store") is None:
+        shutil.copyfile(_empty_mlflow_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "decode-cache"))
     torch.manual_seed(0)

@@ -36,6 +36,7 @@ def loud_libraries() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
 
 
+@pytest.mark.fresh_mlflow_store  # the messages come from creating a new store
 def test_train_prints_no_mlflow_table_messages(tiny_root: Path, tmp_path: Path, capsys, loud_libraries) -> None:
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'probe.db'}").search_experiments()  # a new store, loud
     assert TABLES_MESSAGE in capsys.readouterr().err  # what a new store prints when nobody quietens it

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import pytest
 from helpers import mbu_command, study_runs, tiny_study
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
@@ -23,6 +24,7 @@ def _trials(name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage="sqlite:///optuna.db").get_trials()
 
 
+@pytest.mark.fresh_mlflow_store  # it checks that nothing creates the default store
 def test_two_studies_in_one_process_log_only_to_their_own_stores(tmp_path: Path) -> None:
     for name in ("first", "second"):
         store = {"tracking_uri": f"sqlite:///{tmp_path / name}.db"}

@@ -25,6 +25,9 @@ from mbu.train.loop import train
 
 from mbu.cli import main
 
+# A refused command must leave the folder as it was, the absence of an MLflow store included.
+pytestmark = pytest.mark.fresh_mlflow_store
+
 
 @pytest.fixture(scope="module")
 def shared(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from mbu.data.images import to_uint8
 from mbu.train.model import ContentTransferModel
-from torchvision.utils import make_grid
 
 DISPLAY_THRESHOLD = 0.5  # removal threshold used in the training-time removal grid
 OVERLAY_COLOR = torch.tensor([255.0, 0.0, 0.0])  # segmentation overlay tint
@@ -28,6 +27,10 @@ def _mask_rgb(mask: torch.Tensor) -> torch.Tensor:
 
 def _rows(rows: list[torch.Tensor]) -> np.ndarray:
     """Stack equal-length rows of uint8 images into one grid."""
+    # Imported here: torchvision's package import pulls in torch._dynamo (~2 s per process), and most
+    # processes (launchers, --summary, apply commands, training between grids) never draw one.
+    from torchvision.utils import make_grid
+
     return _to_array(make_grid(torch.cat(rows), nrow=len(rows[0]), padding=PAD, pad_value=255))
 
 
