@@ -8,6 +8,9 @@ import pytest
 from mbu.data.synthetic import SPEC_FILE, SynthConfig, content_mask, render, write_dataset
 from PIL import Image
 
+# Data sets are written straight into the test's folder, which must start empty: no MLflow store there.
+pytestmark = pytest.mark.fresh_mlflow_store
+
 
 @pytest.mark.parametrize("size", [64, 128])
 def test_layout_sizes_and_determinism(tmp_path: Path, size: int) -> None:
