@@ -6,6 +6,7 @@ one line saying how to go on, and no process left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -27,6 +28,16 @@ def wait_for(paths: list[Path], process: subprocess.Popen, seconds: float = 120)
         time.sleep(0.2)
 
 
+def wait_for_first_loss(run_id: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Until the run has logged a loss: training is under way (a fixed sleep was not always enough)."""
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    deadline = time.monotonic() + seconds
+    while "train/loss_total" not in client.get_run(run_id).data.metrics:
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "no loss was logged"
+        time.sleep(0.2)
+
+
 def runs_of(experiment: str) -> list:
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -37,7 +48,7 @@ def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path
     argv += ["--iters", "2000", "--save_iter", "5000", "--progress_iter", "2"]
     proc = subprocess.Popen(mbu_command(*argv), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     wait_for([tmp_path / "run" / "mlflow_run.json"], proc)
-    time.sleep(4)  # into training (no periodic checkpoint: save_iter is beyond the run)
+    wait_for_first_loss(json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"], proc)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 75, err
