@@ -4,7 +4,9 @@ A process that has imported torch and MLflow spends 1.5-3 s after its last line 
 tearing the interpreter down (C-level finalization; measured on a 2-core AMD EPYC, CPU build of
 torch). Every command paid it, as did each ``--workers`` child and each test that starts ``mbu``.
 :func:`run` ends the process once its exit hooks have run, skipping that teardown. Calling
-:func:`mbu.cli.main` from Python (as the tests do) is unaffected.
+:func:`mbu.cli.main` from Python (as the tests do) is unaffected. A hook registered before the command
+started is cut off (``coverage run -m mbu`` would lose its data): such tools should run
+``python -c "import sys; from mbu.cli import main; sys.exit(main())" ARGS`` instead.
 """
 
 from __future__ import annotations

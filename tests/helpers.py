@@ -43,6 +43,9 @@ seed = {TINY_SYNTH.seed}
 resize = 64
 bs = 4
 """
+# Iterations of a tiny study's trial: each costs ~0.5 s on one core of a 2-core CPU, and the suite runs
+# hundreds of trials; what a test needs beyond this (a signal landing mid-training) it sets itself.
+TINY_ITERS = 2
 LR_SPACE = {"lr": {"low": 1e-4, "high": 1e-3, "log": True}}
 DROP = object()  # a value in ``changed``'s changes: remove that key
 
@@ -61,7 +64,7 @@ def changed(tables: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, 
 
 
 def tiny_tables(name: str, n_trials: int = 1, lr_space: bool = True, **changes: Any) -> dict[str, Any]:
-    """A study on the tiny data as nested tables (4 iterations at 64 px, batch 4), with ``changes`` merged in.
+    """A study on the tiny data as nested tables (2 iterations at 64 px, batch 4), with ``changes`` merged in.
 
     It registers no champion (``registered_model = ""``: a few seconds per launch); the tests of the
     registry, and those of concurrent launches, turn it on with ``study={"registered_model": DROP}``.
@@ -69,7 +72,7 @@ def tiny_tables(name: str, n_trials: int = 1, lr_space: bool = True, **changes: 
     tables = {
         "study": {"name": name, "n_trials": n_trials, "registered_model": ""},
         "data": TINY_DATA,
-        "train": {"resize": 64, "bs": 4, "iters": 4, "progress_iter": 2, "device": "cpu"},
+        "train": {"resize": 64, "bs": 4, "iters": TINY_ITERS, "progress_iter": 2, "device": "cpu"},
         **({"space": LR_SPACE} if lr_space else {}),
     }
     return changed(tables, changes)

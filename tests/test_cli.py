@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
 
 import pytest
+from helpers import mbu_command
 from mbu.train.cli import config_from_args
 
 from mbu.cli import build_parser
@@ -59,3 +61,15 @@ def test_every_reference_flag_is_accepted_and_documented(capsys) -> None:
 def test_numeric_flags_are_typed() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--bs", "many"])
+
+
+def test_the_process_entry_point_keeps_output_and_exit_status(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `python -m mbu` ends the process itself after the exit hooks: all output still arrives, and the
+    # status is Python's (0 for --help, 1 for an exception that escapes, as MBU_DEBUG=1 lets one do).
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to it, here and in the process
+    shown = subprocess.run(mbu_command("--help"), capture_output=True, text=True, cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout == build_parser().format_help()
+    monkeypatch.setenv("MBU_DEBUG", "1")
+    failed = subprocess.run(mbu_command("search", "missing.toml"), capture_output=True, text=True, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" in failed.stderr and "missing.toml" in failed.stderr.splitlines()[-1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import mbu_command, study_runs, tiny_study
+from helpers import TINY_ITERS, mbu_command, study_runs, tiny_study
 from mbu.search.confirm import candidates
 from mbu.search.confirm_report import Interval, t_interval, verdict
 from mbu.search.study_file import load_study_file
@@ -108,7 +108,7 @@ def test_a_confirmed_run_equals_mbu_train_with_its_parameters_and_seed_and_seeds
     lr = optuna.load_study(study_name="confirmed", storage=storage).trials[1].params["lr"]
     run = next(t for t in trials if (t.user_attrs["candidate_trial"], t.user_attrs["train_seed"]) == (1, 2))
     root = tmp_path / "runs" / "confirmed" / "synthetic-64px-seed3"
-    train = ["train", "--root", str(root), "--out", "alone", "--resize", "64", "--bs", "4", "--iters", "4"]
+    train = ["train", "--root", str(root), "--out", "alone", "--resize", "64", "--bs", "4", "--iters", str(TINY_ITERS)]
     train += ["--progress_iter", "2", "--lr", repr(lr), "--seed", "2", "--device", "cpu", "--no-progress"]
     assert main(train) == 0
     assert main(["eval", "--run", "alone", "--no-progress"]) == 0
@@ -148,8 +148,8 @@ def test_confirm_refuses_a_study_short_of_its_target_and_changes_nothing(tmp_pat
 
 @pytest.mark.slow
 def test_an_interrupted_confirmation_resumes_and_runs_every_pair_exactly_once(tmp_path: Path) -> None:
-    # Runs of 30 iterations, a checkpoint every 10: SIGTERM lands mid-confirmation.
-    train = {"iters": 30, "progress_iter": 10, "save_iter": 10}
+    # Runs of 16 iterations, a checkpoint every 4: SIGTERM lands mid-confirmation.
+    train = {"iters": 16, "progress_iter": 4, "save_iter": 4}
     (tmp_path / "study.toml").write_text(tiny_study("resumed", 1, train=train, confirm={"seeds": 2}))
     launch = subprocess.Popen(mbu_command("search", "study.toml", "--no-progress"), cwd=tmp_path)
     confirm_dir = tmp_path / "runs" / "resumed" / "confirm"

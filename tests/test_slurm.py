@@ -153,8 +153,8 @@ def assert_resumed(study: optuna.Study, first: int, reason: str) -> list[optuna.
 def test_a_task_cancelled_mid_trial_leaves_its_trial_to_resume_from_its_checkpoint(
     tmp_path: Path, slurm_env: SlurmCluster
 ) -> None:
-    # SQLite on this one-node cluster (--single-node); trials of ~20 s, a checkpoint every 10 iterations.
-    train = {"iters": 60, "progress_iter": 10, "save_iter": 10}
+    # SQLite on this one-node cluster (--single-node); trials of ~15 s, a checkpoint every 5 iterations.
+    train = {"iters": 30, "progress_iter": 5, "save_iter": 5}
     (tmp_path / "study.toml").write_text(
         tiny_study("cancel", 2, study={**FAST_HEARTBEATS, "max_retry": 2}, train=train)
     )

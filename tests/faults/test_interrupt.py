@@ -25,7 +25,7 @@ device = "cpu"
 
 
 def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> None:
-    (tmp_path / "study.toml").write_text(STUDY.format(iters=40))
+    (tmp_path / "study.toml").write_text(STUDY.format(iters=16))
     # Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
     code = "import signal, sys, mbu.cli; signal.signal(signal.SIGINT, signal.default_int_handler); "
     code += "sys.exit(mbu.cli.main())"
