@@ -29,7 +29,8 @@ def _end_process(status: list[int]) -> None:
     """The last exit hook: flush what Python buffers, then end the process without the teardown."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach the reader
             pass
     os._exit(status[0])
