@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
 from mbu.data.files import atomic_write, check_writable
@@ -101,7 +102,7 @@ def _as_rgb(panel: np.ndarray) -> np.ndarray:
     """A uint8 (H, W, 3) image as it is; an (H, W) map in [0, 1] (soft or boolean) as grey uint8 RGB."""
     if panel.ndim == 3:
         return panel
-    grey = np.round(np.clip(panel.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+    grey = np.round(np.clip(np.nan_to_num(panel.astype(np.float32)), 0, 1) * 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
 
 
@@ -140,7 +141,9 @@ def plot_examples(path: Path, scores: SegmentationScores, maps: ModelMaps, annot
             x, y = (left + cell / 2) / width, 1 - (top - 4) / height
             fig.text(x, y, caption, fontsize=7, ha="center", va="bottom")
     fig.figimage(page, origin="upper")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    # The page is placed in pixels: saved at another dpi, or cropped tight, it would part from its captions.
+    with matplotlib.rc_context({"savefig.bbox": "standard"}):
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=EXAMPLES_DPI))
 
 
 def _table(header: str, rows: list[tuple[str, str, str]]) -> str:

@@ -12,6 +12,7 @@ started is cut off (``coverage run -m mbu`` would lose its data): such tools sho
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import sys
 
@@ -26,13 +27,17 @@ def _exit_status(code: object) -> int:
 
 
 def _end_process(status: list[int]) -> None:
-    """The last exit hook: flush what Python buffers, then end the process without the teardown."""
+    """The last exit hook: flush what Python and the C library buffer, then end the process without the teardown."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach the reader
             pass
+    try:  # and what native code printed through the C library's buffers
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(status[0])
 
 

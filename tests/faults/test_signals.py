@@ -28,11 +28,20 @@ def wait_for(paths: list[Path], process: subprocess.Popen, seconds: float = 120)
         time.sleep(0.2)
 
 
-def wait_for_first_loss(run_id: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    """Until the run has logged a loss: training is under way (a fixed sleep was not always enough)."""
+def wait_for_first_loss(run_file: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Until the run named in ``run_file`` has logged a loss: training is under way (a fixed sleep was not
+    always enough)."""
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     deadline = time.monotonic() + seconds
-    while "train/loss_total" not in client.get_run(run_id).data.metrics:
+
+    def logged() -> bool:
+        try:
+            run_id = json.loads(run_file.read_text())["run_id"]
+        except json.JSONDecodeError:  # caught while it is being written
+            return False
+        return "train/loss_total" in client.get_run(run_id).data.metrics
+
+    while not logged():
         assert process.poll() is None, process.communicate()[1]
         assert time.monotonic() < deadline, "no loss was logged"
         time.sleep(0.2)
@@ -48,7 +57,7 @@ def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path
     argv += ["--iters", "2000", "--save_iter", "5000", "--progress_iter", "2"]
     proc = subprocess.Popen(mbu_command(*argv), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     wait_for([tmp_path / "run" / "mlflow_run.json"], proc)
-    wait_for_first_loss(json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"], proc)
+    wait_for_first_loss(tmp_path / "run" / "mlflow_run.json", proc)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 75, err
