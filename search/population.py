@@ -32,6 +32,7 @@ from mbu.search.trial import frozen_trial, sampled_config, score_trial, start_tr
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData, data_key
 from mbu.train.step import resolve_device
+from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder
 from tqdm import tqdm
 
@@ -74,7 +75,8 @@ class Slot:
         """Open the trial's run and build its training; an outcome if it failed already."""
         try:
             cfg = sampled_config(self.trial, population.config)
-            self.run = open_trial_run(self.trial, population.config, cfg, population.parent)
+            with interrupts_held():  # a Ctrl-C here would leave the new run RUNNING, its id lost
+                self.run = open_trial_run(self.trial, population.config, cfg, population.parent)
             with self.on_stream():
                 data = population.data_for(cfg)
                 self.training = start_training(

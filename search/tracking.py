@@ -88,12 +88,12 @@ def open_trial_run(trial: optuna.Trial, config: StudyConfig, cfg: TrainConfig, p
     try:
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
         write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})
-    except BaseException as err:  # the run exists: never leave it RUNNING
+        run.set_tags(tags)
+        run.log_params(train_params(cfg))
+    except BaseException as err:  # the run exists but the caller never gets it: never leave it RUNNING
         run.set_tags({"state": "FAIL", "error": f"{type(err).__name__}: {err}"[:5000]})
         run.end("FAILED")
         raise
-    run.set_tags(tags)
-    run.log_params(train_params(cfg))
     return run
 
 

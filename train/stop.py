@@ -7,6 +7,7 @@ never module state, so two trainings in one process each have their own.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -48,3 +49,25 @@ def signals_stop(request: Callable[[str], None], *signals: int) -> Iterator[None
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Within: a Ctrl-C waits for the block's end, where the handler it would have reached runs.
+
+    For a few calls that must finish together, such as opening an MLflow run and keeping its id: an
+    interrupt between the two would leave a run that nobody closes. Only in the main thread (the only
+    one Python runs signal handlers in) and only over a Python handler: SIG_IGN and SIG_DFL stay as they are.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    caught: list[object] = []
+    signal.signal(signal.SIGINT, lambda _number, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(signal.SIGINT, caught[0])

@@ -9,8 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import mbu.search.tracking
 import optuna
+import pytest
 from helpers import TINY_DATA_AND_TRAIN
+from mbu.evaluate.segmentation import load_test_annotations
+from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
+from mbu.search.population import Population
+from mbu.search.study_file import load_study_file
+from mbu.train.stop import interrupts_held
+from mbu.train.tracking import Recorder
 from mlflow.tracking import MlflowClient
 
 STUDY = """
@@ -54,3 +62,61 @@ def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> No
     study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT raises KeyboardInterrupt in this process during the test, as in a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_is_held_to_the_end_of_the_block_then_raised(ctrl_c_interrupts: None) -> None:
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after the signal")
+        reached.append("after the block")
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ignored_ctrl_c_stays_ignored_in_a_held_block() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_the_trial_run_is_being_tagged_leaves_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ctrl_c_interrupts: None
+) -> None:
+    """The instant the run file appears the run is open but not yet the trial's: a Ctrl-C there must not lose it."""
+    (tmp_path / "study.toml").write_text(STUDY.format(iters=4))
+    config = resolve_settings(load_study_file(tmp_path / "study.toml"), LaunchOptions())
+    annotated = load_test_annotations(prepare_data(config, progress=False), 64, progress=False)
+    study = optuna.create_study(direction="maximize")
+    parent = Recorder.start(os.environ["MLFLOW_TRACKING_URI"], "interrupted", "launch")
+    population = Population(study, config, annotated, parent, progress=False)
+
+    real_params = mbu.search.tracking.train_params
+
+    def params_then_ctrl_c(cfg):  # the signal lands between the run file and the run's parameters
+        assert (Path(cfg.out) / "mlflow_run.json").is_file()
+        signal.raise_signal(signal.SIGINT)
+        return real_params(cfg)
+
+    monkeypatch.setattr(mbu.search.tracking, "train_params", params_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        population.start(study.ask())
+
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.FAIL
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("KeyboardInterrupt")
+    assert run.data.params  # the held Ctrl-C let the run be completed before it was closed
