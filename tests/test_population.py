@@ -128,13 +128,14 @@ def test_failures_in_a_row_stop_the_asking_even_if_a_trial_in_flight_then_comple
     assert all(t.state == optuna.trial.TrialState.WAITING for t in trials[3:])
 
 
+KILLED_ITERS = 20  # a checkpoint at 10: the kill lands while the first trial trains its second half
 KILLED = population_tables(
     "killed",
     2,
     [2e-4, 5e-4],
     population=2,
     study={"heartbeat_interval": 1, "grace_period": 2},
-    train={"iters": 30, "progress_iter": 10, "save_iter": 10},
+    train={"iters": KILLED_ITERS, "progress_iter": 10, "save_iter": 10},
 )
 
 
@@ -158,7 +159,7 @@ def test_a_killed_population_worker_has_all_its_trials_resumed(tmp_path: Path) -
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
     killed_at = [torch.load(c, weights_only=True)["iteration"] for c in checkpoints]
-    assert all(10 <= i < 30 for i in killed_at)
+    assert all(10 <= i < KILLED_ITERS for i in killed_at)
     time.sleep(3)  # past the grace period: both trials' heartbeats have stopped
 
     assert main(["search", "study.toml", "--no-progress"]) == 0
@@ -169,7 +170,7 @@ def test_a_killed_population_worker_has_all_its_trials_resumed(tmp_path: Path) -
         assert retry.user_attrs["resumed_from_iteration"] >= killed_at[lost]
         assert retry.params == trials[lost].params
         final = torch.load(tmp_path / "runs" / "killed" / f"trial-{retry.number}" / "checkpoint.pt", weights_only=True)
-        assert final["iteration"] == 30
+        assert final["iteration"] == KILLED_ITERS
 
 
 def test_sigterm_checkpoints_the_population_and_a_relaunch_resumes_it(tmp_path: Path) -> None:
@@ -192,7 +193,7 @@ def test_sigterm_checkpoints_the_population_and_a_relaunch_resumes_it(tmp_path: 
         match = re.fullmatch(r"stopped: SIGTERM; checkpoint at iteration (\d+), queued to resume", error)
         assert match, error
         saved.append(torch.load(checkpoint, weights_only=True)["iteration"])
-        assert saved[-1] == int(match[1]) < 30  # the stop wrote it, at the iteration it names
+        assert saved[-1] == int(match[1]) < KILLED_ITERS  # the stop wrote it, at the iteration it names
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     for trial in trials[:2]:
         assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "FAILED"

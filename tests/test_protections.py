@@ -223,7 +223,7 @@ def test_ctrl_c_in_train_is_one_line_and_resumable(tiny_root: Path, tmp_path: Pa
 
 
 def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) -> None:
-    study = tiny_study("preset", 2, train={"iters": 20, "progress_iter": 2}, enqueue=[{"lr": 2e-4}])
+    study = tiny_study("preset", 2, train={"iters": 6, "progress_iter": 2}, enqueue=[{"lr": 2e-4}])
     (tmp_path / "study.toml").write_text(study)
     launch = [sys.executable, "-c", WITH_CTRL_C, "search", "study.toml", "--no-progress"]
     proc = subprocess.Popen(launch, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

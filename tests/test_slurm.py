@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from slurm_cluster import SlurmCluster, missing
 
+from mbu.cli import main
+
 pytestmark = pytest.mark.xdist_group("slurm")  # one cluster: every test of this file in one test process
 
 REASON = missing()
@@ -84,7 +86,7 @@ def job_id_of(output: str) -> str:
 
 
 def test_a_four_trial_study_runs_as_a_two_task_array_against_postgresql_and_an_mlflow_server(
-    tmp_path: Path, slurm_env: SlurmCluster, postgres_url: str, tracking_server: TrackingServer
+    tmp_path: Path, slurm_env: SlurmCluster, postgres_url: str, tracking_server: TrackingServer, capsys
 ) -> None:
     (tmp_path / "study.toml").write_text(tiny_study("array", 4, study=FAST_HEARTBEATS))
     stores = ["--storage", postgres_url, "--tracking-uri", tracking_server.uri]
@@ -108,13 +110,9 @@ def test_a_four_trial_study_runs_as_a_two_task_array_against_postgresql_and_an_m
     assert {r.data.tags["slurm_array_task_id"] for r in children} <= {"0", "1"}
     assert all(r.data.tags["slurm_job_id"] for r in children)
 
-    summary = subprocess.run(
-        mbu_command("search", "study.toml", "--summary", *stores),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    capsys.readouterr()
+    assert main(["search", "study.toml", "--summary", *stores]) == 0
+    summary = capsys.readouterr().out
     assert f"slurm array job {job_id}: 2 tasks" in summary
     assert "task 0: COMPLETED" in summary and "task 1: COMPLETED" in summary
 
@@ -153,8 +151,8 @@ def assert_resumed(study: optuna.Study, first: int, reason: str) -> list[optuna.
 def test_a_task_cancelled_mid_trial_leaves_its_trial_to_resume_from_its_checkpoint(
     tmp_path: Path, slurm_env: SlurmCluster
 ) -> None:
-    # SQLite on this one-node cluster (--single-node); trials of ~15 s, a checkpoint every 5 iterations.
-    train = {"iters": 30, "progress_iter": 5, "save_iter": 5}
+    # SQLite on this one-node cluster (--single-node); trials of ~10 s, a checkpoint every 5 iterations.
+    train = {"iters": 20, "progress_iter": 5, "save_iter": 5}
     (tmp_path / "study.toml").write_text(
         tiny_study("cancel", 2, study={**FAST_HEARTBEATS, "max_retry": 2}, train=train)
     )

@@ -15,6 +15,8 @@ from mbu.train.checkpoint import load_checkpoint
 from mbu.train.loop import train
 from mlflow.tracking import MlflowClient
 
+from mbu.cli import main
+
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -51,9 +53,8 @@ def _small_disk() -> None:
 
 def test_full_disk_fails_the_trial_clearly_and_keeps_earlier_trials(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
+    assert main(["search", "study.toml", "--no-progress"]) == 0  # the healthy launch, in this process
     command = mbu_command("search", "study.toml", "--no-progress")
-    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout + first.stderr
     trial0 = tmp_path / "runs" / "full" / "trial-0"
     before = (trial0 / "checkpoint.pt").stat().st_size
 

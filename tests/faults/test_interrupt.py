@@ -21,6 +21,8 @@ from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder
 from mlflow.tracking import MlflowClient
 
+from mbu.cli import main
+
 STUDY = """
 [study]
 name = "interrupted"
@@ -57,8 +59,7 @@ def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> No
     assert trial_run.info.status == "FAILED" and "KeyboardInterrupt" in trial_run.data.tags["error"]
 
     # The interrupted trial is recorded as failed; a relaunch finishes the study.
-    relaunch = subprocess.run(mbu, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert relaunch.returncode == 0, relaunch.stdout + relaunch.stderr
+    assert main(["search", "study.toml", "--no-progress"]) == 0  # the relaunch, in this process
     study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]

@@ -16,7 +16,7 @@ STUDY = """
 name = "diverge"
 n_trials = 2
 
-{TINY_DATA_AND_TRAIN}iters = 40
+{TINY_DATA_AND_TRAIN}iters = 10
 progress_iter = 2
 
 [space.lr]
@@ -49,4 +49,4 @@ def test_diverging_trial_fails_with_its_reason_and_the_study_continues(tmp_path:
     assert failed.data.tags["state"] == "FAIL"
     assert "non-finite loss at iteration" in failed.data.tags["error"]
     iteration = int(failed.data.tags["error"].rsplit(" ", 1)[1])
-    assert iteration <= 40 and iteration % 2 == 0  # caught at a progress_iter boundary
+    assert iteration <= 10 and iteration % 2 == 0  # caught at a progress_iter boundary

@@ -19,6 +19,8 @@ from helpers import mbu_command, tiny_study
 from mbu.train.checkpoint import load_checkpoint
 from mlflow.tracking import MlflowClient
 
+from mbu.cli import main
+
 
 def wait_for(paths: list[Path], process: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
@@ -52,7 +54,7 @@ def runs_of(experiment: str) -> list:
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
-def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path, tmp_path: Path) -> None:
+def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path, tmp_path: Path, capsys) -> None:
     argv = ["train", "--root", str(tiny_root), "--out", "run", "--resize", "64", "--bs", "4", "--no-progress"]
     argv += ["--iters", "2000", "--save_iter", "5000", "--progress_iter", "2"]
     proc = subprocess.Popen(mbu_command(*argv), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
@@ -72,15 +74,8 @@ def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path
     (run,) = runs_of("mbu-train")
     assert run.info.status == "KILLED" and run.data.tags["stopped"] == f"SIGTERM at iteration {stopped_at}"
 
-    resumed = subprocess.run(
-        mbu_command("train", "--out", "run", "--load", "run", "--iters", str(stopped_at + 2)),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed at {stopped_at}, trained to {stopped_at + 2}" in resumed.stdout
+    assert main(["train", "--out", "run", "--load", "run", "--iters", str(stopped_at + 2)]) == 0  # in this process
+    assert f"resumed at {stopped_at}, trained to {stopped_at + 2}" in capsys.readouterr().out
 
 
 def test_sigterm_of_the_workers_launcher_stops_every_worker_and_exits_75(tmp_path: Path) -> None:
