@@ -23,6 +23,7 @@ import optuna
 from mbu.search.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import RUN_FILE, write_json
 from mbu.train.config import TrainConfig
+from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder, train_params
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
@@ -68,8 +69,12 @@ def open_parent_run(study: optuna.Study, config: StudyConfig) -> Recorder:
         "n_trials": settings.n_trials,
         "last_launch": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    parent = Recorder.start(settings.tracking_uri, settings.name, f"study-{settings.name}", run_id=existing, tags=tags)
-    study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+    # Ctrl-C held: a new parent run is always recorded in the study, so the next launch finds and closes it.
+    with interrupts_held():
+        parent = Recorder.start(
+            settings.tracking_uri, settings.name, f"study-{settings.name}", run_id=existing, tags=tags
+        )
+        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
     return parent
 
 

@@ -24,6 +24,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long checks (``slow``) first: the two test processes then end together, on short tests,
+    instead of one waiting while the other runs the long test it happened to take last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each
+
+
 @pytest.fixture(scope="session")
 def _empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow SQLite store, made once per test process.

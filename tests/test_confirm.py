@@ -75,6 +75,7 @@ def test_candidates_are_the_top_k_then_the_presets_and_too_few_is_one_line(tmp_p
         candidates(optuna.create_study(), config)
 
 
+@pytest.mark.slow
 def test_a_confirmed_run_equals_mbu_train_with_its_parameters_and_seed_and_seeds_top_up(tmp_path: Path, capsys) -> None:
     os.chdir(tmp_path)
     study = tiny_study("confirmed", 2, study={"seed": 4}, confirm=CONFIRMED, enqueue=[{"lr": 2e-4}])
@@ -148,8 +149,8 @@ def test_confirm_refuses_a_study_short_of_its_target_and_changes_nothing(tmp_pat
 
 @pytest.mark.slow
 def test_an_interrupted_confirmation_resumes_and_runs_every_pair_exactly_once(tmp_path: Path) -> None:
-    # Runs of 8 iterations, a checkpoint every 2: SIGTERM lands mid-confirmation.
-    train = {"iters": 8, "progress_iter": 2, "save_iter": 2}
+    # Runs of 12 iterations, a checkpoint every 3: SIGTERM lands mid-confirmation.
+    train = {"iters": 12, "progress_iter": 3, "save_iter": 3}
     (tmp_path / "study.toml").write_text(tiny_study("resumed", 1, train=train, confirm={"seeds": 2}))
     launch = subprocess.Popen(mbu_command("search", "study.toml", "--no-progress"), cwd=tmp_path)
     confirm_dir = tmp_path / "runs" / "resumed" / "confirm"

@@ -71,6 +71,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"weights differ: {different[:5]}"
 
 
+@pytest.mark.slow
 def test_a_trial_in_a_population_of_3_is_bit_identical_to_it_alone(tmp_path: Path, deterministic: None) -> None:
     lrs = [1e-4, 3e-4, 1e-3]
     together = run(tmp_path, study_text("together", 3, lrs, population=3))
@@ -99,6 +100,7 @@ def test_a_trial_in_a_population_of_3_is_bit_identical_to_it_alone(tmp_path: Pat
         assert "report.json" in {a.path for a in client.list_artifacts(run_.info.run_id)}
 
 
+@pytest.mark.slow
 def test_a_diverging_slot_fails_alone_and_takes_the_next_trial(tmp_path: Path) -> None:
     # Slots: trial 0 (diverges at its first log) and trial 1; trial 2 takes trial 0's slot.
     lrs = [1e12, 3e-4, 1e-3]
@@ -154,6 +156,7 @@ def start_worker(tmp_path: Path, text: str, ready: str) -> tuple[subprocess.Pope
     return worker, [folder / "checkpoint.pt" for folder in folders]
 
 
+@pytest.mark.slow
 def test_a_killed_population_worker_has_all_its_trials_resumed(tmp_path: Path) -> None:
     worker, checkpoints = start_worker(tmp_path, toml_text(KILLED), ready="checkpoint.pt")
     worker.send_signal(signal.SIGKILL)
@@ -173,6 +176,7 @@ def test_a_killed_population_worker_has_all_its_trials_resumed(tmp_path: Path) -
         assert final["iteration"] == KILLED_ITERS
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_population_and_a_relaunch_resumes_it(tmp_path: Path) -> None:
     # No periodic checkpoint (save_iter > iters): any checkpoint is the stop's own. max_retry = 0: a stop
     # from outside is queued to resume all the same.

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import pytest
 from helpers import DROP, TrackingServer, mbu_command, study_runs, tiny_study
 from mlflow.tracking import MlflowClient
 
@@ -21,6 +22,7 @@ MODEL = "models:/shared@champion"
 STUDY = tiny_study("shared", 4, study={"registered_model": DROP})  # the registry on
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_through_postgresql_and_an_mlflow_server(
     tmp_path: Path, postgres_url: str, postgres_tracking_server: TrackingServer
 ) -> None:

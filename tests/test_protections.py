@@ -222,6 +222,7 @@ def test_ctrl_c_in_train_is_one_line_and_resumable(tiny_root: Path, tmp_path: Pa
     assert f"mbu train --out {tmp_path / 'run'} --load {tmp_path / 'run'}" in last
 
 
+@pytest.mark.slow
 def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) -> None:
     study = tiny_study("preset", 2, train={"iters": 6, "progress_iter": 2}, enqueue=[{"lr": 2e-4}])
     (tmp_path / "study.toml").write_text(study)

@@ -48,6 +48,7 @@ def run_folder_outputs(folder: Path, image: Path, threshold: float) -> tuple[np.
     return mask, out / f"{image.stem}.png"
 
 
+@pytest.mark.slow
 def test_the_champion_is_registered_aliased_moved_by_a_new_best_and_a_confirmation_and_used_by_uri(
     tmp_path: Path, capsys
 ) -> None:

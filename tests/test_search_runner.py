@@ -81,6 +81,7 @@ def test_study_plots_are_written_shown_and_logged(tmp_path: Path) -> None:
     assert set(PLOTS) <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+@pytest.mark.slow
 def test_search_is_quiet_by_default_and_verbose_on_request(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(tiny_study("hush", train={"iters": 2, "progress_iter": 1}))
     command = mbu_command("search", "study.toml", "--no-progress")

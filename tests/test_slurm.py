@@ -27,7 +27,8 @@ from slurm_cluster import SlurmCluster, missing
 
 from mbu.cli import main
 
-pytestmark = pytest.mark.xdist_group("slurm")  # one cluster: every test of this file in one test process
+# One cluster: every test of this file in one test process. Each takes 1-2 minutes.
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]
 
 REASON = missing()
 if REASON is not None and os.environ.get("MBU_REQUIRE_SLURM") != "1":

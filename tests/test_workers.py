@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import pytest
 from helpers import DROP, mbu_command, study_runs, tiny_study
 from mbu.search.sampler import SEED_ATTR
 from mlflow.tracking import MlflowClient
@@ -47,6 +48,7 @@ def assert_one_champion(tmp_path: Path, name: str) -> None:
     assert client.get_model_version_by_alias(name, "champion").run_id == study.best_trial.user_attrs["mlflow_run_id"]
 
 
+@pytest.mark.slow
 def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path: Path, capsys) -> None:
     (tmp_path / "study.toml").write_text(tiny_study("pair", 6, study={"seed": 2, "registered_model": DROP}))
     assert main(["search", "study.toml", "--workers", "2", "--no-progress"]) == 0
@@ -61,6 +63,7 @@ def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path
     assert_distinct_points(assert_recorded_once(tmp_path, "pair", 8))
 
 
+@pytest.mark.slow
 def test_two_launches_at_once_both_contribute_and_no_trial_is_recorded_twice(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(tiny_study("twice", 4, study={"seed": 2, "registered_model": DROP}))
     command = mbu_command("search", "study.toml", "--no-progress")

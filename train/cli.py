@@ -418,7 +418,7 @@ def main(args: argparse.Namespace) -> int:
             recorder.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
             recorder.end("FAILED")
             raise
-    recorder.end("FINISHED")
+        recorder.end("FINISHED")  # still under the handlers above: a Ctrl-C now cannot leave the run RUNNING
     if result.start:
         print(f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}")
     else:

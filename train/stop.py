@@ -56,18 +56,26 @@ def interrupts_held() -> Iterator[None]:
     """Within: a Ctrl-C waits for the block's end, where the handler it would have reached runs.
 
     For a few calls that must finish together, such as opening an MLflow run and keeping its id: an
-    interrupt between the two would leave a run that nobody closes. Only in the main thread (the only
-    one Python runs signal handlers in) and only over a Python handler: SIG_IGN and SIG_DFL stay as they are.
+    interrupt between the two would leave a run that nobody closes. A second Ctrl-C within the block
+    reaches that handler at once, for a user who will not wait (a tracking server that does not answer).
+    Only in the main thread (the only one Python runs signal handlers in) and only over a Python
+    handler: SIG_IGN and SIG_DFL stay as they are.
     """
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or not callable(previous):
         yield
         return
     caught: list[object] = []
-    signal.signal(signal.SIGINT, lambda _number, frame: caught.append(frame))
+
+    def hold(number: int, frame: object) -> None:
+        caught.append(frame)
+        if len(caught) == 2:
+            previous(number, frame)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught:
+        if len(caught) == 1:
             previous(signal.SIGINT, caught[0])

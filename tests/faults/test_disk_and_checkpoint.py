@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from helpers import mbu_command, tiny_study, tiny_train_config
 from mbu.train.checkpoint import load_checkpoint
 from mbu.train.loop import train
@@ -51,6 +52,7 @@ def _small_disk() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 def test_full_disk_fails_the_trial_clearly_and_keeps_earlier_trials(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
     assert main(["search", "study.toml", "--no-progress"]) == 0  # the healthy launch, in this process

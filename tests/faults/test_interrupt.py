@@ -17,7 +17,7 @@ from mbu.evaluate.segmentation import load_test_annotations
 from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
 from mbu.search.population import Population
 from mbu.search.study_file import load_study_file
-from mbu.train.stop import interrupts_held
+from mbu.train.stop import StopRequest, interrupts_held, signals_stop
 from mbu.train.tracking import Recorder
 from mlflow.tracking import MlflowClient
 
@@ -34,6 +34,7 @@ device = "cpu"
 """.replace("{TINY_DATA_AND_TRAIN}", TINY_DATA_AND_TRAIN)
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY.format(iters=16))
     # Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
@@ -82,6 +83,28 @@ def test_ctrl_c_is_held_to_the_end_of_the_block_then_raised(ctrl_c_interrupts: N
         reached.append("after the block")
     assert reached == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_in_a_held_block_interrupts_at_once(ctrl_c_interrupts: None) -> None:
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after the first")
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after the second")
+    assert reached == ["after the first"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_ctrl_c_under_a_stop_handler_asks_for_the_stop() -> None:
+    stop = StopRequest()
+    with signals_stop(stop.request, signal.SIGINT):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            assert stop() is None  # held
+        assert stop() == "SIGINT"  # the block's end passed it on; no exception: the stop handler's own way
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the next Ctrl-C interrupts
 
 
 def test_ignored_ctrl_c_stays_ignored_in_a_held_block() -> None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from helpers import mbu_command, tiny_study
 from mbu.train.checkpoint import load_checkpoint
 from mlflow.tracking import MlflowClient
@@ -78,6 +79,7 @@ def test_sigterm_in_train_checkpoints_closes_the_run_and_resumes(tiny_root: Path
     assert f"resumed at {stopped_at}, trained to {stopped_at + 2}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigterm_of_the_workers_launcher_stops_every_worker_and_exits_75(tmp_path: Path) -> None:
     study = tiny_study("term", 2, study={"seed": 1}, train={"iters": 2000, "progress_iter": 2, "save_iter": 5000})
     (tmp_path / "study.toml").write_text(study)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from helpers import TrackingServer, mbu_command, tiny_study
 
 STUDY = tiny_study(
@@ -16,6 +17,7 @@ STUDY = tiny_study(
 )
 
 
+@pytest.mark.slow
 def test_training_survives_the_tracking_server_going_away(tmp_path: Path, tracking_server: TrackingServer) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
     command = mbu_command("search", "study.toml", "--no-progress")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 from helpers import mbu_command, tiny_study
 from mbu.search.launch import LaunchOptions, run_study
@@ -25,6 +26,7 @@ STUDY = tiny_study(
 )
 
 
+@pytest.mark.slow
 def test_killed_worker_trial_is_retried_and_resumed_from_its_checkpoint(tmp_path: Path, capsys) -> None:
     (tmp_path / "study.toml").write_text(STUDY)
     command = mbu_command("search", "study.toml", "--no-progress")
