@@ -136,6 +136,13 @@ def mbu_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mbu", *args]
 
 
+def mbu_command_with_ctrl_c(*args: str) -> list[str]:
+    """:func:`mbu_command` with Ctrl-C's default handler, whatever the test runner inherited (background
+    jobs ignore SIGINT): a SIGINT sent to the process then acts as Ctrl-C in a terminal."""
+    code = "import signal, sys, mbu.cli; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    return [sys.executable, "-c", code + "sys.exit(mbu.cli.main())", *args]
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (once the probe socket closes)."""
     with socket.socket() as s:

@@ -7,13 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
-from helpers import tiny_study
+from helpers import mbu_command_with_ctrl_c, tiny_study
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study import STUDY_RECORD
 from mbu.search.study_file import StudyFileError, load_study_file
@@ -24,10 +23,6 @@ from test_user_errors import fingerprint
 from mbu.cli import main
 
 TRAIN = ["train", "--resize", "64", "--bs", "4", "--progress_iter", "2", "--no-progress", "--device", "cpu"]
-# Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
-WITH_CTRL_C = (
-    "import signal, sys, mbu.cli; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(mbu.cli.main())"
-)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +201,7 @@ def test_a_study_of_the_same_name_in_another_storage_is_refused(tmp_path: Path) 
 
 def test_ctrl_c_in_train_is_one_line_and_resumable(tiny_root: Path, tmp_path: Path) -> None:
     argv = [*TRAIN, "--root", str(tiny_root), "--out", "run", "--iters", "400", "--save_iter", "2"]
-    proc = subprocess.Popen([sys.executable, "-c", WITH_CTRL_C, *argv], cwd=tmp_path, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(mbu_command_with_ctrl_c(*argv), cwd=tmp_path, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoint.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
@@ -226,7 +221,7 @@ def test_ctrl_c_in_train_is_one_line_and_resumable(tiny_root: Path, tmp_path: Pa
 def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) -> None:
     study = tiny_study("preset", 2, train={"iters": 6, "progress_iter": 2}, enqueue=[{"lr": 2e-4}])
     (tmp_path / "study.toml").write_text(study)
-    launch = [sys.executable, "-c", WITH_CTRL_C, "search", "study.toml", "--no-progress"]
+    launch = mbu_command_with_ctrl_c("search", "study.toml", "--no-progress")
     proc = subprocess.Popen(launch, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_file = tmp_path / "runs" / "preset" / "trial-0" / "mlflow_run.json"
     deadline = time.monotonic() + 120

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mbu.search.tracking
 import optuna
 import pytest
-from helpers import TINY_DATA_AND_TRAIN
+from helpers import TINY_DATA_AND_TRAIN, mbu_command_with_ctrl_c
 from mbu.evaluate.segmentation import load_test_annotations
 from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
 from mbu.search.population import Population
@@ -37,10 +36,7 @@ device = "cpu"
 @pytest.mark.slow
 def test_ctrl_c_leaves_no_running_run_and_relaunch_resumes(tmp_path: Path) -> None:
     (tmp_path / "study.toml").write_text(STUDY.format(iters=16))
-    # Ctrl-C's default handler, whatever the test runner inherited (background jobs ignore SIGINT).
-    code = "import signal, sys, mbu.cli; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    code += "sys.exit(mbu.cli.main())"
-    mbu = [sys.executable, "-c", code, "search", "study.toml", "--no-progress"]
+    mbu = mbu_command_with_ctrl_c("search", "study.toml", "--no-progress")
     proc = subprocess.Popen(mbu, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run_file = tmp_path / "runs" / "interrupted" / "trial-0" / "mlflow_run.json"
     deadline = time.monotonic() + 120
