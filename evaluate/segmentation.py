@@ -133,6 +133,7 @@ def score_masks(
         "val/iou_best": float(val_curve[best]),
         "val/threshold_best": float(grid[best]),
         "val/iou_per_image": float(per_image[val, best].mean()),
+        "val/marked_fraction": counts.predicted[val, best].sum().item() / counts.pixels[val].sum().item(),
         "test/iou": float(test_curve[best]),
         "test/iou_per_image": float(test_iou.mean()),
         "test/iou_per_image_ci_low": ci_low,
@@ -147,6 +148,7 @@ def score_masks(
         "test/threshold_oracle": float(grid[oracle]),
         "baseline/iou_all_ones": float(safe_iou(counts.truth[test].sum(), counts.pixels[test].sum())),
         "baseline/iou_all_ones_per_image": float(safe_iou(counts.truth[test], counts.pixels[test]).mean()),
+        "baseline/iou_all_ones_val": float(safe_iou(counts.truth[val].sum(), counts.pixels[val].sum())),
         "test/images": float(len(test)),
         "val/images": float(len(val)),
     }

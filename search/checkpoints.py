@@ -2,9 +2,10 @@
 
 A full checkpoint holds the weights and both Adam states (about three times the weights). Once a
 trial has finished it is never resumed, so for all but the N best complete trials the checkpoint is
-rewritten with the weights only: every report, ``mbu eval``, ``mbu transfer`` and ``mbu remove``
-still works on it. Kept in full: the N best complete trials, every running trial, and every failed
-trial whose retry has not finished (the retry resumes from it). ``0`` (the default) keeps all.
+rewritten with the weights only (for a raced configuration: every seed run's, ``trial-<c>/seed-<s>/``):
+every report, ``mbu eval``, ``mbu transfer`` and ``mbu remove`` still works on it. Kept in full: the
+N best complete trials, every running trial, and every failed trial whose retry has not finished
+(the retry resumes from it). ``0`` (the default) keeps all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 import optuna
+from mbu.search.race import configuration_number, seed_count, seed_values
 from mbu.search.study_file import StudyConfig
 from mbu.search.trial import trial_dir
 from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, keep_weights_only
@@ -25,7 +27,10 @@ def folders_to_thin(study: optuna.Study, keep: int) -> list[int]:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     complete.sort(key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
-    kept = {t.number for t in complete[:keep]}
+    k = seed_count(study)
+    if k > 1:  # a race: configurations with all k seeds first; each one's seed folders are under its first try's
+        complete.sort(key=lambda t: len(seed_values(t)) < k)
+    kept = {t.number for t in complete[:keep]} | {configuration_number(t) for t in complete[:keep] if k > 1}
     done: set[int] = set()
     with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
         for trial in trials:
@@ -43,11 +48,12 @@ def thin_checkpoints(study: optuna.Study, config: StudyConfig) -> int:
         return 0
     freed = 0
     for number in folders_to_thin(study, keep):
-        path = trial_dir(config, number) / CHECKPOINT_FILE
-        if not path.is_file():
-            continue
-        try:
-            freed += keep_weights_only(path)
-        except (CheckpointError, OSError) as err:  # unreadable, or no room to rewrite it: left as it is, and said
-            warnings.warn(f"trial {number}: checkpoint not thinned: {err}", stacklevel=2)
+        folder = trial_dir(config, number)
+        for path in [folder / CHECKPOINT_FILE, *sorted(folder.glob(f"seed-*/{CHECKPOINT_FILE}"))]:
+            if not path.is_file():
+                continue
+            try:
+                freed += keep_weights_only(path)
+            except (CheckpointError, OSError) as err:  # unreadable, or no room to rewrite it: left as is, and said
+                warnings.warn(f"trial {number}: checkpoint {path} not thinned: {err}", stacklevel=2)
     return freed

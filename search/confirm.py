@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 from mbu.data.images import AnnotatedImages
 from mbu.search.confirm_report import CANDIDATE_ATTR, parent_figures, write_confirm_report
+from mbu.search.race import race_seeds, seed_count, seed_values
 from mbu.search.runner import TrialsEnded, run_trials
 from mbu.search.storage import count_finished, count_taken
 from mbu.search.study import check_study_folder, open_study, runs_point
@@ -34,7 +35,6 @@ from mbu.search.study_file import StudyConfig
 from mbu.search.tracking import RUN_NAME_ATTR, RUN_TAGS_ATTR, open_parent_run
 from mbu.search.trial import TRAIN_SEED_ATTR
 from mbu.search.workers import launch_lock
-from mbu.train.config import TrainConfig
 from mbu.train.stop import StopRequest
 
 STAGE = "confirm"
@@ -58,15 +58,20 @@ def stage_name(study_name: str) -> str:
 
 
 def fresh_seeds(config: StudyConfig, count: int) -> list[int]:
-    """``count`` training seeds that the search never trained with: [train].seed + 1, ..., + count."""
-    base = int(config.train.get("seed", TrainConfig.seed))
-    return [base + i for i in range(1, count + 1)]
+    """``count`` training seeds that the search never trained with: the ones after the race's seeds.
+
+    Without a race the search trains on [train].seed alone, so these are [train].seed + 1, ..., + count.
+    """
+    last = race_seeds(config)[-1]
+    return [last + i for i in range(1, count + 1)]
 
 
 def candidates(study: optuna.Study, config: StudyConfig) -> list[Candidate]:
     """The top-k complete trials by the objective, then the presets' trials; one line if there are too few."""
     settings, name = config.confirm, config.study.name
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if seed_count(study) > 1:  # a race: only the configurations that ran all k seeds
+        complete = [t for t in complete if len(seed_values(t)) >= seed_count(study)]
     if not complete:
         raise ValueError(f"study {name} has no complete trial to confirm")
     if settings.top_k > len(complete):
@@ -103,6 +108,7 @@ def stage_config(config: StudyConfig, n_runs: int) -> StudyConfig:
         synthetic=None,
         enqueue=[],
         confirm=None,
+        race=None,  # each confirmation run is one training on its own seed, never a race
         experiment=config.experiment_name,  # the runs go into the study's own MLflow experiment
         queued_only=True,
     )

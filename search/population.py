@@ -21,14 +21,44 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import optuna
 import torch
 from mbu.data.images import AnnotatedImages
-from mbu.search.study_file import StudyConfig
-from mbu.search.tracking import STOPS_ATTR, close_trial_run, open_trial_run, queue_retry
-from mbu.search.trial import frozen_trial, sampled_config, score_trial, start_training
+from mbu.search.race import (
+    OUTCOME_ATTR,
+    SEED_FIGURES,
+    configuration_number,
+    finish_configuration,
+    is_racing,
+    next_seed,
+    race_seeds,
+    record_seed,
+    report_carried,
+)
+from mbu.search.study_file import StudyConfig, trial_name
+from mbu.search.tracking import (
+    OPEN_SEED_RUN_ATTR,
+    RUN_ID_ATTR,
+    STOPS_ATTR,
+    close_trial_run,
+    open_trial_run,
+    queue_retry,
+)
+from mbu.search.trial import (
+    OBJECTIVE_KEY,
+    RunCollapsed,
+    frozen_trial,
+    record_collapse,
+    sampled_config,
+    score_run,
+    score_trial,
+    start_training,
+    trial_dir,
+)
+from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData, data_key
 from mbu.train.step import resolve_device
@@ -80,8 +110,9 @@ class Slot:
             with self.on_stream():
                 data = population.data_for(cfg)
                 self.training = start_training(
-                    self.trial, cfg, population.annotated, self.run, population.bar_per_trial, data
-                )
+                    self.trial, cfg, population.annotated, self.run, population.bar_per_trial, data,
+                    guard=population.config.race,  # [race] with seeds = 1: the collapse guard alone
+                )  # fmt: skip
         except (Exception, KeyboardInterrupt) as err:
             return self.fail(err)
         return None
@@ -97,6 +128,13 @@ class Slot:
                 if not self.training.done:
                     return None
                 value = score_trial(self.trial, self.training, annotated, self.run)
+        except RunCollapsed as collapsed:  # the collapse guard ([race]) ends the run here, scored as it is
+            try:
+                with self.on_stream():
+                    value = score_trial(self.trial, self.training, annotated, self.run)
+                record_collapse(self.trial, self.run, collapsed)
+            except (Exception, KeyboardInterrupt) as err:
+                return self.fail(err)
         except optuna.TrialPruned:
             self.training.close()
             close_trial_run(self.run, self.trial, "PRUNED")
@@ -141,6 +179,140 @@ class Slot:
         return outcome
 
 
+class RacingSlot(Slot):
+    """One configuration of a race (``search.race``): its seeds trained in turn in this slot, each its own run.
+
+    The configuration's MLflow run (``trial-<c>``) holds its parameters and race figures; each seed run
+    (``trial-<c> seed-<s>``, folder ``trial-<c>/seed-<s>/``) is nested under it. ``c`` is the first try
+    of the trial's chain of retries, so a retry continues the same folders and reopens the same runs.
+    """
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, stream: torch.cuda.Stream | None) -> None:
+        super().__init__(study, trial, stream)
+        self.seed: int | None = None  # the seed in training
+        self.seed_run: Recorder | None = None
+        self.population: Population | None = None
+        self.folder = Path()  # runs/<study>/trial-<c>/
+
+    def start(self, population: Population) -> Outcome | None:
+        self.population = population
+        config = population.config
+        try:
+            number = configuration_number(frozen_trial(self.trial))
+            self.folder = trial_dir(config, number)
+            cfg = replace(sampled_config(self.trial, config), load=None, out=str(self.folder.resolve()))
+            self.base_cfg = cfg
+            tags = {"configuration": number, "race_seeds": len(population.seeds)}
+            with interrupts_held():  # a Ctrl-C here would leave the new run RUNNING, its id lost
+                self.run = open_trial_run(
+                    self.trial, config, cfg, population.parent, reopen=self.trial.user_attrs.get(RUN_ID_ATTR), tags=tags
+                )
+            report_carried(self.trial)
+            return self.next_or_finish()
+        except (Exception, KeyboardInterrupt) as err:
+            return self.fail(err)
+
+    def next_or_finish(self) -> Outcome | None:
+        """Train the next seed the race grants, or end the configuration's race."""
+        seed = next_seed(self.study, self.population.config, self.trial)
+        if seed is None:
+            return self.finish()
+        self.start_seed(seed)
+        return None
+
+    def start_seed(self, seed: int) -> None:
+        population, number = self.population, configuration_number(frozen_trial(self.trial))
+        folder = self.folder / f"seed-{seed}"
+        resume = resumable(folder)
+        cfg = replace(
+            self.base_cfg, seed=seed, out=str(folder.resolve()), load=str(folder.resolve()) if resume else None
+        )
+        carried = self.trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
+        reopen = carried.get("run_id") if carried.get("seed") == seed else None
+
+        def remember(run_id: str) -> None:
+            self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, {"seed": seed, "run_id": run_id})
+
+        tags = {"configuration": number, "seed": seed, "stage": "race"}
+        name = f"{trial_name(number)} seed-{seed}"
+        with interrupts_held():
+            self.seed_run = open_trial_run(self.trial, population.config, cfg, self.run, name, reopen, tags, remember)
+        self.seed = seed
+        if resume is not None:
+            self.seed_run.set_tags({"resumed_from_iteration": resume})
+        with self.on_stream():
+            data = population.data_for(cfg)
+            self.training = start_training(
+                self.trial, cfg, population.annotated, self.seed_run, population.bar_per_trial, data,
+                guard=population.config.race, report=False,
+            )  # fmt: skip
+
+    def advance(self, iterations: int, annotated: AnnotatedImages, stop: StopCheck) -> Outcome | None:
+        try:
+            collapsed = None
+            with self.on_stream():
+                try:
+                    for _ in range(iterations):
+                        if self.training.done or stop() is not None:
+                            break
+                        self.training.step()
+                    if not self.training.done:
+                        return None
+                except RunCollapsed as err:  # ends this seed run here, scored as it is
+                    collapsed = err
+                metrics = score_run(self.training, annotated, self.seed_run)
+            self.end_seed(metrics, collapsed)
+            return self.next_or_finish()
+        except (Exception, KeyboardInterrupt) as err:
+            return self.fail(err)
+
+    def end_seed(self, metrics: dict[str, float], collapsed: RunCollapsed | None) -> None:
+        """The seed's figures kept on the trial and on the configuration's run; its own run closed."""
+        value = metrics[OBJECTIVE_KEY]
+        run = {key: metrics.get(key) for key in SEED_FIGURES}
+        run |= {
+            "value": value,
+            "collapsed": str(collapsed) if collapsed else None,
+            "iteration": self.training.iteration,
+        }
+        run |= {"dir": str(self.training.run_dir), "run_id": self.seed_run.run_id}
+        record_seed(self.trial, self.seed, run)
+        if collapsed is not None:
+            self.seed_run.set_tags({"collapsed": str(collapsed)})
+        self.training.close()
+        close_trial_run(self.seed_run, self.trial, "COMPLETE")
+        self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, None)
+        self.run.log_metrics({"race/seed_value": value}, step=self.seed)
+        self.training, self.seed_run, self.seed = None, None, None
+
+    def finish(self) -> Outcome:
+        """The race of this configuration is over: its mean told to Optuna."""
+        result = finish_configuration(self.trial, self.population.config)
+        seeds = len(self.trial.user_attrs.get("seed_runs", {}))
+        self.run.log_metrics({**result.figures, "race/seeds_run": float(seeds)}, step=0)
+        self.run.set_tags({OUTCOME_ATTR: result.outcome})
+        close_trial_run(self.run, self.trial, "COMPLETE")
+        self.tell(optuna.trial.TrialState.COMPLETE, result.value)
+        return Outcome(self.trial, optuna.trial.TrialState.COMPLETE)
+
+    def record_failure(self, error: str, err: BaseException | None = None) -> Outcome:
+        if self.seed_run is not None:  # the seed run in flight: its retry reopens and resumes it
+            close_trial_run(self.seed_run, self.trial, "FAIL", error)
+        return super().record_failure(error, err)
+
+
+def resumable(folder: Path) -> int | None:
+    """The iteration of a seed folder's checkpoint that a retry can resume from, or None."""
+    if not (folder / CHECKPOINT_FILE).is_file():
+        return None
+    try:
+        state = load_checkpoint(folder)
+        check_resumable(state, folder)
+    except CheckpointError:
+        return None  # unreadable or weights only: the seed trains again from the start
+    return int(state["iteration"])
+
+
 class Population:
     """The worker's slots on one device, and the training data they share."""
 
@@ -159,6 +331,8 @@ class Population:
         self.slots: list[Slot] = []
         self.free_streams = [torch.cuda.Stream(self.device) for _ in range(self.size)] if self._cuda else []
         self._data: dict[tuple, TrainingData] = {}
+        self.slot_type = RacingSlot if is_racing(config) else Slot
+        self.seeds = race_seeds(config)
 
     @property
     def _cuda(self) -> bool:
@@ -177,7 +351,7 @@ class Population:
 
     def start(self, trial: optuna.Trial) -> Outcome | None:
         """The trial in a free slot; its outcome if it failed before training."""
-        slot = Slot(self.study, trial, self.free_streams.pop() if self._cuda else None)
+        slot = self.slot_type(self.study, trial, self.free_streams.pop() if self._cuda else None)
         self.slots.append(slot)
         outcome = slot.start(self)  # on Ctrl-C the slot stays for abandon() (which skips it once told)
         if outcome is not None:
@@ -194,7 +368,9 @@ class Population:
             if outcome is not None:
                 self._release(slot)
                 ended.append(outcome)
-            self.bar.update(slot.training.iteration - before)
+            # A raced configuration may have moved on to its next seed (or ended): count what was trained.
+            after = slot.training.iteration if slot.training is not None else before
+            self.bar.update(max(0, after - before))
             self.bar.set_postfix(trials=",".join(str(s.trial.number) for s in self.slots), refresh=False)
         return ended
 

@@ -20,6 +20,8 @@ import mlflow
 import optuna
 from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_FILE, log_model_package
 from mbu.search.confirm_report import CONFIRM_REPORT_JSON
+from mbu.search.race import best_run_folder, incumbent, seed_count
+from mbu.search.race_report import race_summary
 from mbu.search.study_file import StudyConfig
 from mbu.search.trial import trial_dir
 from mbu.train.checkpoint import CHECKPOINT_FILE, REPORT_FILE, RUN_FILE
@@ -69,13 +71,13 @@ def choose_champion(study: optuna.Study, config: StudyConfig) -> Champion | None
     if confirmation == PARTIAL:
         return None
     if confirmation is None:
-        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if not complete:
+        best = incumbent(study)  # a racing study's: the best mean over all its seeds
+        if best is None:
             return None
-        number = study.best_trial.number
+        number = best.number
     else:
         number = confirmation[0]
-    folder = trial_dir(config, number)
+    folder = best_run_folder(study, number) or trial_dir(config, number)
     run_id = json.loads((folder / RUN_FILE).read_text())["run_id"]
     metrics = json.loads((folder / REPORT_FILE).read_text())["metrics"]
     threshold, test_iou = float(metrics["val/threshold_best"]), float(metrics["test/iou"])
@@ -88,7 +90,19 @@ def choose_champion(study: optuna.Study, config: StudyConfig) -> Champion | None
         "data": config.data_root or f"synthetic, {config.synthetic.size} px",
         "confirmed": "false" if confirmation is None else "true",
     }
-    if confirmation is None:
+    race = race_summary(study) if seed_count(study) > 1 else None
+    raced = next((r for r in race.ranked if r.trial == number), None) if race is not None else None
+    if raced is not None:
+        iv = raced.test_interval
+        tags["race_seeds"] = ",".join(str(seed) for seed in raced.seeds)
+        tags["race_test_iou"] = f"{iv.mean:.4f}" + ("" if iv.low is None else f" [{iv.low:.4f}, {iv.high:.4f}]")
+    if confirmation is None and raced is not None:
+        tags["unconfirmed"] = "true"
+        figure = (
+            f"mean test IoU over race seeds {tags['race_seeds']}: {tags['race_test_iou']} (95% interval); "
+            f"this seed's {test_iou:.4f}; not confirmed on fresh seeds: mbu confirm {config.path}"
+        )
+    elif confirmation is None:
         tags["unconfirmed"] = "true"
         figure = f"search-time test IoU {test_iou:.4f} (one seed, not confirmed: mbu confirm {config.path})"
     else:

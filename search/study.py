@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+from mbu.search.race import RACE_SEEDS_ATTR, is_racing
 from mbu.search.sampler import make_pruner, make_sampler
 from mbu.search.storage import make_storage
 from mbu.search.study_file import StudyConfig, StudyFileError
@@ -43,6 +44,8 @@ def fingerprint(config: StudyConfig) -> dict:
         "train": {k: v for k, v in config.train.items() if k not in OPERATIONAL_KEYS},
         "data": config.data_root if config.synthetic is None else vars(config.synthetic),
     }
+    if config.race is not None:  # absent for a study without [race], so that its stored fingerprint still matches
+        value["race"] = vars(config.race)
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
@@ -62,15 +65,18 @@ def open_study(config: StudyConfig) -> optuna.Study:
     if stored is None:
         study.set_user_attr(FINGERPRINT_ATTR, current)
     elif stored != current:
-        changed = sorted(k for k in current if current[k] != stored.get(k))
+        changed = sorted(k for k in current.keys() | stored.keys() if current.get(k) != stored.get(k))
         raise StudyFileError(
             f"{config.path}: study {settings.name!r} in {settings.storage} was created with a different "
-            f"{' and '.join(changed)} (stored: {json.dumps({k: stored.get(k) for k in changed})}); its trials would "
+            f"{' and '.join(changed)} (stored: {json.dumps({k: stored.get(k) for k in changed})}, "
+            f"now: {json.dumps({k: current.get(k) for k in changed})}); its trials would "
             "not be comparable. Restore the file, or give [study].name a new name for a new study."
         )
     if study.metric_names is None:  # plots and optuna-dashboard then say what the value is
         with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
             study.set_metric_names([OBJECTIVE_KEY])
+    if is_racing(config) and RACE_SEEDS_ATTR not in study.user_attrs:
+        study.set_user_attr(RACE_SEEDS_ATTR, config.race.seeds)
     if STUDY_UID_ATTR not in study.user_attrs:
         study.set_user_attr(STUDY_UID_ATTR, uuid.uuid4().hex)
     if TRACKING_ATTR not in study.user_attrs:

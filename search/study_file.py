@@ -12,6 +12,8 @@ Layout::
     [slurm]            partition, tasks, gpus_per_task, cpus_per_task, mem_gb, time_min, signal_delay_s,
                        max_requeue, single_node, sbatch, setup: ``mbu search --slurm`` (see ``search.slurm``)
     [confirm]          top_k, seeds, presets: retrain the best trials on fresh seeds (see ``search.confirm``)
+    [race]             seeds, margin, collapse_guard, collapse_margin, collapse_marked: race configurations
+                       over paired seeds and end collapsed runs early (see ``search.race``)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from mbu.data.images import MIN_ANNOTATED, DataError, count_annotated
 from mbu.data.synthetic import SynthConfig
 from mbu.search.confirm_settings import ConfirmSettings, parse_confirm
+from mbu.search.race_settings import RaceSettings, parse_race
 from mbu.search.slurm_settings import SlurmSettings, slurm_problem
 from mbu.search.typed_tables import StudyFileError, check_keys, check_types, typed_table
 from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
@@ -39,7 +42,7 @@ DIRECTIONS = ("maximize", "minimize")
 MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu"}
 TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(WEIGHT_NAMES)
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
-TABLES = ("study", "data", "train", "space", "enqueue", "slurm", "confirm")  # the study file's top-level tables
+TABLES = ("study", "data", "train", "space", "enqueue", "slurm", "confirm", "race")  # the study file's top-level tables
 SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name anywhere, never a path
 NAMING = "use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 100)"
@@ -88,6 +91,7 @@ class StudyConfig:
     enqueue: list[dict[str, float]] = field(default_factory=list)  # first trials
     slurm: SlurmSettings = field(default_factory=SlurmSettings)  # mbu search --slurm
     confirm: ConfirmSettings | None = None  # [confirm]: None, no confirmation stage
+    race: RaceSettings | None = None  # [race]: None, one seed per configuration and no collapse guard
     experiment: str = ""  # MLflow experiment of the runs; empty: the study's name (set for a confirmation)
     queued_only: bool = False  # trials are only the queued ones, never sampled (a confirmation's runs)
 
@@ -266,6 +270,24 @@ def parse_slurm(raw: dict[str, Any], path: Path) -> SlurmSettings:
     return slurm
 
 
+def check_race(config: StudyConfig) -> None:
+    """``[race]`` against the rest of the file: it needs a first incumbent, and no pruner may cut a seed run short."""
+    race, path = config.race, config.path
+    if race is None or race.seeds == 1:
+        return
+    if not config.enqueue:
+        raise StudyFileError(
+            f"{path}: [race] needs an [[enqueue]] point: the first one (e.g. the published preset) is the first "
+            f"incumbent and trains all {race.seeds} seeds"
+        )
+    if config.study.pruner != "none":
+        raise StudyFileError(
+            f"{path}: [race] with seeds = {race.seeds} and [study].pruner = {config.study.pruner!r}: the pruner would "
+            'cut seed runs short and the race would compare unfinished runs; set pruner = "none" (the race and '
+            "the collapse guard end poor runs early) or seeds = 1"
+        )
+
+
 def check_trial_config(config: StudyConfig) -> None:
     """One trial's config built now, so that a bad fixed value fails here, not after data generation."""
     path = config.path
@@ -293,5 +315,7 @@ def load_study_file(path: Path | str) -> StudyConfig:
     config = StudyConfig(path, study, data_root, synthetic, train, space, parse_enqueue(raw, space, path))
     config.slurm = parse_slurm(raw, path)
     config.confirm = parse_confirm(raw, path)
+    config.race = parse_race(raw, path)
+    check_race(config)
     check_trial_config(config)
     return config

@@ -19,6 +19,8 @@ import optuna
 from mbu.data.files import atomic_write, disk_used, human_bytes
 from mbu.evaluate.segmentation import figure_warnings
 from mbu.search.confirm_report import CONFIRM_REPORT_JSON, CONFIRM_REPORT_MD, summary_lines
+from mbu.search.race import best_run_folder, incumbent, seed_count
+from mbu.search.race_report import RaceSummary, cost_line, incumbent_lines, race_markdown, race_summary
 from mbu.search.storage import count_states
 from mbu.search.study_file import trial_name
 from mbu.search.tracking import ui_command
@@ -56,12 +58,14 @@ class StudySummary:
     target: int = 0  # the finished trials the launch aimed at (its resolved n_trials)
     confirmation: list[str] = field(default_factory=list)  # the verdict on fresh seeds, or how to get one
     confirm_problem: str | None = None  # the confirmation ended short (failed runs), said on stderr
+    race: RaceSummary | None = None  # a racing study's configurations and cost
 
     @classmethod
     def of(cls, study: optuna.Study, storage: str, tracking_uri: str) -> StudySummary:
         summary = cls(study.study_name, storage, tracking_uri, count_states(study))
-        if summary.states.get("COMPLETE"):
-            best = study.best_trial
+        summary.race = race_summary(study) if seed_count(study) > 1 else None
+        best = incumbent(study)  # a racing study's: the best mean over all k seeds
+        if best is not None:
             summary.best_number = best.number
             summary.best_params = dict(best.params)
             summary.best_metrics = {k: v for k, v in best.user_attrs.items() if isinstance(v, float)}
@@ -69,10 +73,16 @@ class StudySummary:
 
     def format(self) -> str:
         lines = [f"study {self.study_name}: " + ", ".join(f"{n} {s}" for s, n in sorted(self.states.items()))]
+        if self.race is not None:
+            lines += [cost_line(self.race), *incumbent_lines(self.race)]
         if self.best_number is None:
-            lines.append("no trial has completed yet")
+            if self.race is None:
+                lines.append("no trial has completed yet")
         else:
-            lines.append(f"best trial: #{self.best_number}")
+            if self.race is not None:
+                lines.append(f"trial {self.best_number}'s parameters, and its figures averaged over its seeds:")
+            else:
+                lines.append(f"best trial: #{self.best_number}")
             shown = [k for k in SUMMARY_METRICS if k in self.best_metrics]
             width = max(len(k) for k in [*self.best_params, *shown])
             for key, value in sorted(self.best_params.items()):
@@ -196,11 +206,16 @@ def study_markdown(
     plots: list[Path] | None = None,
     confirmation: list[str] | None = None,
     disk: str = "",
+    race: list[str] | None = None,
+    best_link: str | None = None,
 ) -> str:
     lines = [f"# Study `{name}`", "", "Trials by state: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items()))]
     if disk:
         lines += ["", f"Disk used by the study's runs: {disk}."]
-    lines += ["", "## Trials ranked by validation IoU", ""]
+    if race:
+        lines += ["", *race]
+    title = "Configurations by their race (mean over seeds)" if race else "Trials ranked by validation IoU"
+    lines += ["", f"## {title}", ""]
     if rows:
         params = sorted({p for r in rows for p in r["params"]})
         lines.append("| trial | val IoU | threshold | test IoU | oracle | all-ones | " + " | ".join(params) + " |")
@@ -210,7 +225,7 @@ def study_markdown(
             cells += [f"{r['params'][p]:.4g}" if p in r["params"] else "-" for p in params]
             lines.append("| " + " | ".join(cells) + " |")
         best = rows[0]["trial"]
-        link = f"{trial_name(best)}/{MARKDOWN_FILE}"
+        link = best_link or f"{trial_name(best)}/{MARKDOWN_FILE}"
         lines += ["", f"Best trial: #{best}; its report: [{link}]({link})."]
         lines += [f"\n> **Warning (best trial):** {note}." for note in best_warnings or []]
     else:
@@ -234,6 +249,13 @@ def study_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(start).resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-"
 
@@ -242,11 +264,17 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
     """Write the study's report files and plots into ``study_dir``; returns their paths (JSON, Markdown, PNGs)."""
     states = count_states(study)
     rows = ranked_trials(study)
+    race = race_summary(study) if seed_count(study) > 1 else None
+    if race is not None:  # the incumbent first, then by mean over the seeds each ran
+        order = {r.trial: i for i, r in enumerate(race.ranked)}
+        rows.sort(key=lambda r: (r["trial"] != (race.incumbent.trial if race.incumbent else None), order[r["trial"]]))
     importances = param_importances(study)
-    best_report = None
+    best_report, best_link = None, None
     if rows:
-        path = study_dir / trial_name(rows[0]["trial"]) / REPORT_FILE
+        folder = best_run_folder(study, rows[0]["trial"]) or study_dir / trial_name(rows[0]["trial"])
+        path = folder / REPORT_FILE
         best_report = json.loads(path.read_text())["metrics"] if path.is_file() else None
+        best_link = _relative(folder / MARKDOWN_FILE, study_dir)
     best_warnings = figure_warnings(best_report or rows[0]) if rows else []
     caveat = importance_caveat(study) if isinstance(importances, dict) else None
     plots = write_plots(study, study_dir)
@@ -264,10 +292,15 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
         "plots": [p.name for p in plots],
         "confirmation": confirmation,
         "disk_bytes": disk_used(study_dir),
+        "race": race.to_dict() if race is not None else None,
     }
     json_path, md_path = study_dir / STUDY_REPORT_JSON, study_dir / STUDY_REPORT_MD
     write_json(json_path, data)
     disk = f"{human_bytes(data['disk_bytes'])} under {study_dir}"
-    text = study_markdown(study.study_name, rows, importances, states, caveat, best_warnings, plots, confirmation, disk)
+    race_lines = race_markdown(race) if race is not None else None
+    text = study_markdown(
+        study.study_name, rows, importances, states, caveat, best_warnings, plots, confirmation, disk, race_lines,
+        best_link,
+    )  # fmt: skip
     atomic_write(md_path, lambda tmp: tmp.write_text(text))
     return [json_path, md_path, *plots]

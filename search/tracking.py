@@ -16,7 +16,9 @@ import copy
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import optuna
@@ -28,6 +30,7 @@ from mbu.train.tracking import Recorder, train_params
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 RUN_ID_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
+OPEN_SEED_RUN_ATTR = "seed_run_open"  # Optuna trial attribute: {"seed", "run_id"} of a raced seed run in flight
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study attribute: the study's parent MLflow run
 PARENT_ROLE = "study-parent"  # value of the parent run's ``role`` tag
 # Optuna trial attributes a queued trial may carry: its MLflow run's name (else trial-<n>) and extra tags.
@@ -83,18 +86,36 @@ def slurm_tags() -> dict[str, str]:
     return {tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)}
 
 
-def open_trial_run(trial: optuna.Trial, config: StudyConfig, cfg: TrainConfig, parent: Recorder) -> Recorder:
-    """The trial's run, nested under the study's; its id goes to the trial and to the trial's run folder."""
+def open_trial_run(
+    trial: optuna.Trial,
+    config: StudyConfig,
+    cfg: TrainConfig,
+    parent: Recorder,
+    name: str | None = None,
+    reopen: str | None = None,
+    tags: dict[str, Any] | None = None,
+    remember: Callable[[str], None] | None = None,
+) -> Recorder:
+    """The trial's run, nested under ``parent``; its id goes to the trial and to the run folder (``cfg.out``).
+
+    ``reopen``: a run of an earlier try to continue (its params are already logged); ``remember``
+    records the id instead of the trial's ``mlflow_run_id`` (a seed run of a raced configuration).
+    """
     settings = config.study
-    tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING", **slurm_tags()}
+    tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING", **slurm_tags(), **(tags or {})}
     tags |= trial.user_attrs.get(RUN_TAGS_ATTR, {})
-    name = trial.user_attrs.get(RUN_NAME_ATTR) or trial_name(trial.number)
-    run = Recorder.start(settings.tracking_uri, config.experiment_name, name, parent_id=parent.run_id)
+    name = name or trial.user_attrs.get(RUN_NAME_ATTR) or trial_name(trial.number)
+    if reopen is not None:
+        run = Recorder.start(settings.tracking_uri, config.experiment_name, name, run_id=reopen)
+    else:
+        run = Recorder.start(settings.tracking_uri, config.experiment_name, name, parent_id=parent.run_id)
     try:
-        trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+        (remember or (lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id)))(run.run_id)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})
         run.set_tags(tags)
-        run.log_params(train_params(cfg))
+        if reopen is None:
+            run.log_params(train_params(cfg))
     except BaseException as err:  # the run exists but the caller never gets it: never leave it RUNNING
         run.set_tags({"state": "FAIL", "error": f"{type(err).__name__}: {err}"[:5000]})
         run.end("FAILED")
@@ -148,8 +169,11 @@ class RetryLostTrial:
             queue_retry(study, trial)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id is not None:
+        # The trial's run, and the seed run a raced configuration had in flight (its retry reopens both).
+        open_seed = trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
+        for run_id in (open_seed.get("run_id"), trial.user_attrs.get(RUN_ID_ATTR)):
+            if run_id is None:
+                continue
             try:
                 client = mlflow.MlflowClient(self.tracking_uri)
                 client.set_tag(run_id, "state", "FAIL")

@@ -15,6 +15,8 @@ from mbu.data.images import AnnotatedImages
 from mbu.evaluate.report import score_and_report
 from mbu.evaluate.segmentation import predict_masks, score_masks
 from mbu.evaluate.tracking import log_scores
+from mbu.search.race import collapse_reason
+from mbu.search.race_settings import RaceSettings
 from mbu.search.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
@@ -27,14 +29,28 @@ OBJECTIVE_KEY = "val/iou_best"  # what the study maximises: best-threshold IoU o
 TRAIN_SEED_ATTR = "train_seed"  # Optuna trial attribute: a training seed fixed on the trial (confirmation runs)
 
 
+class RunCollapsed(Exception):
+    """A run's masks degenerated at an evaluation (:func:`mbu.search.race.collapse_reason`): it ends there."""
+
+    def __init__(self, reason: str, iteration: int) -> None:
+        super().__init__(f"collapsed at iteration {iteration}: {reason}")
+        self.reason = reason
+        self.iteration = iteration
+
+
 def trial_dir(config: StudyConfig, number: int) -> Path:
     """``runs/<study>/trial-<n>/``: the trial's checkpoint, grids and report."""
     return config.study_dir / trial_name(number)
 
 
+def suggest_params(trial: optuna.Trial, config: StudyConfig) -> dict[str, float]:
+    """The trial's values of the study's search space (a queued trial's fixed ones, or the sampler's draw)."""
+    return {name: trial.suggest_float(name, rng.low, rng.high, log=rng.log) for name, rng in config.space.items()}
+
+
 def sampled_config(trial: optuna.Trial, config: StudyConfig) -> TrainConfig:
     """The trial's sampled values over the study's fixed settings; resuming a lost try when there is one."""
-    params = {name: trial.suggest_float(name, rng.low, rng.high, log=rng.log) for name, rng in config.space.items()}
+    params = suggest_params(trial, config)
     cfg = config.trial_config(params, trial_dir(config, trial.number))
     if TRAIN_SEED_ATTR in trial.user_attrs:  # else [train].seed, the same for every trial of a search
         cfg = replace(cfg, seed=int(trial.user_attrs[TRAIN_SEED_ATTR]))
@@ -76,34 +92,56 @@ def start_training(
     recorder: Recorder,
     progress: bool,
     data: TrainingData | None = None,
+    guard: RaceSettings | None = None,
+    report: bool = True,
 ) -> Training:
-    """The trial's training, ready to step; it reports the validation IoU every ``eval_every`` iterations.
+    """The trial's training, ready to step; it scores the validation half every ``eval_every`` iterations.
 
-    A step raises ``optuna.TrialPruned`` when the pruner stops the trial.
+    With ``report`` the value goes to Optuna at step = iteration, and a step raises ``optuna.TrialPruned``
+    when the pruner stops the trial (a raced seed run reports per seed instead). With ``guard`` a step
+    raises :class:`RunCollapsed` at an evaluation whose masks have degenerated.
     """
 
     def on_eval(iteration: int, model: ContentTransferModel) -> dict[str, float]:
         scores = score_masks(predict_masks(model, annotated.images), annotated.masks, annotated.names)
         value = scores.metrics[OBJECTIVE_KEY]
-        trial.report(value, iteration)
-        if trial.should_prune():
-            recorder.log_metrics({OBJECTIVE_KEY: value}, step=iteration)
-            raise optuna.TrialPruned(f"pruned at iteration {iteration} (val IoU {value:.4f})")
-        return {OBJECTIVE_KEY: value, "val/threshold_best": scores.metrics["val/threshold_best"]}
+        logged = {OBJECTIVE_KEY: value, "val/threshold_best": scores.metrics["val/threshold_best"]}
+        if report:
+            trial.report(value, iteration)
+            if trial.should_prune():
+                recorder.log_metrics({OBJECTIVE_KEY: value}, step=iteration)
+                raise optuna.TrialPruned(f"pruned at iteration {iteration} (val IoU {value:.4f})")
+        reason = collapse_reason(scores.metrics, guard) if guard is not None else None
+        if reason is not None:
+            recorder.log_metrics(logged, step=iteration)
+            raise RunCollapsed(reason, iteration)
+        return logged
 
-    if cfg.load:
+    if cfg.load and "resumed_from_iteration" in trial.user_attrs:
         resumed_at = trial.user_attrs["resumed_from_iteration"]
         recorder.set_tags({"resumed_from": cfg.load, "resumed_from_iteration": resumed_at})
     return Training(cfg, on_eval=on_eval, progress=progress, recorder=recorder, data=data)
 
 
-def score_trial(trial: optuna.Trial, training: Training, annotated: AnnotatedImages, recorder: Recorder) -> float:
-    """Once trained: final checkpoint, report, scores logged and kept on the trial; returns the objective."""
+def score_run(training: Training, annotated: AnnotatedImages, recorder: Recorder) -> dict[str, float]:
+    """Once trained (or ended early): final checkpoint, report, scores logged to the run; returns the metrics."""
     result = training.finish()
     scores, paths = score_and_report(result.model, annotated, training.cfg, result.iterations, result.run_dir)
     for path in paths:
         recorder.log_artifact(path)
     log_scores(scores, result.iterations, recorder)
-    for key, value in scores.metrics.items():
+    return scores.metrics
+
+
+def score_trial(trial: optuna.Trial, training: Training, annotated: AnnotatedImages, recorder: Recorder) -> float:
+    """Once trained: final checkpoint, report, scores logged and kept on the trial; returns the objective."""
+    metrics = score_run(training, annotated, recorder)
+    for key, value in metrics.items():
         trial.set_user_attr(key, value)
-    return scores.metrics[OBJECTIVE_KEY]
+    return metrics[OBJECTIVE_KEY]
+
+
+def record_collapse(trial: optuna.Trial, recorder: Recorder, collapsed: RunCollapsed) -> None:
+    """Say on the trial and its MLflow run that the run ended early, collapsed, and why."""
+    trial.set_user_attr("collapsed", str(collapsed))
+    recorder.set_tags({"collapsed": str(collapsed)})

@@ -604,6 +604,44 @@ MISTAKES = [
         "study mistakes has 0 of 1 finished trials; run mbu search study.toml first",
         _study(GOOD_STUDY),
     ),  # fmt: skip
+    # the [race] table
+    Mistake(
+        "race table with zero seeds",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race].seeds must be a positive integer, got 0",
+        _changed({"race": {"seeds": 0}, "enqueue": [{"lr": 2e-4}]}),
+    ),  # fmt: skip
+    Mistake(
+        "race table with fractional seeds",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race].seeds must be an integer, got 2.5",
+        _changed({"race": {"seeds": 2.5}, "enqueue": [{"lr": 2e-4}]}),
+    ),  # fmt: skip
+    Mistake(
+        "race margin of one",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race].margin must be in [0, 1), got 1.0",
+        _changed({"race": {"margin": 1.0}, "enqueue": [{"lr": 2e-4}]}),
+    ),  # fmt: skip
+    Mistake(
+        "race margin below zero",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race].margin must be in [0, 1), got -0.1",
+        _changed({"race": {"margin": -0.1}, "enqueue": [{"lr": 2e-4}]}),
+    ),  # fmt: skip
+    Mistake(
+        "race without a preset",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race] needs an [[enqueue]] point: the first one (e.g. the published preset) is the first "
+        "incumbent and trains all 3 seeds",
+        _changed({"race": {"seeds": 3}}),
+    ),  # fmt: skip
+    Mistake(
+        "race with a pruner",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race] with seeds = 2 and [study].pruner = 'median': the pruner would cut seed runs short",
+        _changed({"race": {"seeds": 2}, "enqueue": [{"lr": 2e-4}], "study": {"pruner": "median"}}),
+    ),  # fmt: skip
     Mistake(
         "search slurm flag without --slurm",
         lambda s: ["search", "study.toml", "--tasks", "3"],

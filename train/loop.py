@@ -261,9 +261,9 @@ class Training:
         self.bar.close()
 
     def finish(self) -> TrainResult:
-        """Final grids and checkpoint; the model in eval mode."""
+        """Final grids and checkpoint at the iteration reached (``iters``, or earlier for a run ended early)."""
         self.close()
-        final_iteration = max(self.start, self.cfg.iters)
+        final_iteration = self.iteration
         save_grids(self.model, self.data.display_a, self.data.display_b, self.run_dir, final_iteration, self.recorder)
         self.iteration = final_iteration
         self.save()

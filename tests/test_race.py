@@ -1,0 +1,251 @@
+"""Racing configurations over paired seeds: SMAC's rule, the collapse guard, each seed run recorded once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from helpers import mbu_command, study_runs, tiny_study
+from mbu.evaluate.segmentation import score_masks, validation_split
+from mbu.search.race import collapse_reason, keeps_racing, seed_runs
+from mbu.search.race_settings import RaceSettings
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import jaccard_score
+
+from mbu.cli import main
+
+PRESET = {"lr": 2e-4}
+RACE2 = {"seeds": 2, "collapse_guard": False}  # two paired seeds; runs end at iters, not at a collapse
+STORAGE = "sqlite:///optuna.db"
+
+
+def trials(name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=STORAGE).get_trials()
+
+
+def plant_incumbent(name: str, value: float, seeds: int = 2) -> None:
+    """A complete configuration with ``value`` on every race seed, in the study before its first launch."""
+    study = optuna.create_study(study_name=name, storage=STORAGE, direction="maximize")
+    runs = {str(seed): {"value": value, "test/iou": value} for seed in range(seeds)}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 5e-4},
+            distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-3, log=True)},
+            value=value,
+            user_attrs={"seed_runs": runs, "race_outcome": f"all {seeds} seeds"},
+        )
+    )
+
+
+def seed_run_names(name: str) -> list[str]:
+    """Names of the study's finished MLflow seed runs (``trial-<c> seed-<s>``), one entry per run."""
+    runs = study_runs(MlflowClient(), name).trials
+    return sorted(r.info.run_name for r in runs if "seed" in r.data.tags and r.info.status == "FINISHED")
+
+
+def test_keeps_racing_is_smacs_rule_on_the_seeds_both_ran() -> None:
+    rival = {0: 0.42, 1: 0.30, 2: 0.30}  # mean 0.34 over all three seeds
+    # Compared on seed 0 alone: 0.40 < 0.42, raced out although 0.40 beats the rival's overall mean.
+    assert keeps_racing({0: 0.40}, rival, margin=0.0) is False
+    assert keeps_racing({0: 0.40}, rival, margin=0.03) is True  # a forgiving margin lets it go on
+    assert keeps_racing({0: 0.42}, rival, margin=0.0) is True  # a tie is not worse
+    assert keeps_racing({0: 0.45, 1: 0.30}, rival, margin=0.0) is True  # 0.375 vs 0.36
+    assert keeps_racing({0: 0.45, 1: 0.20}, rival, margin=0.0) is False  # 0.325 vs 0.36
+    assert keeps_racing({7: 0.01}, rival, margin=0.0) is True  # no seed in common: no evidence against it
+    assert keeps_racing({0: 0.30}, {0: 0.40}, margin=0.0, sign=-1.0) is True  # minimizing: lower is better
+
+
+def test_the_collapse_guard_reads_the_validation_half_and_its_all_ones_iou_matches_scikit_learn() -> None:
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.zeros(20, 16, 16, dtype=torch.bool)
+    for i in range(20):
+        top, left = torch.randint(0, 10, (2,), generator=generator).tolist()
+        truth[i, top : top + 5, left : left + 6] = True
+    names = [f"{i}.png" for i in range(20)]
+    settings = RaceSettings()
+
+    perfect = score_masks(truth.float(), truth, names).metrics
+    assert collapse_reason(perfect, settings) is None
+
+    everything = score_masks(torch.ones(20, 16, 16), truth, names).metrics
+    val, _ = validation_split(20)
+    expected = jaccard_score(truth[val].flatten().numpy(), torch.ones(len(val) * 256, dtype=torch.bool).numpy())
+    assert everything["baseline/iou_all_ones_val"] == pytest.approx(expected)
+    assert everything["val/marked_fraction"] == 1.0
+    assert "marks 100.0% of the validation pixels" in collapse_reason(everything, settings)
+    assert collapse_reason(everything, RaceSettings(collapse_guard=False)) is None
+
+    # A mask that barely tells content from background: its best threshold marks the content and 95 % of the
+    # rest, under the marked share but within the margin of the all-ones IoU.
+    uniform = torch.rand(20, 16, 16, generator=generator)
+    noisy = torch.where(truth, 0.05 + 0.95 * uniform, uniform)
+    metrics = score_masks(noisy, truth, names).metrics
+    assert metrics["val/marked_fraction"] < settings.collapse_marked
+    reason = collapse_reason(metrics, settings)
+    assert reason is not None and "within 0.02 of the all-ones mask's" in reason
+    assert collapse_reason(metrics, RaceSettings(collapse_margin=0.0)) is None
+
+
+def test_a_challenger_that_loses_its_first_seed_trains_one_seed(tmp_path: Path, capsys) -> None:
+    (tmp_path / "s.toml").write_text(tiny_study("lose", 2, race=RACE2, enqueue=[PRESET]))
+    plant_incumbent("lose", 0.99)  # trial 0: no real run can reach it
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    challenger = trials("lose")[1]
+    assert challenger.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(seed_runs(challenger)) == [0]
+    assert challenger.user_attrs["race_outcome"] == "raced out after seed 0 (1 of 2)"
+    assert challenger.intermediate_values == {0: challenger.value}
+    assert sorted(p.name for p in (tmp_path / "runs/lose/trial-1").glob("seed-*")) == ["seed-0"]
+    assert seed_run_names("lose") == ["trial-1 seed-0"]
+    out = capsys.readouterr().out
+    assert "best configuration: trial 0" in out and "1 raced out" in out
+    report = (tmp_path / "runs/lose/study_report.md").read_text()
+    assert "raced out after seed 0 (1 of 2)" in report and "**(incumbent)**" in report
+
+
+def test_a_challenger_that_wins_every_seed_becomes_the_incumbent_and_the_champion(tmp_path: Path, capsys) -> None:
+    tables = {"race": RACE2, "enqueue": [PRESET], "study": {"registered_model": "race_champion"}}
+    (tmp_path / "s.toml").write_text(tiny_study("win", 2, **tables))
+    plant_incumbent("win", 0.0)  # trial 0: every real run beats it
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    winner = trials("win")[1]
+    assert sorted(seed_runs(winner)) == [0, 1] and winner.user_attrs["race_outcome"] == "all 2 seeds"
+    values = [seed_runs(winner)[s]["value"] for s in (0, 1)]
+    assert winner.value == pytest.approx(sum(values) / 2)
+    out = capsys.readouterr().out
+    assert "best configuration: trial 1, mean test IoU over 2 seeds" in out
+    assert seed_run_names("win") == ["trial-1 seed-0", "trial-1 seed-1"]
+    # The seed runs sit under the configuration's run, which sits under the study's.
+    client = MlflowClient()
+    runs = study_runs(client, "win")
+    config_run = next(r for r in runs.trials if r.info.run_name == "trial-1")
+    assert config_run.data.tags["mlflow.parentRunId"] == runs.parents[0].info.run_id
+    seeds = [r for r in runs.trials if "seed" in r.data.tags]
+    assert {r.data.tags["mlflow.parentRunId"] for r in seeds} == {config_run.info.run_id}
+    version = client.get_model_version_by_alias("race_champion", "champion")
+    assert version.tags["trial"] == "1" and version.tags["race_seeds"] == "0,1"
+    assert version.run_id in {r.info.run_id for r in seeds}
+
+
+def test_a_collapsed_run_ends_at_its_first_evaluation_and_a_seeds_edit_is_refused(tmp_path: Path, capsys) -> None:
+    # Two iterations leave the tiny model marking every pixel: collapsed at the first evaluation, iteration 2.
+    tables = {"race": {"seeds": 2}, "enqueue": [PRESET], "train": {"iters": 6, "eval_every": 2}}
+    (tmp_path / "s.toml").write_text(tiny_study("fold", 1, **tables))
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    preset = trials("fold")[0]
+    runs = seed_runs(preset)
+    assert sorted(runs) == [0, 1]  # the first preset, with no incumbent yet, trains every seed
+    for run in runs.values():
+        assert run["iteration"] == 2 and run["collapsed"].startswith("collapsed at iteration 2: ")
+        saved = torch.load(Path(run["dir"]) / "checkpoint.pt", weights_only=False)
+        assert saved["iteration"] == 2
+        assert json.loads((Path(run["dir"]) / "report.json").read_text())["iteration"] == 2
+    tagged = [r for r in study_runs(MlflowClient(), "fold").trials if "collapsed" in r.data.tags]
+    assert len(tagged) == 2
+    assert "Collapsed runs" in (tmp_path / "runs/fold/study_report.md").read_text()
+
+    capsys.readouterr()
+    (tmp_path / "s.toml").write_text(tiny_study("fold", 1, **{**tables, "race": {"seeds": 3}}))
+    assert main(["search", "s.toml", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was created with a different race" in err[0]
+    assert len(trials("fold")) == 1
+
+
+@pytest.mark.slow
+def test_a_stopped_seed_run_resumes_once_in_optuna_and_mlflow(tmp_path: Path) -> None:
+    tables = {"race": RACE2, "enqueue": [PRESET], "train": {"iters": 8, "save_iter": 2, "eval_every": 8}}
+    (tmp_path / "s.toml").write_text(tiny_study("stop", 1, **tables))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(mbu_command("search", "s.toml", "--no-progress"), env=env, stderr=subprocess.PIPE)
+    second = tmp_path / "runs/stop/trial-0/seed-1/checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not second.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 75, err.decode()
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    first, retry = trials("stop")
+    assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(seed_runs(retry)) == [0, 1]
+    assert seed_runs(first).keys() == {0}  # seed 0 had finished before the stop; the retry carried it
+    runs = study_runs(MlflowClient(), "stop").trials
+    assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-0 seed-0", "trial-0 seed-1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    resumed = next(r for r in runs if r.info.run_name == "trial-0 seed-1")
+    assert int(resumed.data.tags["resumed_from_iteration"]) >= 2
+    assert seed_runs(retry)[1]["run_id"] == resumed.info.run_id
+
+
+@pytest.mark.slow
+def test_two_workers_record_each_seed_run_once(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(tiny_study("pair", 3, race=RACE2, enqueue=[PRESET]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        mbu_command("search", "s.toml", "--workers", "2", "--no-progress"), env=env, capture_output=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    complete = [t for t in trials("pair") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    expected = sorted(
+        f"trial-{t.number} seed-{seed}" for t in complete for seed in seed_runs(t)
+    )  # no retries here: a configuration's folder and runs are named after its own trial
+    assert seed_run_names("pair") == expected
+    ids = [run["run_id"] for t in complete for run in seed_runs(t).values()]
+    assert len(ids) == len(set(ids)) == len(expected)
+
+
+def test_the_simulator_drives_the_search_and_picks_a_clearly_best_preset(tmp_path: Path) -> None:
+    objective = tmp_path / "objective.py"
+    objective.write_text(
+        "import random\n"
+        "def value(params, seed):\n"
+        "    noise = random.Random(hash((round(params['lr'], 12), seed))).gauss(0, 0.01)\n"
+        "    return (0.6 if params['lr'] == 2e-4 else 0.2) + noise\n"
+    )
+    (tmp_path / "s.toml").write_text(tiny_study("sim", 1, enqueue=[PRESET]))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        import racing
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "out.json"
+    args = ["--study", "s.toml", "--objective", str(objective), "--budget", "12", "--repeats", "4", "--json", str(out)]
+    assert racing.main([*args, "--seeds", "3"]) == 0
+    result = json.loads(out.read_text())
+    assert result["preset_true_value"] == pytest.approx(0.6, abs=0.01)
+    assert set(result["policies"]) == {"single_seed", "single_seed_confirmed", "racing"}
+    race = result["policies"]["racing"]
+    assert race["worse_than_preset_rate"] == 0.0 and race["mean_true_value"] == result["preset_true_value"]
+    assert race["mean_runs_used"] <= 12 and result["policies"]["single_seed"]["mean_runs_used"] == 12
+
+
+def test_a_confirmation_after_a_race_trains_the_incumbent_on_the_seeds_after_the_races(tmp_path: Path) -> None:
+    tables = {"race": RACE2, "enqueue": [PRESET], "confirm": {"top_k": 1, "seeds": 1}}
+    (tmp_path / "s.toml").write_text(tiny_study("after", 2, **tables))
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    confirm = optuna.load_study(study_name="after/confirm", storage=STORAGE).get_trials()
+    assert confirm and {t.state for t in confirm} == {optuna.trial.TrialState.COMPLETE}
+    assert {t.user_attrs["train_seed"] for t in confirm} == {2}  # the race trained seeds 0 and 1
+    assert all("seed_runs" not in t.user_attrs for t in confirm)  # plain runs, not races
+    report = json.loads((tmp_path / "runs/after/confirm_report.json").read_text())
+    assert {seed for row in report["candidates"] for seed in row["seeds"]} == {"2"}
