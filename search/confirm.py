@@ -70,20 +70,22 @@ def candidates(study: optuna.Study, config: StudyConfig) -> list[Candidate]:
     """The top-k complete trials by the objective, then the presets' trials; one line if there are too few."""
     settings, name = config.confirm, config.study.name
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if seed_count(study) > 1:  # a race: only the configurations that ran all k seeds
-        complete = [t for t in complete if len(seed_values(t)) >= seed_count(study)]
-    if not complete:
+    top_k, eligible = settings.top_k, complete
+    if seed_count(study) > 1:  # a race: the top k among the configurations that ran all k seeds
+        eligible = [t for t in complete if len(seed_values(t)) >= seed_count(study)]
+        top_k = min(top_k, len(eligible))  # a race ends most configurations early: confirm those it has
+    if not eligible:
         raise ValueError(f"study {name} has no complete trial to confirm")
-    if settings.top_k > len(complete):
+    if top_k > len(eligible):
         raise ValueError(
-            f"[confirm].top_k = {settings.top_k}, but study {name} has {len(complete)} complete trial(s): "
+            f"[confirm].top_k = {settings.top_k}, but study {name} has {len(eligible)} complete trial(s): "
             "lower top_k or run more trials"
         )
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    ranked = sorted(complete, key=lambda t: -t.value if maximize else t.value)  # stable: ties by number
-    chosen = {t.number: _candidate(t, f"trial {t.number}", None) for t in ranked[: settings.top_k]}
+    ranked = sorted(eligible, key=lambda t: -t.value if maximize else t.value)  # stable: ties by number
+    chosen = {t.number: _candidate(t, f"trial {t.number}", None) for t in ranked[:top_k]}
     for index, point in enumerate(config.enqueue if settings.presets else []):
-        runs = [t for t in complete if runs_point(t, point)]
+        runs = [t for t in complete if runs_point(t, point)]  # a raced-out preset too: the baseline to beat
         if not runs:
             continue  # the preset never completed: the report says so
         first = min(runs, key=lambda t: t.number)

@@ -258,4 +258,8 @@ def study_summary(config: StudyConfig, options: LaunchOptions) -> str:
     study = load_existing_study(config.study.name, storage)
     uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)
     confirmation = confirmation_lines(config.study_dir, config.path)
-    return summary_text(study, storage, uri, config.study_dir) + "\n" + "\n".join(confirmation)
+    from mbu.search.registry import champion_line  # imports MLflow's model code: only --summary needs it
+
+    champion = champion_line(config, uri)
+    lines = [summary_text(study, storage, uri, config.study_dir), *confirmation]
+    return "\n".join([*lines, champion] if champion else lines)

@@ -37,6 +37,7 @@ from mbu.search.race import (
     race_seeds,
     record_seed,
     report_carried,
+    seed_folder,
 )
 from mbu.search.study_file import StudyConfig, trial_name
 from mbu.search.tracking import (
@@ -61,7 +62,7 @@ from mbu.search.trial import (
 from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData, data_key
-from mbu.train.step import resolve_device
+from mbu.train.step import NonFiniteLossError, resolve_device
 from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder
 from tqdm import tqdm
@@ -92,6 +93,7 @@ class Slot:
         self.run: Recorder | None = None
         self.training: Training | None = None
         self.told = False  # Optuna has this trial's verdict: nothing more may be recorded for it
+        self.stepped = 0  # training iterations this slot has run (the population's progress bar)
 
     def tell(self, state: optuna.trial.TrialState, value: float | None = None) -> None:
         self.study.tell(self.trial, value, state=state)
@@ -125,6 +127,7 @@ class Slot:
                     if self.training.done or stop() is not None:
                         break
                     self.training.step()
+                    self.stepped += 1
                 if not self.training.done:
                     return None
                 value = score_trial(self.trial, self.training, annotated, self.run)
@@ -192,13 +195,14 @@ class RacingSlot(Slot):
         self.seed: int | None = None  # the seed in training
         self.seed_run: Recorder | None = None
         self.population: Population | None = None
+        self.number = trial.number  # the configuration: the first try of the trial's chain of retries
         self.folder = Path()  # runs/<study>/trial-<c>/
 
     def start(self, population: Population) -> Outcome | None:
         self.population = population
         config = population.config
         try:
-            number = configuration_number(frozen_trial(self.trial))
+            number = self.number = configuration_number(frozen_trial(self.trial))
             self.folder = trial_dir(config, number)
             cfg = replace(sampled_config(self.trial, config), load=None, out=str(self.folder.resolve()))
             self.base_cfg = cfg
@@ -221,14 +225,16 @@ class RacingSlot(Slot):
         return None
 
     def start_seed(self, seed: int) -> None:
-        population, number = self.population, configuration_number(frozen_trial(self.trial))
+        population, number = self.population, self.number
         folder = self.folder / f"seed-{seed}"
         resume = resumable(folder)
         cfg = replace(
             self.base_cfg, seed=seed, out=str(folder.resolve()), load=str(folder.resolve()) if resume else None
         )
+        # The run of an earlier try of this seed continues where its checkpoint does; with no checkpoint to
+        # resume, the seed starts again in a new run (the earlier one stays FAILED, its steps not overwritten).
         carried = self.trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
-        reopen = carried.get("run_id") if carried.get("seed") == seed else None
+        reopen = carried.get("run_id") if carried.get("seed") == seed and resume is not None else None
 
         def remember(run_id: str) -> None:
             self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, {"seed": seed, "run_id": run_id})
@@ -256,10 +262,14 @@ class RacingSlot(Slot):
                         if self.training.done or stop() is not None:
                             break
                         self.training.step()
+                        self.stepped += 1
                     if not self.training.done:
                         return None
                 except RunCollapsed as err:  # ends this seed run here, scored as it is
                     collapsed = err
+                except NonFiniteLossError as err:  # a diverged seed is that seed's (worst) result, not a crash
+                    self.end_diverged_seed(err)
+                    return self.next_or_finish()
                 metrics = score_run(self.training, annotated, self.seed_run)
             self.end_seed(metrics, collapsed)
             return self.next_or_finish()
@@ -275,19 +285,35 @@ class RacingSlot(Slot):
             "collapsed": str(collapsed) if collapsed else None,
             "iteration": self.training.iteration,
         }
-        run |= {"dir": str(self.training.run_dir), "run_id": self.seed_run.run_id}
-        record_seed(self.trial, self.seed, run)
+        run |= {"dir": seed_folder(self.number, self.seed), "run_id": self.seed_run.run_id}
+        self.keep_seed(run)
         if collapsed is not None:
             self.seed_run.set_tags({"collapsed": str(collapsed)})
-        self.training.close()
-        close_trial_run(self.seed_run, self.trial, "COMPLETE")
+        self.close_seed("COMPLETE")
+
+    def end_diverged_seed(self, err: NonFiniteLossError) -> None:
+        """A seed whose loss went NaN or infinite: the worst value, so the race and the sampler count it."""
+        worst = 0.0 if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        reason = f"diverged: {err}"
+        run = {"value": worst, "collapsed": reason, "iteration": self.training.iteration}
+        self.keep_seed(run | {"dir": seed_folder(self.number, self.seed), "run_id": self.seed_run.run_id})
+        self.close_seed("FAIL", reason)
+
+    def keep_seed(self, run: dict) -> None:
+        """The finished seed on the trial, and no longer the seed run in flight (a lost worker's retry skips it)."""
+        record_seed(self.trial, self.seed, run)
         self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, None)
-        self.run.log_metrics({"race/seed_value": value}, step=self.seed)
+        self.run.log_metrics({"race/seed_value": run["value"]}, step=self.seed)
+
+    def close_seed(self, state: str, error: str = "") -> None:
+        self.training.close()
+        close_trial_run(self.seed_run, self.trial, state, error)
         self.training, self.seed_run, self.seed = None, None, None
 
     def finish(self) -> Outcome:
         """The race of this configuration is over: its mean told to Optuna."""
         result = finish_configuration(self.trial, self.population.config)
+        self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, None)  # e.g. a retry raced out before its carried seed
         seeds = len(self.trial.user_attrs.get("seed_runs", {}))
         self.run.log_metrics({**result.figures, "race/seeds_run": float(seeds)}, step=0)
         self.run.set_tags({OUTCOME_ATTR: result.outcome})
@@ -362,15 +388,13 @@ class Population:
         """One round: each slot steps (CPU: up to its next loss log; CUDA: one iteration); the trials that ended."""
         ended = []
         for slot in list(self.slots):
-            before = slot.training.iteration
+            before = slot.stepped
             chunk = 1 if self._cuda else slot.training.iterations_to_next_log()
             outcome = slot.advance(chunk, self.annotated, stop)
             if outcome is not None:
                 self._release(slot)
                 ended.append(outcome)
-            # A raced configuration may have moved on to its next seed (or ended): count what was trained.
-            after = slot.training.iteration if slot.training is not None else before
-            self.bar.update(max(0, after - before))
+            self.bar.update(slot.stepped - before)
             self.bar.set_postfix(trials=",".join(str(s.trial.number) for s in self.slots), refresh=False)
         return ended
 

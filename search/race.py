@@ -113,7 +113,9 @@ def reference(study: optuna.Study, config: StudyConfig) -> optuna.trial.FrozenTr
     if found is not None or not config.enqueue:
         return found
     point = config.enqueue[0]
-    tries = [t for t in study.get_trials(deepcopy=False) if _runs_point(t, point)]
+    # A failed try is dead: its retry (if any) carries its seeds; a preset queued again starts afresh.
+    live = optuna.trial.TrialState.FAIL
+    tries = [t for t in study.get_trials(deepcopy=False) if _runs_point(t, point) and t.state != live]
     return max(tries, key=lambda t: (len(seed_values(t)), t.number), default=None)
 
 
@@ -202,7 +204,12 @@ def finish_configuration(trial: optuna.Trial, config: StudyConfig) -> RaceResult
     return result
 
 
-def best_run_folder(study: optuna.Study, number: int) -> Path | None:
+def seed_folder(configuration: int, seed: int) -> str:
+    """A seed run's folder, relative to the study's folder ``runs/<study>/``."""
+    return f"trial-{configuration}/seed-{seed}"
+
+
+def best_run_folder(study: optuna.Study, number: int, study_dir: Path) -> Path | None:
     """A raced trial's seed run with the best objective (its model is the configuration's to publish); None
     for a trial with no seed runs (a study that does not race: its folder is ``trial-<n>/``)."""
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
@@ -211,4 +218,4 @@ def best_run_folder(study: optuna.Study, number: int) -> Path | None:
         return None
     sign = _sign(study)
     seed = max(sorted(runs), key=lambda s: sign * float(runs[s]["value"]))
-    return Path(runs[seed]["dir"])
+    return Path(study_dir) / runs[seed]["dir"]

@@ -25,6 +25,7 @@ from mbu.search.race_report import race_summary
 from mbu.search.study_file import StudyConfig
 from mbu.search.trial import trial_dir
 from mbu.train.checkpoint import CHECKPOINT_FILE, REPORT_FILE, RUN_FILE
+from mbu.train.tracking import missing_sqlite_file
 from mlflow.exceptions import MlflowException
 
 ALIAS = "champion"
@@ -77,7 +78,7 @@ def choose_champion(study: optuna.Study, config: StudyConfig) -> Champion | None
         number = best.number
     else:
         number = confirmation[0]
-    folder = best_run_folder(study, number) or trial_dir(config, number)
+    folder = best_run_folder(study, number, config.study_dir) or trial_dir(config, number)
     run_id = json.loads((folder / RUN_FILE).read_text())["run_id"]
     metrics = json.loads((folder / REPORT_FILE).read_text())["metrics"]
     threshold, test_iou = float(metrics["val/threshold_best"]), float(metrics["test/iou"])
@@ -143,13 +144,30 @@ def refresh_figures(client: mlflow.MlflowClient, name: str, version: Any, champi
         client.update_model_version(name, version.version, description=champion.description)
 
 
+def other_owner(client: mlflow.MlflowClient, name: str, study_name: str) -> str | None:
+    """Another study whose champions registered model ``name`` already holds (its versions' ``study`` tag)."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    owners = sorted({v.tags.get("study") for v in versions} - {study_name, None})
+    return owners[0] if owners else None
+
+
 def publish_champion(study: optuna.Study, config: StudyConfig, tracking_uri: str) -> str | None:
-    """Register the study's champion (if it changed) and point the alias at it; the line to print, or None."""
+    """Register the study's champion (if it changed) and point the alias at it; the line to print, or None.
+
+    A registered model that holds another study's champions is refused (ValueError): its alias would
+    flip between the two studies at every launch.
+    """
     name = registered_name(config)
     champion = choose_champion(study, config) if name else None
     if champion is None:
         return None
     client = mlflow.MlflowClient(tracking_uri)
+    owner = other_owner(client, name, config.study.name)
+    if owner is not None:
+        raise ValueError(
+            f"registered model {name!r} holds the champions of study {owner!r}; give study "
+            f'{config.study.name!r} its own [study].registered_model ("" registers nothing)'
+        )
     uri = f"models:/{name}@{ALIAS}"
     state = "confirmed" if champion.confirmed else "unconfirmed"
     current = current_version(client, name)
@@ -174,3 +192,18 @@ def publish_champion(study: optuna.Study, config: StudyConfig, tracking_uri: str
     )
     client.set_registered_model_alias(name, ALIAS, version.version)
     return f"champion: {uri} (version {version.version}, trial {champion.trial}, {state})"
+
+
+def champion_line(config: StudyConfig, tracking_uri: str) -> str | None:
+    """``mbu search --summary``'s line naming the registered champion; None when the study registers none."""
+    name = registered_name(config)
+    if not name:
+        return None
+    if missing_sqlite_file(tracking_uri) is not None:  # reading would create an empty store
+        return f"champion: none registered yet (no MLflow store at {tracking_uri})"
+    version = current_version(mlflow.MlflowClient(tracking_uri), name)
+    if version is None:
+        return f"champion: none registered yet (models:/{name}@{ALIAS})"
+    state = "confirmed" if version.tags.get("confirmed") == "true" else "unconfirmed"
+    trial = version.tags.get("trial", "?")
+    return f"champion: models:/{name}@{ALIAS} (version {version.version}, trial {trial}, {state})"

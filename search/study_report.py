@@ -90,7 +90,8 @@ class StudySummary:
             for key in shown:
                 lines.append(f"  {key:<{width}}  {self.best_metrics[key]:.4f}")
             lines += [f"warning: {note}" for note in figure_warnings(self.best_metrics)]
-        lines += self.confirmation
+        if self.best_number is not None:  # with no complete trial there is nothing to confirm yet
+            lines += self.confirmation
         lines.append(f"optuna storage: {self.storage}")
         lines.append(f"compare trials: {ui_command(self.tracking_uri)}")
         if self.wall_seconds:
@@ -226,8 +227,11 @@ def study_markdown(
             lines.append("| " + " | ".join(cells) + " |")
         best = rows[0]["trial"]
         link = best_link or f"{trial_name(best)}/{MARKDOWN_FILE}"
-        lines += ["", f"Best trial: #{best}; its report: [{link}]({link})."]
-        lines += [f"\n> **Warning (best trial):** {note}." for note in best_warnings or []]
+        if best_link is None and race:
+            lines += ["", "No configuration has finished all its seeds yet: the race has no incumbent."]
+        else:
+            lines += ["", f"Best trial: #{best}; its report: [{link}]({link})."]
+            lines += [f"\n> **Warning (best trial):** {note}." for note in best_warnings or []]
     else:
         lines.append("No trial has completed yet.")
     if confirmation:
@@ -270,8 +274,8 @@ def write_study_report(study: optuna.Study, study_dir: Path) -> list[Path]:
         rows.sort(key=lambda r: (r["trial"] != (race.incumbent.trial if race.incumbent else None), order[r["trial"]]))
     importances = param_importances(study)
     best_report, best_link = None, None
-    if rows:
-        folder = best_run_folder(study, rows[0]["trial"]) or study_dir / trial_name(rows[0]["trial"])
+    if rows and (race is None or race.incumbent is not None):
+        folder = best_run_folder(study, rows[0]["trial"], study_dir) or study_dir / trial_name(rows[0]["trial"])
         path = folder / REPORT_FILE
         best_report = json.loads(path.read_text())["metrics"] if path.is_file() else None
         best_link = _relative(folder / MARKDOWN_FILE, study_dir)

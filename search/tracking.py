@@ -171,6 +171,8 @@ class RetryLostTrial:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # The trial's run, and the seed run a raced configuration had in flight (its retry reopens both).
         open_seed = trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
+        if str(open_seed.get("seed")) in trial.user_attrs.get("seed_runs", {}):
+            open_seed = {}  # that seed had finished (its run closed) before the worker died
         for run_id in (open_seed.get("run_id"), trial.user_attrs.get(RUN_ID_ATTR)):
             if run_id is None:
                 continue

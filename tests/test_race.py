@@ -45,6 +45,10 @@ def plant_incumbent(name: str, value: float, seeds: int = 2) -> None:
     )
 
 
+def saved_iteration(folder: Path) -> int:
+    return int(torch.load(folder / "checkpoint.pt", weights_only=False)["iteration"])
+
+
 def seed_run_names(name: str) -> list[str]:
     """Names of the study's finished MLflow seed runs (``trial-<c> seed-<s>``), one entry per run."""
     runs = study_runs(MlflowClient(), name).trials
@@ -151,9 +155,9 @@ def test_a_collapsed_run_ends_at_its_first_evaluation_and_a_seeds_edit_is_refuse
     assert sorted(runs) == [0, 1]  # the first preset, with no incumbent yet, trains every seed
     for run in runs.values():
         assert run["iteration"] == 2 and run["collapsed"].startswith("collapsed at iteration 2: ")
-        saved = torch.load(Path(run["dir"]) / "checkpoint.pt", weights_only=False)
-        assert saved["iteration"] == 2
-        assert json.loads((Path(run["dir"]) / "report.json").read_text())["iteration"] == 2
+        folder = tmp_path / "runs/fold" / run["dir"]
+        assert saved_iteration(folder) == 2
+        assert json.loads((folder / "report.json").read_text())["iteration"] == 2
     tagged = [r for r in study_runs(MlflowClient(), "fold").trials if "collapsed" in r.data.tags]
     assert len(tagged) == 2
     assert "Collapsed runs" in (tmp_path / "runs/fold/study_report.md").read_text()
@@ -249,3 +253,48 @@ def test_a_confirmation_after_a_race_trains_the_incumbent_on_the_seeds_after_the
     assert all("seed_runs" not in t.user_attrs for t in confirm)  # plain runs, not races
     report = json.loads((tmp_path / "runs/after/confirm_report.json").read_text())
     assert {seed for row in report["candidates"] for seed in row["seeds"]} == {"2"}
+
+
+def test_a_population_of_two_races_two_configurations_side_by_side(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(tiny_study("duo", 2, race=RACE2, enqueue=[PRESET], study={"population": 2}))
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    complete = [t for t in trials("duo") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    assert sorted(seed_runs(complete[0])) == [0, 1]  # the preset: no incumbent when it started
+    names = sorted(f"trial-{t.number} seed-{seed}" for t in complete for seed in seed_runs(t))
+    assert seed_run_names("duo") == names
+
+
+def _configuration(study: optuna.Study, lr: float, values: dict[int, float], state=None) -> None:
+    runs = {str(seed): {"value": value, "test/iou": value} for seed, value in values.items()}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": lr},
+            distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-3, log=True)},
+            value=None if state is not None else sum(values.values()) / len(values),
+            state=state or optuna.trial.TrialState.COMPLETE,
+            user_attrs={"seed_runs": runs},
+        )
+    )
+
+
+def test_the_reference_is_never_a_dead_try_and_confirmation_takes_the_full_configurations(tmp_path: Path) -> None:
+    from mbu.search.confirm import candidates
+    from mbu.search.race import RACE_SEEDS_ATTR, reference
+    from mbu.search.study_file import load_study_file
+
+    (tmp_path / "s.toml").write_text(tiny_study("ref", 3, race=RACE2, enqueue=[PRESET], confirm={"top_k": 3}))
+    config = load_study_file(tmp_path / "s.toml")
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(RACE_SEEDS_ATTR, 2)
+    _configuration(study, 2e-4, {0: 0.99}, optuna.trial.TrialState.FAIL)  # the preset's first try died
+    assert reference(study, config) is None  # a challenger races nobody yet, not the dead try
+    _configuration(study, 2e-4, {0: 0.30})  # the preset, queued again, raced out by trial 2 below
+    assert reference(study, config).number == 1
+    _configuration(study, 5e-4, {0: 0.40, 1: 0.38})  # all seeds: the incumbent
+    _configuration(study, 7e-4, {0: 0.10})  # raced out
+    assert reference(study, config).number == 2
+    chosen = candidates(study, config)  # top_k 3, but only one configuration ran both seeds
+    assert [(c.trial, c.label) for c in chosen] == [(2, "trial 2"), (1, "preset #1 (trial 1)")]

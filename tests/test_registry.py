@@ -206,6 +206,26 @@ def test_mlflow_models_serve_answers_with_the_masks_of_the_run_folder(tmp_path: 
     assert torch.from_numpy(np.array(row["mask"])).shape == (64, 64)
 
 
+def test_a_registered_model_of_another_study_is_refused_and_its_alias_stays(tmp_path: Path, capsys) -> None:
+    shared = {"study": {"registered_model": "kc"}}
+    (tmp_path / "first.toml").write_text(tiny_study("first", 1, **shared))
+    (tmp_path / "second.toml").write_text(tiny_study("second", 1, **shared))
+    assert main(["search", "first.toml", "--no-progress"]) == 0
+    client = MlflowClient()
+    before = client.get_model_version_by_alias("kc", "champion")
+    capsys.readouterr()
+    assert main(["search", "first.toml", "--summary"]) == 0
+    assert "champion: models:/kc@champion (version 1, trial 0, unconfirmed)" in capsys.readouterr().out
+
+    assert main(["search", "second.toml", "--no-progress"]) == 0  # its trials are kept; only publishing is refused
+
+    err = capsys.readouterr().err
+    assert "registered model 'kc' holds the champions of study 'first'; give study 'second' its own" in err
+    after = client.get_model_version_by_alias("kc", "champion")
+    assert (after.version, after.tags["study"]) == (before.version, "first")
+    assert len(client.search_model_versions("name = 'kc'")) == 1
+
+
 def test_a_partial_confirmation_names_no_champion_until_it_has_every_run(tmp_path: Path) -> None:
     from mbu.search.registry import PARTIAL, confirmed_best
 
