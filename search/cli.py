@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -190,7 +191,8 @@ def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
         with signals_stop(stop.request, signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint and leave
             summary = run_study(config, options, stop)
         print(summary.format())
-        return publish(config, options, exit_code(summary, config))
+        prog = "mbu confirm" if args.confirm_only else "mbu search"
+        return publish(config, options, exit_code(summary, config, again=relaunch_command(args), prog=prog))
     summary, ended = launch_workers(config, options, args.workers, args.gpus)
     print(summary.format())
     if ended.stopped_by == "SIGINT":
@@ -243,19 +245,39 @@ def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOpt
     return publish(config, options, exit_code(summary, config, "the array", f"mbu search {config.path} --slurm"))
 
 
-def exit_code(summary: StudySummary, config: StudyConfig, launch: str = "the launch", again: str = "") -> int:
-    """How a launch ended, said on stderr: 0 at the target; 75 stopped by a signal; 1 on failures or short."""
+def relaunch_command(args: argparse.Namespace) -> str:
+    """The command that goes on where this launch stopped: the same subcommand, study and flags that matter."""
+    parts = ["mbu", "confirm" if args.confirm_only else "search", str(args.study)]
+    for flag in ("storage", "tracking_uri", "n_trials", "population", "top_k", "seeds"):
+        if getattr(args, flag, None) is not None:
+            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if getattr(args, "presets", None) is not None:
+        parts.append("--presets" if args.presets else "--no-presets")
+    if getattr(args, "workers", 1) != 1:
+        parts += ["--workers", str(args.workers)]
+    if getattr(args, "gpus", None):
+        parts += ["--gpus", ",".join(args.gpus)]
+    return shlex.join(parts)
+
+
+def exit_code(
+    summary: StudySummary, config: StudyConfig, launch: str = "the launch", again: str = "", prog: str = "mbu search"
+) -> int:
+    """How a launch ended, said on stderr: 0 at the target; 75 stopped by a signal; 1 on failures or short.
+
+    ``again`` is the command that goes on (:func:`relaunch_command`); ``prog`` starts each message.
+    """
     again = again or f"mbu search {config.path}"
     if summary.stopped_by:
         print(
-            f"mbu search: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
+            f"{prog}: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
             f"to resume; launch the study again to go on: {again}",
             file=sys.stderr,
         )
         return EXIT_STOPPED
     if summary.stopped_on_failures:
         print(
-            f"mbu search: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
+            f"{prog}: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
             "failed trials of this launch:",
             file=sys.stderr,
         )
@@ -265,13 +287,13 @@ def exit_code(summary: StudySummary, config: StudyConfig, launch: str = "the lau
     finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
     if finished < summary.target:
         print(
-            f"mbu search: {launch} ended with {finished} of {summary.target} trials finished (the logs say "
+            f"{prog}: {launch} ended with {finished} of {summary.target} trials finished (the logs say "
             f"why); queued retries resume from their checkpoints when the study is launched again: {again}",
             file=sys.stderr,
         )
         return EXIT_FAILED
     if summary.confirm_problem:
-        print(f"mbu search: {summary.confirm_problem}", file=sys.stderr)
+        print(f"{prog}: {summary.confirm_problem}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

@@ -228,9 +228,8 @@ class RacingSlot(Slot):
         population, number = self.population, self.number
         folder = self.folder / f"seed-{seed}"
         resume = resumable(folder)
-        cfg = replace(
-            self.base_cfg, seed=seed, out=str(folder.resolve()), load=str(folder.resolve()) if resume else None
-        )
+        out = str(folder.resolve())
+        cfg = replace(self.base_cfg, seed=seed, out=out, load=out if resume is not None else None)
         # The run of an earlier try of this seed continues where its checkpoint does; with no checkpoint to
         # resume, the seed starts again in a new run (the earlier one stays FAILED, its steps not overwritten).
         carried = self.trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}

@@ -73,3 +73,35 @@ def test_the_process_entry_point_keeps_output_and_exit_status(tmp_path, monkeypa
     failed = subprocess.run(mbu_command("search", "missing.toml"), capture_output=True, text=True, cwd=tmp_path)
     assert failed.returncode == 1, failed.stderr
     assert "Traceback" in failed.stderr and "missing.toml" in failed.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "confirm sig.toml --seeds 6",
+        "confirm sig.toml --top-k 2 --no-presets --tracking-uri sqlite:///other.db",
+        "search sig.toml --n-trials 50 --workers 3 --population 2 --storage sqlite:///s.db",
+        "search sig.toml",
+    ],
+)
+def test_a_stopped_launch_names_the_command_that_goes_on_with_its_flags(line: str, capsys) -> None:
+    from mbu.search.cli import exit_code, relaunch_command
+    from mbu.search.study_report import StudySummary
+
+    args = build_parser().parse_args(shlex.split(line))
+    again = relaunch_command(args)
+    assert build_parser().parse_args(shlex.split(again)[1:]) == args  # the same command, flags included
+    prog = f"mbu {line.split()[0]}"
+    stopped = StudySummary("sig", "sqlite:///optuna.db", "sqlite:///mlflow.db", {}, stopped_by="SIGTERM")
+    assert exit_code(stopped, None, again=again, prog=prog) == 75
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{prog}: stopped by SIGTERM") and err.endswith(f": {again}")
+
+
+def test_a_stopped_training_names_the_resume_command_with_log_model() -> None:
+    from mbu.train.cli import resume_command
+
+    args = build_parser().parse_args(shlex.split("train --root d --out r --iters 9 --log-model --experiment e"))
+    again = shlex.split(resume_command(args, config_from_args(args)))
+    resumed = build_parser().parse_args(again[1:])
+    assert resumed.log_model and resumed.experiment == "e" and again[2:6] == ["--out", "r", "--load", "r"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -411,7 +412,7 @@ def main(args: argparse.Namespace) -> int:
             recorder.end("KILLED")
             where = "interrupted" if reason == "SIGINT" else f"stopped by {reason}"
             saved = f"checkpoint at iteration {status.saved} in {cfg.out}" if status.saved else "no checkpoint saved"
-            again = f"; resume with: mbu train --out {cfg.out} --load {cfg.out}" if status.saved else ""
+            again = f"; resume with: {resume_command(args, cfg)}" if status.saved else ""
             print(f"mbu train: {where} at iteration {status.iteration}; {saved}{again}", file=sys.stderr)
             return EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_STOPPED
         except BaseException as err:
@@ -427,6 +428,16 @@ def main(args: argparse.Namespace) -> int:
         device = str(resolve_device(cfg.device, cfg.gpu))
         print(args.model_logger(cfg, recorder, device, not args.no_progress))
     return 0
+
+
+def resume_command(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    """``mbu train`` resuming this run, with the flags that the checkpoint does not carry."""
+    parts = ["mbu", "train", "--out", cfg.out, "--load", cfg.out]
+    if args.experiment != "mbu-train":
+        parts += ["--experiment", args.experiment]
+    if getattr(args, "log_model", False):
+        parts.append("--log-model")
+    return shlex.join(parts)
 
 
 def check_log_model(args: argparse.Namespace, cfg: TrainConfig) -> None:
