@@ -21,7 +21,7 @@ parent run, tagged ``stage=confirm``, ``candidate``, ``candidate_trial`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -96,6 +96,24 @@ def candidates(study: optuna.Study, config: StudyConfig) -> list[Candidate]:
     return list(chosen.values())
 
 
+def missing_presets(study: optuna.Study, config: StudyConfig) -> list[str]:
+    """The ``[[enqueue]]`` points that no complete trial ran, each with what became of its trials."""
+    if not config.confirm.presets:
+        return []
+    trials = study.get_trials(deepcopy=False)
+    missing = []
+    for index, point in enumerate(config.enqueue):
+        tries = [t for t in trials if runs_point(t, point)]
+        if any(t.state == optuna.trial.TrialState.COMPLETE for t in tries):
+            continue
+        states = sorted({t.state.name for t in tries})
+        error = next((t.user_attrs["error"] for t in reversed(tries) if "error" in t.user_attrs), None)
+        why = f"its {len(tries)} trial(s) ended {'/'.join(states)}" if tries else "it never ran"
+        why += f": {error.splitlines()[0][:200]}" if error else ""
+        missing.append(f"preset #{index + 1} has no complete trial in the search ({why})")
+    return missing
+
+
 def _candidate(trial: optuna.trial.FrozenTrial, label: str, preset: int | None) -> Candidate:
     return Candidate(trial.number, dict(trial.params), label, preset, trial.value, trial.user_attrs.get("test/iou"))
 
@@ -125,6 +143,7 @@ class Stage:
     candidates: list[Candidate]
     seeds: list[int]
     abandoned: list[tuple[int, int]]  # (candidate trial, seed) pairs that failed more than max_retry times
+    missing_presets: list[str] = field(default_factory=list)  # presets with no complete trial to confirm, and why
 
 
 def runs_of(study: optuna.Study, trial: int, seed: int) -> list[optuna.trial.FrozenTrial]:
@@ -174,7 +193,7 @@ def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
     abandoned = queue_runs(study, chosen, seeds, config.study.max_retry)
     target = len(chosen) * len(seeds) - len(abandoned)
     planned = replace(planned, study=replace(planned.study, n_trials=max(target, 1)))
-    return Stage(study, planned, chosen, seeds, abandoned)
+    return Stage(study, planned, chosen, seeds, abandoned, missing_presets(search, config))
 
 
 def pending(stage: Stage) -> bool:

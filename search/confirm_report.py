@@ -134,6 +134,7 @@ def confirm_report(stage: Stage) -> dict[str, Any]:
         "runs_finished": finished,
         "runs_planned": len(rows) * len(stage.seeds),
         "abandoned": [list(pair) for pair in stage.abandoned],
+        "missing_presets": stage.missing_presets,
         "candidates": rows,
         "comparisons": comparisons,
         "confirmed_best": None if best is None else {"trial": best["trial"], "label": best["label"]},
@@ -162,6 +163,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         o = report["optimism"]
         lines.append(f"  optimism of the search: trial {o['trial']}'s search-time val IoU exceeds its fresh-seed "
                      f"mean by {o['value']:+.4f}")  # fmt: skip
+    lines += [f"  not compared: {why}" for why in report.get("missing_presets", [])]
     return lines
 
 
@@ -193,6 +195,7 @@ def confirm_markdown(report: dict[str, Any]) -> str:
     if optimism is not None:
         lines.append(f"- Optimism of the search: trial {optimism['trial']}'s search-time validation IoU minus its "
                      f"fresh-seed mean: {optimism['value']:+.4f}")  # fmt: skip
+    lines += [f"- Not compared: {why}." for why in report.get("missing_presets", [])]
     if report["abandoned"]:
         lines.append(f"- Given up after repeated failures (trial, seed): {report['abandoned']}")
     lines += ["", f"![test IoU per candidate]({CONFIRM_PLOT})"]

@@ -192,3 +192,22 @@ def test_two_workers_share_the_confirmation_and_run_each_pair_once(tmp_path: Pat
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = study_runs(client, "shared")
     assert len(runs.parents) == 1 and sum(r.data.tags.get("stage") == "confirm" for r in runs.trials) == 4
+
+
+def test_a_preset_that_failed_in_the_search_is_named_in_the_verdict(tmp_path: Path, capsys) -> None:
+    tables = {
+        "study": {"max_retry": 0, "max_failures": 5},
+        "space": {"lr": {"low": 1e-4, "high": 1e12, "log": True}},
+        "enqueue": [{"lr": 1e12}, {"lr": 3e-4}],  # the first diverges: its loss is non-finite at once
+        "confirm": {"top_k": 1, "seeds": 1},
+    }
+    (tmp_path / "s.toml").write_text(tiny_study("lost", 1, **tables))
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "not compared" in line)
+    assert "preset #1 has no complete trial in the search (its 1 trial(s) ended FAIL: NonFiniteLossError" in line
+    report = json.loads((tmp_path / "runs/lost/confirm_report.json").read_text())
+    assert len(report["missing_presets"]) == 1 and [c["trial"] for c in report["candidates"]] == [1]
+    assert "- Not compared: preset #1" in (tmp_path / "runs/lost/confirm_report.md").read_text()
