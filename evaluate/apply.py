@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from mbu.data.files import check_writable
 from mbu.data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
 from mbu.evaluate.packaged import DEFAULT_THRESHOLD, LoadedModel
 from mbu.evaluate.report import load_model
+from mbu.train.checkpoint import REPORT_FILE
 from mbu.train.visuals import transfer_grids
 from PIL import Image
 
@@ -31,14 +33,35 @@ class ModelSource:
             raise ValueError("give one of --run (a run folder) or --model (an MLflow model URI), not both or neither")
 
     def load(self, device: str) -> LoadedModel:
-        """The model, its config and its threshold (the model's own with --model, 0.5 with --run)."""
+        """The model, its config and its threshold (the model's own with --model, the run's own with --run)."""
         if self.uri is not None:
             from mbu.evaluate.packaged import load_model_uri
             from mbu.train.tracking import resolve_tracking_uri
 
             return load_model_uri(self.uri, resolve_tracking_uri(self.tracking_uri), device)
         model, cfg, iteration = load_model(self.run, device)
-        return LoadedModel(model, cfg, DEFAULT_THRESHOLD, {"run": str(self.run)}, iteration)
+        threshold, chosen = run_threshold(self.run)
+        settings = {"run": str(self.run), "threshold_source": chosen}
+        return LoadedModel(model, cfg, threshold, settings, iteration)
+
+
+def run_threshold(run: Path) -> tuple[float, str]:
+    """A run folder's own threshold and where it comes from: the one its report chose on validation, else 0.5."""
+    report = Path(run) / REPORT_FILE
+    if report.is_file():
+        metrics = json.loads(report.read_text()).get("metrics", {})
+        if "val/threshold_best" in metrics:
+            return float(metrics["val/threshold_best"]), "chosen on validation in the run's report"
+    return DEFAULT_THRESHOLD, "the default: the run has no report to take one from (mbu eval --run scores it)"
+
+
+@dataclass
+class Removed:
+    """What ``mbu remove`` wrote, and how."""
+
+    written: list[Path]
+    threshold: float
+    size: int  # outputs are size x size: the model's training size
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -151,10 +174,11 @@ def remove(
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH,
     overwrite: bool = False,
-) -> list[Path]:
+) -> Removed:
     """Remove the content of each image (mask >= threshold), in batches; one output per input, named by stem.
 
-    ``threshold`` None: the model's own (a ``--model``'s validation-chosen one; 0.5 for a run folder).
+    ``threshold`` None: the model's own (a ``--model``'s, or a run folder's report's, validation-chosen one;
+    0.5 for a run folder with no report).
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
@@ -176,4 +200,4 @@ def remove(
                 target = out / names[len(written)]
                 _save(image, target)
                 written.append(target)
-    return written
+    return Removed(written, threshold, cfg.resize)

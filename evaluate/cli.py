@@ -87,8 +87,8 @@ def add_apply_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--threshold",
         type=float,
         default=None,
-        help="mask threshold in [0, 1], e.g. a report's val/threshold_best (default: the threshold of the "
-        "--model, 0.5 with --run)",
+        help="mask threshold in [0, 1] (default: the model's own: the --model's, or the val/threshold_best of "
+        "the --run folder's report, 0.5 for a run with no report)",
     )
     remove.add_argument("--out", required=True, type=Path, help="output folder")
     remove.add_argument("--bs", type=int, default=32, help="images per batch (default: %(default)s)")
@@ -132,8 +132,12 @@ def transfer_main(args: argparse.Namespace) -> int:
 def remove_main(args: argparse.Namespace) -> int:
     from mbu.evaluate.apply import remove
 
-    written = remove(model_source(args), args.input, args.threshold, args.out, args.device, args.bs, args.overwrite)
-    print(f"wrote {len(written)} images to {args.out}")
+    done = remove(model_source(args), args.input, args.threshold, args.out, args.device, args.bs, args.overwrite)
+    given = "given by --threshold" if args.threshold is not None else "the model's own"
+    print(
+        f"wrote {len(done.written)} images to {args.out}: threshold {done.threshold:.2f} ({given}), "
+        f"{done.size}x{done.size} px (the model's training size, whatever the input size)"
+    )
     return 0
 
 

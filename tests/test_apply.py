@@ -96,3 +96,28 @@ def test_remove_rejects_a_bad_threshold_and_missing_input(trained_run: Path, tmp
     assert "threshold must be in [0, 1]" in capsys.readouterr().err
     assert main(["remove", "--run", str(trained_run), "--input", "nowhere.png", "--out", "o"]) == 2
     assert "nowhere.png does not exist" in capsys.readouterr().err
+
+
+def test_remove_defaults_to_a_scored_runs_own_threshold_and_says_which_and_the_size(
+    trained_run: Path, tiny_root: Path, tmp_path: Path, capsys
+) -> None:
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    image = sorted((tiny_root / "testA").iterdir())[0]
+    remove = ["remove", "--run", str(run), "--input", str(image), "--device", "cpu"]
+    assert main([*remove, "--out", str(tmp_path / "unscored")]) == 0
+    assert "threshold 0.50 (the model's own), 64x64 px" in capsys.readouterr().out  # no report: 0.5
+
+    assert main(["eval", "--run", str(run)]) == 0  # the run's report now holds its validation-chosen threshold
+    chosen = json.loads((run / "report.json").read_text())["metrics"]["val/threshold_best"]
+    assert chosen != 0.5  # else the default could not be told from the old one
+    capsys.readouterr()
+    assert main([*remove, "--out", str(tmp_path / "default")]) == 0
+    assert f"threshold {chosen:.2f} (the model's own)" in capsys.readouterr().out
+    assert main([*remove, "--out", str(tmp_path / "explicit"), "--threshold", str(chosen)]) == 0
+    assert "(given by --threshold)" in capsys.readouterr().out
+    default, explicit = (np.asarray(Image.open(tmp_path / d / f"{image.stem}.png")) for d in ("default", "explicit"))
+    assert np.array_equal(default, explicit)
