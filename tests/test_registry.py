@@ -150,6 +150,23 @@ def test_a_bad_model_uri_is_one_line_and_writes_nothing(tmp_path: Path, tiny_roo
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_uri_naming_some_other_folder_is_refused_before_anything_is_copied(
+    tmp_path: Path, tiny_root: Path
+) -> None:
+    # A folder with a FIFO in it: copying the folder (as MLflow's download of the whole URI does) would block
+    # on the FIFO forever; looking for the model's own files first refuses it at once.
+    folder = tmp_path / "not-a-model"
+    (folder / "artifacts").mkdir(parents=True)
+    os.mkfifo(folder / "artifacts" / "pipe")
+    image = sorted((tiny_root / "testA").iterdir())[0]
+    command = ["remove", "--model", folder.as_uri(), "--input", str(image), "--out", str(tmp_path / "out")]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "mbu", *command], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "is not a model written by mbu (no artifacts/weights.pt)" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "not-a-model"]  # no copy, no output
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_masks_of_the_run_folder(tmp_path: Path) -> None:
     os.chdir(tmp_path)
