@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mbu.data.files import check_writable
+from mbu.data.files import atomic_write, check_writable
 from mbu.data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
 from mbu.evaluate.packaged import DEFAULT_THRESHOLD, LoadedModel
 from mbu.evaluate.report import load_model
@@ -118,7 +118,9 @@ def _load(paths: list[Path], resize: int, device: torch.device) -> torch.Tensor:
 
 
 def _save(image: torch.Tensor, path: Path) -> None:
-    Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy()).save(path)
+    """One output PNG, written whole or not at all (a full disk leaves no truncated file to block a rerun)."""
+    picture = Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy())
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def transfer(
@@ -152,7 +154,7 @@ def transfer(
                 written.append(path)
         grid = transfer_grids(model, _load(guide_paths, cfg.resize, dev), targets_t)["transfer"]
     grid_path = out / GRID_FILE
-    Image.fromarray(grid).save(grid_path)
+    atomic_write(grid_path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return [*written, grid_path]
 
 

@@ -76,3 +76,25 @@ def test_full_disk_fails_the_trial_clearly_and_keeps_earlier_trials(tmp_path: Pa
     assert runs["trial-0"].info.status == "FINISHED"
     assert (trial0 / "checkpoint.pt").stat().st_size == before and load_checkpoint(trial0)["iteration"] == 2
     assert not list((tmp_path / "runs" / "full" / "trial-1").glob(".*.tmp"))  # no half-written leftovers
+
+
+def _tiny_disk() -> None:
+    """In the child: no file may grow past 64 bytes (an output PNG is larger); the write fails, not the process."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_full_disk_under_mbu_remove_is_one_line_and_leaves_no_truncated_output(
+    tmp_path: Path, tiny_root: Path
+) -> None:
+    run = tmp_path / "run"
+    train(tiny_train_config(tiny_root, run, iters=1), progress=False)
+    image = sorted((tiny_root / "testA").iterdir())[0]
+    command = mbu_command("remove", "--run", str(run), "--input", str(image), "--out", "out", "--device", "cpu")
+    full = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=_tiny_disk)
+    assert full.returncode == 2, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mbu remove: error: cannot write") and "MiB free" in lines[0]
+    assert list((tmp_path / "out").iterdir()) == []  # no 0-byte or half PNG to block the rerun
+    assert subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=300).returncode == 0  # room again
+    assert (tmp_path / "out" / f"{image.stem}.png").stat().st_size > 64
