@@ -41,6 +41,7 @@ from mbu.search.storage import (
     heartbeat_ages,
 )
 from mbu.search.study_file import StudyConfig, StudySettings
+from mbu.search.tracking import RUN_TAGS_ATTR
 from mbu.search.trial import frozen_trial
 from mbu.train.stop import StopRequest
 from mbu.train.tracking import Recorder
@@ -93,6 +94,8 @@ def run_trials(
                     trial = ask(study)
                     if config.queued_only and not from_queue(study, trial):
                         break  # another worker took the last queued trial first: this one is failed, never run
+                    if config.queued_only:
+                        announce(study, trial, settings)
                     heartbeats.add(trial)
                     outcome = population.start(trial)
                     if outcome is not None:
@@ -118,6 +121,13 @@ def run_trials(
             population.close()
     ended.on_failures = ended.on_failures and ended.stopped_by is None and count_taken(study) < settings.n_trials
     return ended
+
+
+def announce(study: optuna.Study, trial: optuna.Trial, settings: StudySettings) -> None:
+    """Say which queued run starts, and which of how many (a confirmation run: its candidate and seed)."""
+    tags = trial.user_attrs.get(RUN_TAGS_ATTR, {})
+    what = f"{tags['candidate']}, seed {tags['seed']}" if "candidate" in tags else f"trial {trial.number}"
+    print(f"{tags.get('stage', 'queued')} run {count_taken(study)} of {settings.n_trials}: {what}", flush=True)
 
 
 def wait_for_lost_workers(study: optuna.Study, settings: StudySettings, told: set[tuple]) -> float | None:

@@ -206,6 +206,7 @@ def test_a_preset_that_failed_in_the_search_is_named_in_the_verdict(tmp_path: Pa
     assert main(["search", "s.toml", "--no-progress"]) == 0
 
     out = capsys.readouterr().out
+    assert "confirm run 1 of 1: trial 1, preset #2, seed 1" in out.splitlines()  # which run of how many
     line = next(line for line in out.splitlines() if "not compared" in line)
     assert "preset #1 has no complete trial in the search (its 1 trial(s) ended FAIL: NonFiniteLossError" in line
     report = json.loads((tmp_path / "runs/lost/confirm_report.json").read_text())
