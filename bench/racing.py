@@ -78,7 +78,7 @@ def new_study(config: StudyConfig, repeat: int, seeds: int) -> optuna.Study:
 
 def single_seed(config: StudyConfig, objective: Objective, budget: int, repeat: int) -> tuple[dict, int]:
     """Today's search: each configuration trained on the one search seed; the best value wins."""
-    seed = race_seeds(replace(config, race=None))[0]
+    seed = race_seeds(config)[0]  # [train].seed: the first of the race's seeds, and the only one here
     study = new_study(config, repeat, 1)
     for _ in range(budget):
         trial = study.ask()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mbu.search.typed_tables import StudyFileError, positive_integer_problem, typed_table
+from mbu.search.typed_tables import optional_table, positive_integer_problem
 
 
 @dataclass
@@ -33,12 +33,4 @@ def confirm_problem(settings: ConfirmSettings) -> tuple[str, str] | None:
 
 def parse_confirm(raw: dict[str, Any], path: Path) -> ConfirmSettings | None:
     """``[confirm]``, or None when the study file has no such table (no confirmation stage)."""
-    if "confirm" not in raw:
-        return None
-    if not isinstance(raw["confirm"], dict):
-        raise StudyFileError(f"{path}: [confirm] must be a table with top_k, seeds and presets")
-    settings = typed_table(ConfirmSettings, "[confirm]", raw["confirm"], path)
-    problem = confirm_problem(settings)
-    if problem is not None:
-        raise StudyFileError(f"{path}: [confirm].{problem[0]} {problem[1]}")
-    return settings
+    return optional_table(raw, "confirm", ConfirmSettings, confirm_problem, path)

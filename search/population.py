@@ -38,6 +38,7 @@ from mbu.search.race import (
     record_seed,
     report_carried,
     seed_folder,
+    seed_runs,
 )
 from mbu.search.study_file import StudyConfig, trial_name
 from mbu.search.tracking import (
@@ -119,25 +120,28 @@ class Slot:
             return self.fail(err)
         return None
 
+    def train_for(self, iterations: int, stop: StopCheck) -> bool:
+        """Up to ``iterations`` training steps (fewer once a stop is asked); whether the training is done."""
+        for _ in range(iterations):
+            if self.training.done or stop() is not None:
+                break
+            self.training.step()
+            self.stepped += 1
+        return self.training.done
+
     def advance(self, iterations: int, annotated: AnnotatedImages, stop: StopCheck) -> Outcome | None:
         """Up to ``iterations`` training steps (fewer once a stop is asked); the outcome once the trial ends."""
         try:
+            collapsed = None
             with self.on_stream():
-                for _ in range(iterations):
-                    if self.training.done or stop() is not None:
-                        break
-                    self.training.step()
-                    self.stepped += 1
-                if not self.training.done:
-                    return None
+                try:
+                    if not self.train_for(iterations, stop):
+                        return None
+                except RunCollapsed as err:  # the collapse guard ([race]) ends the run here, scored as it is
+                    collapsed = err
                 value = score_trial(self.trial, self.training, annotated, self.run)
-        except RunCollapsed as collapsed:  # the collapse guard ([race]) ends the run here, scored as it is
-            try:
-                with self.on_stream():
-                    value = score_trial(self.trial, self.training, annotated, self.run)
+            if collapsed is not None:
                 record_collapse(self.trial, self.run, collapsed)
-            except (Exception, KeyboardInterrupt) as err:
-                return self.fail(err)
         except optuna.TrialPruned:
             self.training.close()
             close_trial_run(self.run, self.trial, "PRUNED")
@@ -257,12 +261,7 @@ class RacingSlot(Slot):
             collapsed = None
             with self.on_stream():
                 try:
-                    for _ in range(iterations):
-                        if self.training.done or stop() is not None:
-                            break
-                        self.training.step()
-                        self.stepped += 1
-                    if not self.training.done:
+                    if not self.train_for(iterations, stop):
                         return None
                 except RunCollapsed as err:  # ends this seed run here, scored as it is
                     collapsed = err
@@ -313,7 +312,7 @@ class RacingSlot(Slot):
         """The race of this configuration is over: its mean told to Optuna."""
         result = finish_configuration(self.trial, self.population.config)
         self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, None)  # e.g. a retry raced out before its carried seed
-        seeds = len(self.trial.user_attrs.get("seed_runs", {}))
+        seeds = len(seed_runs(self.trial))
         self.run.log_metrics({**result.figures, "race/seeds_run": float(seeds)}, step=0)
         self.run.set_tags({OUTCOME_ATTR: result.outcome})
         close_trial_run(self.run, self.trial, "COMPLETE")

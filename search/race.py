@@ -31,7 +31,7 @@ from typing import Any
 
 import optuna
 from mbu.search.race_settings import RaceSettings
-from mbu.search.study_file import StudyConfig
+from mbu.search.study_file import StudyConfig, runs_point
 from mbu.train.config import TrainConfig
 
 SEED_RUNS_ATTR = "seed_runs"  # Optuna trial attribute: {seed: {"value", figures, "collapsed", "dir", "run_id"}}
@@ -115,13 +115,8 @@ def reference(study: optuna.Study, config: StudyConfig) -> optuna.trial.FrozenTr
     point = config.enqueue[0]
     # A failed try is dead: its retry (if any) carries its seeds; a preset queued again starts afresh.
     live = optuna.trial.TrialState.FAIL
-    tries = [t for t in study.get_trials(deepcopy=False) if _runs_point(t, point) and t.state != live]
+    tries = [t for t in study.get_trials(deepcopy=False) if runs_point(t, point) and t.state != live]
     return max(tries, key=lambda t: (len(seed_values(t)), t.number), default=None)
-
-
-def _runs_point(trial: optuna.trial.FrozenTrial, point: dict[str, float]) -> bool:
-    params = trial.system_attrs.get("fixed_params") or trial.params
-    return all(params.get(name) == value for name, value in point.items())
 
 
 def keeps_racing(values: dict[int, float], rival: dict[int, float], margin: float, sign: float = 1.0) -> bool:
@@ -144,15 +139,10 @@ def next_seed(study: optuna.Study, config: StudyConfig, trial: optuna.Trial) -> 
     if not remaining:
         return None
     rival = reference(study, config)
-    if not done or rival is None or configuration_number(rival) == configuration_number(_frozen(trial)):
+    # The rival is this very trial when it is the first preset's live try (its earlier tries are FAIL).
+    if not done or rival is None or rival.number == trial.number:
         return remaining[0]
     return remaining[0] if keeps_racing(done, seed_values(rival), config.race.margin, _sign(study)) else None
-
-
-def _frozen(trial: optuna.Trial | optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
-    if isinstance(trial, optuna.trial.FrozenTrial):
-        return trial
-    return trial.study._storage.get_trial(trial._trial_id)
 
 
 def record_seed(trial: optuna.Trial, seed: int, run: dict[str, Any]) -> None:

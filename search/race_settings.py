@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mbu.search.typed_tables import StudyFileError, positive_integer_problem, typed_table
+from mbu.search.typed_tables import optional_table, positive_integer_problem
 
 
 @dataclass
@@ -39,12 +39,4 @@ def race_problem(settings: RaceSettings) -> tuple[str, str] | None:
 
 def parse_race(raw: dict[str, Any], path: Path) -> RaceSettings | None:
     """``[race]``, or None when the study file has no such table (one seed per configuration, no guard)."""
-    if "race" not in raw:
-        return None
-    if not isinstance(raw["race"], dict):
-        raise StudyFileError(f"{path}: [race] must be a table with seeds, margin and the collapse_* keys")
-    settings = typed_table(RaceSettings, "[race]", raw["race"], path)
-    problem = race_problem(settings)
-    if problem is not None:
-        raise StudyFileError(f"{path}: [race].{problem[0]} {problem[1]}")
-    return settings
+    return optional_table(raw, "race", RaceSettings, race_problem, path)

@@ -20,7 +20,7 @@ import optuna
 from mbu.search.race import RACE_SEEDS_ATTR, is_racing
 from mbu.search.sampler import make_pruner, make_sampler
 from mbu.search.storage import make_storage
-from mbu.search.study_file import StudyConfig, StudyFileError
+from mbu.search.study_file import StudyConfig, StudyFileError, runs_point
 from mbu.search.tracking import RetryLostTrial
 from mbu.search.trial import OBJECTIVE_KEY
 from mbu.train.checkpoint import write_json
@@ -97,12 +97,6 @@ def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry
         failures = sum(t.state == optuna.trial.TrialState.FAIL for t in same)
         if len(same) == failures and failures <= max_retry:
             study.enqueue_trial(point)
-
-
-def runs_point(trial: optuna.trial.FrozenTrial, point: dict[str, float]) -> bool:
-    """Whether the trial ran that (possibly partial) point: its fixed or sampled values match."""
-    params = trial.system_attrs.get("fixed_params") or trial.params
-    return all(params.get(name) == value for name, value in point.items())
 
 
 def storage_identity(url: str) -> str:

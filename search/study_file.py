@@ -48,6 +48,12 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name any
 NAMING = "use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 100)"
 
 
+def runs_point(trial: Any, point: dict[str, float]) -> bool:
+    """Whether an Optuna trial ran that (possibly partial) ``[[enqueue]]`` point: its fixed or sampled values match."""
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    return all(params.get(name) == value for name, value in point.items())
+
+
 def trial_name(number: int) -> str:
     """``trial-<n>``: a trial's run folder under ``runs/<study>/`` and its MLflow run name."""
     return f"trial-{number}"

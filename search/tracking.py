@@ -22,6 +22,7 @@ from typing import Any
 
 import mlflow
 import optuna
+from mbu.search.race import SEED_RUNS_ATTR
 from mbu.search.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import RUN_FILE, write_json
 from mbu.train.config import TrainConfig
@@ -105,10 +106,7 @@ def open_trial_run(
     tags = {"trial_number": trial.number, "study": settings.name, "state": "RUNNING", **slurm_tags(), **(tags or {})}
     tags |= trial.user_attrs.get(RUN_TAGS_ATTR, {})
     name = name or trial.user_attrs.get(RUN_NAME_ATTR) or trial_name(trial.number)
-    if reopen is not None:
-        run = Recorder.start(settings.tracking_uri, config.experiment_name, name, run_id=reopen)
-    else:
-        run = Recorder.start(settings.tracking_uri, config.experiment_name, name, parent_id=parent.run_id)
+    run = Recorder.start(settings.tracking_uri, config.experiment_name, name, run_id=reopen, parent_id=parent.run_id)
     try:
         (remember or (lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id)))(run.run_id)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -171,7 +169,7 @@ class RetryLostTrial:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # The trial's run, and the seed run a raced configuration had in flight (its retry reopens both).
         open_seed = trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
-        if str(open_seed.get("seed")) in trial.user_attrs.get("seed_runs", {}):
+        if str(open_seed.get("seed")) in trial.user_attrs.get(SEED_RUNS_ATTR, {}):
             open_seed = {}  # that seed had finished (its run closed) before the worker died
         for run_id in (open_seed.get("run_id"), trial.user_attrs.get(RUN_ID_ATTR)):
             if run_id is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,22 @@ def typed_table(cls: type, where: str, table: dict[str, Any], path: Path) -> Any
         return cls(**table)
     except (TypeError, ValueError) as err:
         raise StudyFileError(f"{path}: {where}: {err}") from err
+
+
+def optional_table(
+    raw: dict[str, Any], key: str, cls: type, problem: Callable[[Any], tuple[str, str] | None], path: Path
+) -> Any | None:
+    """Table ``[key]`` as ``cls``, checked by ``problem`` (the first bad value as (key, why)); None when absent."""
+    if key not in raw:
+        return None
+    if not isinstance(raw[key], dict):
+        keys = ", ".join(f.name for f in fields(cls))
+        raise StudyFileError(f"{path}: [{key}] must be a table with {keys}")
+    settings = typed_table(cls, f"[{key}]", raw[key], path)
+    found = problem(settings)
+    if found is not None:
+        raise StudyFileError(f"{path}: [{key}].{found[0]} {found[1]}")
+    return settings
 
 
 def positive_integer_problem(value: Any) -> str | None:
