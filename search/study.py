@@ -24,6 +24,7 @@ from mbu.search.study_file import StudyConfig, StudyFileError, runs_point
 from mbu.search.tracking import RetryLostTrial
 from mbu.search.trial import OBJECTIVE_KEY
 from mbu.train.checkpoint import write_json
+from mbu.train.config import free_between_launches
 from mbu.train.tracking import missing_sqlite_file
 
 STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
@@ -31,17 +32,14 @@ STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the f
 TRACKING_ATTR = "mbu_tracking_uri"  # Optuna study attribute: the MLflow store all its runs go to
 FINGERPRINT_ATTR = "mbu_fingerprint"  # Optuna study attribute: the space, fixed settings and data it was made with
 # Fixed settings that change how a trial runs or logs, not what it learns: free to edit between launches.
-OPERATIONAL_KEYS = {
-    *("device", "progress_iter", "display_iter", "save_iter", "num_display"),
-    *("compile", "channels_last", "cuda_graph"),
-}
+FREE_TRAIN_KEYS = free_between_launches()
 
 
 def fingerprint(config: StudyConfig) -> dict:
     """What makes two launches' trials comparable: the search space, fixed settings and data."""
     value = {
         "space": {name: [r.low, r.high, r.log] for name, r in sorted(config.space.items())},
-        "train": {k: v for k, v in config.train.items() if k not in OPERATIONAL_KEYS},
+        "train": {k: v for k, v in config.train.items() if k not in FREE_TRAIN_KEYS},
         "data": config.data_root if config.synthetic is None else vars(config.synthetic),
     }
     if config.race is not None:  # absent for a study without [race], so that its stored fingerprint still matches

@@ -31,16 +31,14 @@ from mbu.search.confirm_settings import ConfirmSettings, parse_confirm
 from mbu.search.race_settings import RaceSettings, parse_race
 from mbu.search.slurm_settings import SlurmSettings, slurm_problem
 from mbu.search.typed_tables import StudyFileError, check_keys, check_types, typed_table
-from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
+from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig, study_train_keys
 from mbu.train.losses import LossWeights
 from mbu.train.step import DeviceError, parse_device
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("maximize", "minimize")
-# Set by the study for each trial; a study file may not fix or sample them.
-MANAGED_TRAIN_KEYS = {"root", "out", "load", "weights", "gpu"}
-TRAIN_KEYS = ({f.name for f in fields(TrainConfig)} - MANAGED_TRAIN_KEYS) | set(WEIGHT_NAMES)
+TRAIN_KEYS = study_train_keys()  # the rest (root, out, load, gpu) the study sets for each trial
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
 TABLES = ("study", "data", "train", "space", "enqueue", "slurm", "confirm", "race")  # the study file's top-level tables
 SEED_LIMIT = 2**32  # samplers take seeds in [0, 2**32)

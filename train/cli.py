@@ -8,7 +8,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,15 +23,13 @@ from mbu.data.images import (
     read_domains,
 )
 from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_resumable, load_checkpoint
-from mbu.train.config import AMP_MODES, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig
+from mbu.train.config import GROUPS, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig, declared_settings
 from mbu.train.losses import LossWeights
 from mbu.train.step import check_step_device, resolve_device
 
 if TYPE_CHECKING:
     from mbu.train.tracking import Recorder
 
-_D = TrainConfig()
-_W = LossWeights()
 GIVEN = "given_flags"  # Namespace attribute: the destinations of the flags the user actually typed
 
 
@@ -50,191 +48,59 @@ class _Given(argparse.Action):
         setattr(namespace, GIVEN, given | {self.dest})
 
 
-# (flag, type, help). Weight help names the paper's term (Mokady et al., ICLR 2020).
-WEIGHT_FLAGS = {
-    "alpha1": "weight of L_Recon2 for A: the mask decoder, over A itself as background, rebuilds A",
-    "alpha2": "weight of L_Recon2 for B: the mask decoder, with a zero separate code over B, rebuilds B",
-    "beta1": "weight of L_Cycle, first term: MSE between E_common of A's content put on B and E_common(B)",
-    "beta2": "weight of L_Cycle, second term: MSE between E_separate of A's content put on B and E_separate(A)",
-    "gama": "weight of L_Recon1 for A: the mask decoder, over D_A([E_common(A), 0]), rebuilds A",
-    "delta": "weight of L_Recon1 for B: the decoder D_A([E_common(B), 0]) rebuilds B",
-    "discweight": "weight of L_DC, domain confusion: E_common codes of A and B fool the discriminator",
-}
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every ``mask_train.py`` flag, same name, default and meaning; numbers are typed."""
-    data = parser.add_argument_group("data and output")
-    data.add_argument(
-        "--root",
-        action=_Given,
-        default=_D.root,
-        help="data root: trainA/ trainB/ testA/ testB/ folders or trainA.txt ... list files",
-    )
-    data.add_argument(
-        "--out", default=_D.out, help="run folder for the checkpoint, config and grids (default: %(default)s)"
-    )
-    data.add_argument("--load", action=_Given, default=_D.load, help="resume from the checkpoint in this run folder")
-    data.add_argument(
-        "--skip-bad",
-        dest="skip_bad",
-        action="store_true",
-        help="leave unreadable or truncated images out (listed on stderr and in OUT/skipped_images.txt) "
-        "instead of stopping with an error naming the first one",
-    )
-
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument(
-        "--lr",
-        action=_Given,
-        type=float,
-        default=_D.lr,
-        help="Adam learning rate of encoders and decoders (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--disclr",
-        action=_Given,
-        type=float,
-        default=_D.disclr,
-        help="Adam learning rate of the discriminator (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--bs", action=_Given, type=int, default=_D.bs, help="batch size per domain (default: %(default)s)"
-    )
-    opt.add_argument(
-        "--iters",
-        action=_Given,
-        type=int,
-        default=_D.iters,
-        help="training iterations; stops exactly there (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--disc_clip",
-        action=_Given,
-        type=float,
-        default=_D.disc_clip,
-        help="clip the discriminator's gradient norm to this value; 0 = no clip, which is what the reference "
-        "code ran and its published figures came from (it meant to clip at 5, the autoencoder's clip; "
-        "default: %(default)s)",
-    )
-    opt.add_argument(
-        "--seed",
-        action=_Given,
-        type=int,
-        default=_D.seed,
-        help="seed of weight init and batch order (default: %(default)s)",
-    )
-
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--resize",
-        action=_Given,
-        type=int,
-        default=_D.resize,
-        help="image side, a multiple of 64 (paper: 64, 128, 256; default: %(default)s)",
-    )
-    model.add_argument(
-        "--sep", action=_Given, type=int, default=_D.sep, help="channels of the separate code (default: %(default)s)"
-    )
-
-    weights = parser.add_argument_group("loss weights (reference names; paper terms in each help)")
-    for name, text in WEIGHT_FLAGS.items():
-        weights.add_argument(
-            f"--{name}", action=_Given, type=float, default=getattr(_W, name), help=f"{text} (default: %(default)s)"
+def add_train_arguments(parser: argparse.ArgumentParser, config_type: type[TrainConfig] = TrainConfig) -> None:
+    """A flag for each declared setting that has one (``train.config``): every ``mask_train.py`` flag keeps
+    its name, default and meaning; numbers are typed."""
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for setting in declared_settings(config_type):
+        if setting.flag is None:
+            continue
+        group = groups[setting.group]
+        if setting.type is bool:  # a switch: given when set
+            group.add_argument(setting.flag, dest=setting.name, action="store_true", help=setting.help)
+            continue
+        shown = "" if setting.default in (None, "") else " (default: %(default)s)"
+        group.add_argument(
+            setting.flag,
+            dest=setting.name,
+            action=_Given,
+            type=None if setting.type is str else setting.type,
+            choices=setting.choices,
+            default=setting.default,
+            help=setting.help + shown,
         )
 
-    log = parser.add_argument_group("logging and checkpoints")
-    log.add_argument(
-        "--progress_iter",
-        action=_Given,
-        type=int,
-        default=_D.progress_iter,
-        help="log mean losses to MLflow and check they are finite every N iterations (default: %(default)s)",
-    )
-    log.add_argument(
-        "--display_iter",
-        action=_Given,
-        type=int,
-        default=_D.display_iter,
-        help="save image grids every N iterations (default: %(default)s)",
-    )
-    log.add_argument(
-        "--save_iter",
-        action=_Given,
-        type=int,
-        default=_D.save_iter,
-        help="write a checkpoint every N iterations (default: %(default)s)",
-    )
-    log.add_argument(
-        "--num_display",
-        action=_Given,
-        type=int,
-        default=_D.num_display,
-        help="images per side of the image grids (default: %(default)s)",
-    )
 
-    dev = parser.add_argument_group("device")
-    dev.add_argument(
-        "--gpu", action=_Given, type=int, default=None, help="CUDA device index to train on (overrides --device)"
-    )
-    dev.add_argument(
-        "--amp",
-        action=_Given,
-        choices=AMP_MODES,
-        default=_D.amp,
-        help="bf16: forward passes under bfloat16 autocast; faster where bf16 matmul is (recent CPUs, "
-        "GPUs), losses differ slightly from float32 (default: %(default)s)",
-    )
-    dev.add_argument("--channels_last", action="store_true", help="NHWC memory layout for the convolutions")
-    dev.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the loss computations: minutes of compilation first, then faster steps on GPUs",
-    )
-    dev.add_argument(
-        "--cuda-graph",
-        dest="cuda_graph",
-        action="store_true",
-        help="CUDA only: capture the whole training step (both updates, clipping, BatchNorm statistics) as one "
-        "CUDA graph after 3 eager iterations and replay it; same losses, far fewer kernel launches. Not with "
-        "--compile",
-    )
-    dev.add_argument(
-        "--device",
-        default=_D.device,
-        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: %(default)s)",
-    )
+def config_from_args(args: argparse.Namespace, config_type: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """The flags' values as a config; a setting with no flag keeps its default."""
+    values = {s.name: getattr(args, s.name) for s in declared_settings(config_type) if s.flag is not None}
+    weights = {name: values.pop(name) for name in WEIGHT_NAMES}
+    return config_type(weights=LossWeights(**weights), **values)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    weights = LossWeights(**{f.name: getattr(args, f.name) for f in fields(LossWeights)})
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in ("weights", "eval_every")}
-    return TrainConfig(weights=weights, **values)
-
-
-# Settings that shape what the model learns. On --load they come from the checkpoint, and a typed
-# flag that contradicts one is an error; the rest (iters, logging, data root, device) may change.
-LEARNING_SETTINGS = ("lr", "disclr", "bs", "resize", "sep", "seed", "amp", "disc_clip", *WEIGHT_NAMES)
-MACHINE_SETTINGS = ("out", "load", "device", "gpu")  # where this run goes and what it runs on: always the flags'
-SWITCHES = ("skip_bad", "channels_last", "compile", "cuda_graph")  # store_true flags: given when set
-
-
-def typed_flags(args: argparse.Namespace) -> set[str]:
-    """The settings the user typed on the command line (not left at their defaults)."""
-    return set(getattr(args, GIVEN, set())) | {name for name in SWITCHES if getattr(args, name, False)}
+def typed_flags(args: argparse.Namespace, config_type: type[TrainConfig] = TrainConfig) -> set[str]:
+    """The settings the user typed on the command line (not left at their defaults; a switch when set)."""
+    switches = {s.name for s in declared_settings(config_type) if s.type is bool and s.flag is not None}
+    return set(getattr(args, GIVEN, set())) | {name for name in switches if getattr(args, name, False)}
 
 
 def resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
-    """``cfg`` resuming a checkpoint: its saved settings, except the typed flags that may change."""
-    saved_cfg = TrainConfig.from_dict(saved)
+    """``cfg`` resuming a checkpoint, by each setting's declared effect (``train.config``).
+
+    ``model`` settings are the checkpoint's (a typed flag that contradicts one is refused); ``machine``
+    settings and those with no flag are ``cfg``'s; the rest are ``cfg``'s where typed, else the checkpoint's.
+    """
+    config_type = type(cfg)
+    settings = declared_settings(config_type)
+    saved_cfg = config_type.from_dict(saved)
 
     def value(config: TrainConfig, name: str) -> object:
         return getattr(config.weights, name) if name in WEIGHT_NAMES else getattr(config, name)
 
     conflicts = [
-        f"--{name} {value(cfg, name)} (checkpoint: {value(saved_cfg, name)})"
-        for name in LEARNING_SETTINGS
-        if name in given and value(cfg, name) != value(saved_cfg, name)
+        f"--{s.name} {value(cfg, s.name)} (checkpoint: {value(saved_cfg, s.name)})"
+        for s in settings
+        if s.effect == "model" and s.name in given and value(cfg, s.name) != value(saved_cfg, s.name)
     ]
     if conflicts:
         raise ValueError(
@@ -242,10 +108,10 @@ def resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig
             "to continue with the checkpoint's settings, or train a new run without --load"
         )
     values = saved_cfg.to_dict()
-    values.update({name: getattr(cfg, name) for name in MACHINE_SETTINGS})
-    values.update({name: getattr(cfg, name) for name in given if name in values and name not in LEARNING_SETTINGS})
-    values["eval_every"] = 0
-    return TrainConfig.from_dict(values)
+    for s in settings:
+        if s.effect != "model" and (s.effect == "machine" or s.flag is None or s.name in given):
+            values[s.name] = getattr(cfg, s.name)
+    return config_type.from_dict(values)
 
 
 def check_run_folder(cfg: TrainConfig, overwrite: bool) -> None:

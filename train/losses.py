@@ -22,24 +22,50 @@ rounding (``train/reference.py``, tested).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from mbu.train.model import ContentTransferModel, composite
 
 
+def _weight(default: float, term: str, paper_term: str, help: str) -> float:
+    """A loss weight: the term it scales (a key of the terms dict), the paper's name of it, what the term asks."""
+    return field(default=default, metadata={"term": term, "paper_term": paper_term, "help": help})
+
+
 @dataclass(frozen=True)
 class LossWeights:
-    """Flag names are the reference's; the paper's term is in each comment."""
+    """The seven loss weights: field names are the reference's flags, each declared with the term it scales.
 
-    alpha1: float = 0.7  # L_Recon2 of A: mask decoder over A itself rebuilds A
-    alpha2: float = 0.7  # L_Recon2 of B: mask decoder (zero separate) over B rebuilds B
-    beta1: float = 0.0  # L_Cycle, first term: common code survives a transfer
-    beta2: float = 0.001  # L_Cycle, second term: separate code survives a transfer
-    gama: float = 7.0  # L_Recon1 of A: mask decoder over D_A(common, 0) rebuilds A
-    delta: float = 5.0  # L_Recon1 of B: decoder D_A(common, 0) rebuilds B
-    discweight: float = 0.005  # L_DC: common codes fool the domain discriminator
+    Adding a term: a field here, its computation in :func:`autoencoder_losses` (and in
+    ``train/reference.py``, the slow baseline the tests compare with); flags, study keys and the
+    term-to-weight map follow from the field.
+    """
+
+    alpha1: float = _weight(
+        0.7, "recon2_a", "L_Recon2 for A", "the mask decoder, over A itself as background, rebuilds A"
+    )
+    alpha2: float = _weight(
+        0.7, "recon2_b", "L_Recon2 for B", "the mask decoder, with a zero separate code over B, rebuilds B"
+    )
+    beta1: float = _weight(
+        0.0,
+        "cycle_common",
+        "L_Cycle, first term",
+        "MSE between E_common of A's content put on B and E_common(B)",
+    )
+    beta2: float = _weight(
+        0.001,
+        "cycle_separate",
+        "L_Cycle, second term",
+        "MSE between E_separate of A's content put on B and E_separate(A)",
+    )
+    gama: float = _weight(7.0, "recon1_a", "L_Recon1 for A", "the mask decoder, over D_A([E_common(A), 0]), rebuilds A")
+    delta: float = _weight(5.0, "recon1_b", "L_Recon1 for B", "the decoder D_A([E_common(B), 0]) rebuilds B")
+    discweight: float = _weight(
+        0.005, "domain_confusion", "L_DC, domain confusion", "E_common codes of A and B fool the discriminator"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -51,15 +77,7 @@ class LossWeights:
 
 
 # Term name -> the weight that scales it.
-TERM_WEIGHTS = {
-    "recon1_a": "gama",
-    "recon1_b": "delta",
-    "recon2_a": "alpha1",
-    "recon2_b": "alpha2",
-    "cycle_common": "beta1",
-    "cycle_separate": "beta2",
-    "domain_confusion": "discweight",
-}
+TERM_WEIGHTS = {f.metadata["term"]: f.name for f in fields(LossWeights)}
 
 
 def _bce(prob: torch.Tensor, target: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from mbu.train.losses import LossWeights
+from mbu.train.losses import TERM_WEIGHTS, LossWeights
 from mbu.train.model import ContentTransferModel
 
 
@@ -44,15 +44,7 @@ def reference_autoencoder_losses(
         "domain_confusion": F.binary_cross_entropy(model.disc(a_common), zeros_a)
         + F.binary_cross_entropy(model.disc(b_common), zeros_b),
     }
-    total = (
-        w.gama * terms["recon1_a"]
-        + w.delta * terms["recon1_b"]
-        + w.alpha1 * terms["recon2_a"]
-        + w.alpha2 * terms["recon2_b"]
-        + w.beta1 * terms["cycle_common"]
-        + w.beta2 * terms["cycle_separate"]
-        + w.discweight * terms["domain_confusion"]
-    )
+    total = sum(getattr(w, TERM_WEIGHTS[name]) * value for name, value in terms.items())
     return total, terms
 
 
