@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import optuna
+
 from mbu.search.confirm import candidates, fresh_seeds
 from mbu.search.confirm_settings import ConfirmSettings
 from mbu.search.race import (

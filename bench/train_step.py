@@ -42,6 +42,7 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fidelity import use_relu_decoders  # noqa: E402  (bench/ is on sys.path: this script's folder)
+
 from mbu.data.batches import DomainBatches  # noqa: E402
 from mbu.data.images import list_images, load_domain  # noqa: E402
 from mbu.data.synthetic import SynthConfig, write_dataset  # noqa: E402

@@ -10,6 +10,7 @@ batches as an uninterrupted run.
 from __future__ import annotations
 
 import torch
+
 from mbu.data.images import to_model_range
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mbu.data.files import atomic_write
+
+from mbu.base.files import atomic_write
 
 CACHE_ENV = "MBU_CACHE_DIR"
 FORMAT_VERSION = 1  # bump when the decoding itself changes, so old entries are not reused

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from mbu.data.files import check_destination
 from mbu.data.images import DATASET_FILE, DataError
 

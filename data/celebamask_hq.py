@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
 from mbu.data.celeba import (
     TEST_PARTITION,
     Condition,
@@ -34,8 +37,6 @@ from mbu.data.celeba import (
     write_split,
 )
 from mbu.data.images import MASK_FOLDER_SUFFIX, DataError
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 IMAGE_FOLDER = "CelebA-HQ-img"
 ATTRIBUTE_FILE = "CelebAMask-HQ-attribute-anno.txt"

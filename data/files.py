@@ -1,6 +1,6 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file.
+"""Folders checked before anything is written to them, and the disk a folder uses, in words.
 
-Shared by checkpoints, reports and the decode cache; the disk a folder uses, in words.
+(Atomic writes, which every layer uses, are in :mod:`mbu.base.files`.)
 """
 
 from __future__ import annotations
@@ -8,14 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
-
-
-class WriteError(OSError):
-    """A file could not be written (disk full, over a file-size limit, ...); the previous one is intact."""
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -53,27 +47,6 @@ def check_destination(dest: Path, marker: str, spec: dict[str, Any] | None = Non
                 f"{dest} holds a data set prepared with other settings ({', '.join(changed)} differ); "
                 "give a new folder, or delete this one to replace it"
             )
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:  # its message would name the temporary file, which the user never sees
-        raise WriteError(f"cannot write {path}: no file can be created in {path.parent} ({err.strerror})") from err
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        # torch.save reports a full disk as a RuntimeError; both name the file and the free space here.
-        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, WriteError):
-            free = shutil.disk_usage(path.parent).free // 2**20
-            raise WriteError(f"cannot write {path} ({free} MiB free on its disk): {err}") from err
-        raise
 
 
 def disk_used(folder: Path) -> int:

@@ -21,9 +21,10 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from mbu.data import cache
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from mbu.data import cache
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MASK_FOLDER_SUFFIX = "_masks"

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from mbu.data.files import check_destination
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from mbu.data.files import check_destination
 
 SPLITS = ("train", "test")
 DOMAINS = ("A", "B")

@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mbu.data.files import atomic_write, check_writable
+from PIL import Image
+
+from mbu.base.files import atomic_write
+from mbu.base.run_files import REPORT_FILE
+from mbu.data.files import check_writable
 from mbu.data.images import IMAGE_SUFFIXES, DataError, decode_images, to_model_range, to_uint8
 from mbu.evaluate.packaged import DEFAULT_THRESHOLD, LoadedModel
 from mbu.evaluate.report import load_model
-from mbu.train.checkpoint import REPORT_FILE
 from mbu.train.visuals import transfer_grids
-from PIL import Image
 
 DEFAULT_BATCH = 32
 GRID_FILE = "transfer_grid.png"
@@ -35,8 +37,8 @@ class ModelSource:
     def load(self, device: str) -> LoadedModel:
         """The model, its config and its threshold (the model's own with --model, the run's own with --run)."""
         if self.uri is not None:
-            from mbu.evaluate.packaged import load_model_uri
-            from mbu.train.tracking import resolve_tracking_uri
+            from mbu.base.urls import resolve_tracking_uri
+            from mbu.evaluate.model_load import load_model_uri
 
             return load_model_uri(self.uri, resolve_tracking_uri(self.tracking_uri), device)
         model, cfg, iteration = load_model(self.run, device)

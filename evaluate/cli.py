@@ -143,7 +143,7 @@ def remove_main(args: argparse.Namespace) -> int:
 
 def log_trained_model(cfg: TrainConfig, recorder: Recorder, device: str, progress: bool) -> str:
     """``mbu train --log-model``'s step, handed to the train layer by ``mbu.cli`` (imports on call)."""
-    from mbu.evaluate.packaged import log_trained_model as log
+    from mbu.evaluate.model_save import log_trained_model as log
 
     return log(cfg, recorder, device, progress)
 

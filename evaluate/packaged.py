@@ -19,7 +19,8 @@ input row:
 
 The weights are kept without the optimizer state (a third of a checkpoint).
 Loading needs this package installed (``--env-manager local`` when serving): the model is rebuilt
-by ``evaluate/model_code.py`` (MLflow's "models from code"), nothing is unpickled.
+by ``evaluate/model_code.py`` (MLflow's "models from code"), nothing is unpickled. Writing a
+package is :mod:`mbu.evaluate.model_save`'s job, reading one back by its URI :mod:`mbu.evaluate.model_load`'s.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,25 +37,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, DataType, Schema
+from PIL import Image
+
 from mbu.data.images import (
-    MIN_ANNOTATED,
-    count_annotated,
     decode_image_array,
     decode_image_bytes,
     to_model_range,
     to_uint8,
 )
-from mbu.evaluate.report import evaluate_run, load_model
-from mbu.evaluate.segmentation import figure_warnings
-from mbu.evaluate.tracking import log_scores
-from mbu.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, weights_only_state
+from mbu.evaluate.report import load_model
 from mbu.train.config import TrainConfig
-from mbu.train.errors import first_line
 from mbu.train.model import ContentTransferModel
-from mbu.train.tracking import Recorder, missing_sqlite_file
-from mlflow.models import ModelSignature
-from mlflow.types.schema import Array, ColSpec, DataType, Schema
-from PIL import Image
 
 MODEL_ARTIFACT = "model"  # the model's folder among a run's artifacts: runs:/<run id>/model
 WEIGHTS_FILE = "weights.pt"
@@ -169,6 +162,11 @@ def load_weights(weights: Path, settings_file: Path, device: str = "cpu") -> Loa
     return LoadedModel(model, cfg, float(settings["threshold"]), settings, iteration)
 
 
+def quiet_downloads() -> None:
+    """No MLflow progress bar per artifact download (a model is a handful of files)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 class MaskModel(mlflow.pyfunc.PythonModel):
     """The ``pyfunc`` face of a trained run: masks, removal and transfer of encoded images."""
 
@@ -197,145 +195,3 @@ def _row_image(table: pd.DataFrame, row: int, encoded: str, array: str) -> Image
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
-
-
-def example_image(size: int = 16) -> bytes:
-    """A small grey PNG: the model's input example (any size is resized)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def save_model_package(checkpoint: Path, threshold: float, dst: Path, settings: dict[str, Any]) -> Path:
-    """Write the MLflow model of ``checkpoint`` (weights only) with its threshold into the new folder ``dst``."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"a model's threshold must be in [0, 1], got {threshold}")
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    quiet_downloads()  # MLflow downloads the new model once to check its input example
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # and says so on the terminal
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
-        save_checkpoint(weights, weights_only_state(state))
-        settings_file.write_text(json.dumps({**settings, "threshold": threshold}, indent=2))
-        mlflow.pyfunc.save_model(
-            path=str(dst),
-            python_model=str(Path(__file__).with_name("model_code.py")),  # code, not a pickle, rebuilds it
-            artifacts={"weights": str(weights), "settings": str(settings_file)},
-            signature=SIGNATURE,
-            input_example=pd.DataFrame({"image": [example_image()]}),
-            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "pillow", "numpy", "pandas"],
-        )
-    return dst
-
-
-def log_model_package(
-    client: mlflow.MlflowClient, run_id: str, checkpoint: Path, threshold: float, settings: dict[str, Any]
-) -> str:
-    """Save the model of ``checkpoint`` into the run's ``model/`` artifacts; its ``runs:/`` URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = save_model_package(checkpoint, threshold, Path(tmp) / MODEL_ARTIFACT, settings)
-        client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT)
-    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
-
-
-def log_trained_model(cfg: TrainConfig, recorder: Recorder, device: str = "auto", progress: bool = True) -> str:
-    """``mbu train --log-model``: the model of the run ``cfg`` trained, in its MLflow run; the lines to print.
-
-    Where the data root has annotated test A images the run is scored first, as ``mbu eval --run``
-    scores it (report files and scores logged too), and the model takes the threshold chosen on the
-    validation half; without them it takes ``DEFAULT_THRESHOLD``, and says so.
-    """
-    run_dir = Path(cfg.out)
-    count = count_annotated(Path(cfg.root))
-    if count is not None and count >= MIN_ANNOTATED:
-        report = evaluate_run(run_dir, device=device, progress=progress)
-        for path in report["paths"]:
-            recorder.log_artifact(path)
-        log_scores(report["scores"], report["iteration"], recorder)
-        metrics = report["metrics"]
-        threshold = metrics["val/threshold_best"]
-        how = f"threshold {threshold:.2f} chosen on validation, test IoU {metrics['test/iou']:.4f}"
-        warnings = [f"warning: {note}" for note in figure_warnings(metrics)]
-    else:
-        threshold, warnings = DEFAULT_THRESHOLD, []
-        how = (
-            f"threshold {threshold}: {cfg.root} has {count or 0} annotated test A images, and choosing one "
-            f"needs at least {MIN_ANNOTATED} (a validation half and a test half)"
-        )
-    settings = {"run": str(run_dir.resolve()), "run_id": recorder.run_id, "threshold_chosen": how}
-    uri = log_model_package(recorder.client, recorder.run_id, run_dir / CHECKPOINT_FILE, threshold, settings)
-    return "\n".join([f"model: {uri} ({how})", *warnings])
-
-
-def quiet_downloads() -> None:
-    """No MLflow progress bar per artifact download (a model is a handful of files)."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def registry_source(uri: str, client: mlflow.MlflowClient) -> str:
-    """Where the files of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` model are; other URIs as given.
-
-    Resolved with ``client``: MLflow's own download looks a registered model up in the process-wide
-    registry (``$MLFLOW_TRACKING_URI``), not in the store the caller names.
-    """
-    if not uri.startswith("models:/"):
-        return uri
-    name, _, version = uri.removeprefix("models:/").partition("/")
-    alias = ""
-    if "@" in name and not version:
-        name, alias = name.split("@", 1)
-    if not name or not (alias or version.isdigit()):
-        raise ValueError(
-            f"--model {uri}: give models:/NAME@ALIAS or models:/NAME/VERSION (a number), or runs:/RUN_ID/model"
-        )
-    if alias:
-        version = str(client.get_model_version_by_alias(name, alias).version)
-    return client.get_model_version_download_uri(name, version)
-
-
-def load_model_uri(uri: str, tracking_uri: str, device: str = "auto") -> LoadedModel:
-    """The model at ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder)."""
-    quiet_downloads()
-    missing = missing_sqlite_file(tracking_uri)
-    if missing is not None and not Path(uri).is_dir():  # opening it would create an empty store
-        raise ValueError(f"--model {uri}: no MLflow store at {missing} ({tracking_uri}); give --tracking-uri")
-    if Path(uri).is_dir():
-        artifacts = Path(uri) / "artifacts"
-        if not (artifacts / WEIGHTS_FILE).is_file() or not (artifacts / SETTINGS_FILE).is_file():
-            raise ValueError(f"--model {uri} is not a model written by mbu (no artifacts/{WEIGHTS_FILE})")
-        return load_weights(artifacts / WEIGHTS_FILE, artifacts / SETTINGS_FILE, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, settings = download_model_files(uri, tracking_uri, Path(tmp))
-        return load_weights(weights, settings, device)
-
-
-def download_model_files(uri: str, tracking_uri: str, tmp: Path) -> tuple[Path, Path]:
-    """The weights and settings files of the model at ``uri``, and nothing else, downloaded into ``tmp``.
-
-    The model's folder is listed first, so a URI naming some other folder (``file:///tmp``, a folder of
-    runs) is refused before a byte is copied.
-    """
-    try:
-        source = registry_source(uri, mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri))
-        listed = mlflow.artifacts.list_artifacts(
-            artifact_uri=f"{source.rstrip('/')}/artifacts", tracking_uri=tracking_uri
-        )
-    except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"--model {uri}: not found in the MLflow store {tracking_uri}: {first_line(err)}") from err
-    names = {Path(item.path).name for item in listed}
-    if not {WEIGHTS_FILE, SETTINGS_FILE} <= names:
-        raise ValueError(f"--model {uri} is not a model written by mbu (no artifacts/{WEIGHTS_FILE})")
-    files = []
-    for name in (WEIGHTS_FILE, SETTINGS_FILE):
-        artifact = f"{source.rstrip('/')}/artifacts/{name}"
-        try:
-            files.append(
-                Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=artifact, dst_path=str(tmp), tracking_uri=tracking_uri
-                    )
-                )
-            )
-        except mlflow.exceptions.MlflowException as err:
-            raise ValueError(f"--model {uri}: {name} could not be read: {first_line(err)}") from err
-    return files[0], files[1]

@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure  # drawn straight to files: no pyplot, no display backend
-from mbu.data.files import atomic_write, check_writable
+
+from mbu.base.files import atomic_write, write_json
+from mbu.base.run_files import CHECKPOINT_FILE, CURVES_FILE, EXAMPLES_FILE, MASKS_FILE, REPORT_FILE, REPORT_FILES
+from mbu.data.files import check_writable
 from mbu.data.images import MASK_FOLDER_SUFFIX, AnnotatedImages
 from mbu.evaluate.segmentation import (
     ModelMaps,
@@ -20,16 +23,7 @@ from mbu.evaluate.segmentation import (
     predict_maps,
     score_masks,
 )
-from mbu.train.checkpoint import (
-    CHECKPOINT_FILE,
-    CURVES_FILE,
-    EXAMPLES_FILE,
-    MASKS_FILE,
-    REPORT_FILE,
-    REPORT_FILES,
-    load_checkpoint,
-    write_json,
-)
+from mbu.train.checkpoint import load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.model import ContentTransferModel
 from mbu.train.step import resolve_device

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from mbu.data.images import AnnotatedImages, load_annotated, to_model_range
 from mbu.evaluate.iou import SweepCounts, safe_iou, sweep, threshold_grid
 from mbu.train.model import ContentTransferModel

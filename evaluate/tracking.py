@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import time
 
+from mlflow.entities import Metric
+
 from mbu.evaluate.segmentation import SegmentationScores
 from mbu.train.tracking import Recorder
-from mlflow.entities import Metric
 
 
 def log_scores(scores: SegmentationScores, step: int, recorder: Recorder) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
+from mbu.base.command import run_command
 from mbu.data import cli as data_cli
 from mbu.evaluate import cli as evaluate_cli
 from mbu.search import cli as search_cli
 from mbu.search import report_cli
 from mbu.train import cli as train_cli
-from mbu.train.errors import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return run_command(build_parser().parse_args(argv), argv)
+    args = build_parser().parse_args(argv)
+    interrupted = ""
+    if getattr(args, "records_trials", False):  # its trials in flight were recorded FAIL: a relaunch retries them
+        interrupted = f"the trials in flight were recorded FAIL; relaunch with: mbu {shlex.join(argv)}"
+    return run_command(lambda: args.func(args), args.command, interrupted)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from __future__ import annotations
 import warnings
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.search.race import configuration_number, seed_count, seed_values
 from mbu.search.study_file import StudyConfig
 from mbu.search.trial import trial_dir
-from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, keep_weights_only
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from mbu.train.checkpoint import CheckpointError, keep_weights_only
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 

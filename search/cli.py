@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import shlex
 import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mbu.base.command import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from mbu.search.slurm_settings import SLURM_FLAGS, add_slurm_arguments
 from mbu.search.study_file import StudyConfig
-from mbu.train.errors import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, first_line, run_command
 from mbu.train.stop import StopRequest, signals_stop
 
 if TYPE_CHECKING:  # the launchers import Optuna, MLflow and plotting: only when a study runs
     from mbu.search.launch import LaunchOptions
-    from mbu.search.study_report import StudySummary
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -102,7 +100,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also show Optuna's and MLflow's own log lines and experimental-API warnings (hidden by default)",
     )
-    parser.set_defaults(func=main, confirm_only=False)
+    parser.set_defaults(func=main, confirm_only=False, records_trials=True)
 
 
 def add_confirm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,23 +147,12 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
     )
 
 
-def quiet_libraries() -> None:
-    """Keep Optuna's INFO lines, MLflow's database messages and experimental-API warnings off the terminal."""
-    import logging
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
-    """``mbu search``; ``stop`` is the stop request of a caller that has its own signals (a SLURM task)."""
+def main(args: argparse.Namespace) -> int:
+    """``mbu search`` and ``mbu confirm``."""
     from mbu.search.launch import launch_workers, run_study, study_summary
+    from mbu.search.outcome import exit_code, publish
     from mbu.search.study_file import load_study_file
+    from mbu.search.tracking import quiet_libraries
 
     if not args.verbose:
         quiet_libraries()
@@ -187,13 +174,13 @@ def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.workers == 1 and not args.gpus:
-        stop = stop or StopRequest()
+        stop = StopRequest()
         with signals_stop(stop.request, signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint and leave
             summary = run_study(config, options, stop)
         print(summary.format())
         prog = "mbu confirm" if args.confirm_only else "mbu search"
         return publish(config, options, exit_code(summary, config, again=relaunch_command(args), prog=prog))
-    summary, ended = launch_workers(config, options, args.workers, args.gpus)
+    summary, ended = launch_workers(config, options, args.workers, args.gpus, relaunch_command(args))
     print(summary.format())
     if ended.stopped_by == "SIGINT":
         raise KeyboardInterrupt  # the workers recorded their trials; run_command prints how to relaunch
@@ -201,48 +188,22 @@ def main(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     if failed:
         print(f"workers {failed} exited with an error; see their logs", file=sys.stderr)
         return EXIT_FAILED
-    return publish(config, options, exit_code(summary, config))
-
-
-def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
-    """After a launch that reached its target: the champion registered (``search.registry``); ``code`` back.
-
-    Every worker that ends at the target publishes, one at a time (the launch lock): the first registers,
-    the others find the alias already on the champion.
-    """
-    if code != EXIT_OK:
-        return code
-    from mbu.search.registry import publish_champion
-    from mbu.search.storage import load_existing_study
-    from mbu.search.workers import launch_lock
-    from mbu.train.tracking import resolve_tracking_uri
-    from mlflow.exceptions import MlflowException
-
-    study = load_existing_study(config.study.name, options.storage or config.study.storage)
-    tracking_uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)
-    try:
-        with launch_lock(config.study_dir):
-            line = publish_champion(study, config, tracking_uri)
-    except (MlflowException, OSError, ValueError, KeyError) as err:  # the trials are safe either way
-        print(f"mbu search: the champion was not registered ({type(err).__name__}: {first_line(err)})", file=sys.stderr)
-        return code
-    if line:
-        print(line)
-    return code
+    return publish(config, options, exit_code(summary, config, again=relaunch_command(args)))
 
 
 def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOptions) -> int:
     """``--slurm``: the overrides given, then :func:`mbu.search.slurm.launch_array`."""
+    from mbu.search.outcome import exit_code, publish
     from mbu.search.slurm import launch_array
 
     if args.workers != 1 or args.gpus:
         raise ValueError("--slurm runs one worker per array task: use --tasks and --gpus-per-task, not --workers")
     overrides = {key: getattr(args, key) for key in SLURM_FLAGS}
-    summary = launch_array(config, options, overrides, args.wait)
+    summary = launch_array(config, options, overrides, args.wait, relaunch_command(args))
     if summary is None:
         return EXIT_OK  # submitted; --summary follows it
     print(summary.format())
-    return publish(config, options, exit_code(summary, config, "the array", f"mbu search {config.path} --slurm"))
+    return publish(config, options, exit_code(summary, config, "the array", relaunch_command(args)))
 
 
 def relaunch_command(args: argparse.Namespace) -> str:
@@ -257,55 +218,6 @@ def relaunch_command(args: argparse.Namespace) -> str:
         parts += ["--workers", str(args.workers)]
     if getattr(args, "gpus", None):
         parts += ["--gpus", ",".join(args.gpus)]
+    if getattr(args, "slurm", False):
+        parts.append("--slurm")
     return shlex.join(parts)
-
-
-def exit_code(
-    summary: StudySummary, config: StudyConfig, launch: str = "the launch", again: str = "", prog: str = "mbu search"
-) -> int:
-    """How a launch ended, said on stderr: 0 at the target; 75 stopped by a signal; 1 on failures or short.
-
-    ``again`` is the command that goes on (:func:`relaunch_command`); ``prog`` starts each message.
-    """
-    again = again or f"mbu search {config.path}"
-    if summary.stopped_by:
-        print(
-            f"{prog}: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
-            f"to resume; launch the study again to go on: {again}",
-            file=sys.stderr,
-        )
-        return EXIT_STOPPED
-    if summary.stopped_on_failures:
-        print(
-            f"{prog}: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
-            "failed trials of this launch:",
-            file=sys.stderr,
-        )
-        for number, error in summary.failed:
-            print(f"  trial {number}: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
-    if finished < summary.target:
-        print(
-            f"{prog}: {launch} ended with {finished} of {summary.target} trials finished (the logs say "
-            f"why); queued retries resume from their checkpoints when the study is launched again: {again}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    if summary.confirm_problem:
-        print(f"{prog}: {summary.confirm_problem}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def run_worker(arguments: list[str], stop: StopRequest | None = None) -> int:
-    """One worker of a study from its ``mbu`` arguments (``search.workers.worker_arguments``); its exit code.
-
-    How a SLURM array task runs its worker, in its own process, with the task's stop request; the
-    ``--workers`` processes run the same arguments through ``python -m mbu``.
-    """
-    parser = argparse.ArgumentParser(prog="mbu")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(arguments)
-    args.func = functools.partial(main, stop=stop)
-    return run_command(args, arguments)

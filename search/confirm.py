@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
+
 from mbu.data.images import AnnotatedImages
 from mbu.search.confirm_report import CANDIDATE_ATTR, parent_figures, write_confirm_report
 from mbu.search.race import race_seeds, seed_count, seed_values

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from mbu.data.files import atomic_write
+
+from mbu.base.files import atomic_write, write_json
 from mbu.search.trial import TRAIN_SEED_ATTR
-from mbu.train.checkpoint import write_json
 
 if TYPE_CHECKING:
     from mbu.search.confirm import Stage

@@ -4,17 +4,20 @@ Every launch (``mbu search`` in this process, ``--workers``, ``--slurm``) goes
 the same way: the study file's settings with the flags' :class:`LaunchOptions`
 over them, checked once (:func:`resolve_settings`); the study prepared under
 the launch lock (data, decode cache, study, parent run: :func:`prepare_study`);
-then trials, here (:func:`run_study`) or in worker processes that all run
-:func:`mbu.search.cli.run_worker` (:func:`launch_workers`, ``search.slurm``).
+then trials, here (:func:`run_study`) or in worker processes, each handed the
+resolved study as a :class:`WorkerJob` (:func:`launch_workers`, ``search.slurm``,
+``search.worker_main``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
+
+from mbu.base.urls import check_tracking_uri, missing_sqlite_file, resolve_tracking_uri
 from mbu.data.files import check_writable
 from mbu.data.images import AnnotatedImages, load_domain
 from mbu.data.synthetic import write_dataset
@@ -39,7 +42,7 @@ from mbu.search.typed_tables import positive_integer_problem
 from mbu.search.workers import WorkersEnded, launch_lock, start_workers
 from mbu.train.step import check_step_device, resolve_device
 from mbu.train.stop import StopRequest
-from mbu.train.tracking import Recorder, check_tracking_uri, missing_sqlite_file, resolve_tracking_uri
+from mbu.train.tracking import Recorder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +59,16 @@ class LaunchOptions:
     seeds: int | None = None  # --seeds over [confirm].seeds
     presets: bool | None = None  # --presets / --no-presets over [confirm].presets
     confirm_only: bool = False  # mbu confirm: no search trials, and the search must have its n_trials
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What a launcher hands each of its workers (``--workers`` processes, SLURM tasks), pickled:
+    the study with the launch's flags applied, the options, and the command that goes on after a stop."""
+
+    config: StudyConfig  # resolved (:func:`resolve_settings`): every override already in it
+    options: LaunchOptions  # the launcher's, with progress bars off (a worker writes to a log)
+    relaunch: str  # what the worker's stop message tells the user to run
 
 
 def positive_integer(flag: str, value: int | None) -> None:
@@ -83,7 +96,7 @@ def resolve_settings(config: StudyConfig, options: LaunchOptions) -> StudyConfig
         check_search_done(replace(config, study=settings))
     check_writable(config.study_dir, "[study].runs_dir")
     # A missing GPU (or a captured step without one) fails here, not in every trial.
-    sample = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir / "check")
+    sample = config.sample_at_lows()
     check_step_device(sample, resolve_device(sample.device, sample.gpu), f"{config.path}: [train].cuda_graph = true")
     return replace(config, study=settings, confirm=confirm)
 
@@ -136,7 +149,7 @@ def prepare_inputs(config: StudyConfig, progress: bool) -> AnnotatedImages:
     trial starts); every trial and worker then reads them from it.
     """
     root = prepare_data(config, progress)
-    resize = config.trial_config({n: r.low for n, r in config.space.items()}, config.study_dir).resize
+    resize = config.sample_at_lows().resize
     skip_bad = bool(config.train.get("skip_bad", False))
     for name in ("trainA", "trainB"):
         load_domain(root, name, resize, progress, skip_bad)
@@ -200,56 +213,73 @@ def run_study(
             status = "FINISHED"
         finally:
             parent.end(status)
-    summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
-    summary.failed, summary.stopped_on_failures, summary.stopped_by = ended.failed, ended.on_failures, ended.stopped_by
-    summary.target = config.study.n_trials
     searched = not ended.stopped_by and not ended.on_failures and count_finished(study) >= config.study.n_trials
+    confirmed = ConfirmEnded()
     if config.confirm is not None and searched:
-        confirm_study(config, study, annotated, options.progress, stop, summary)
+        confirmed = confirm_study(config, study, annotated, options.progress, stop)
+    return launch_summary(
+        config,
+        study,
+        started,
+        failed=ended.failed + confirmed.failed,
+        stopped_on_failures=ended.on_failures,
+        stopped_by=ended.stopped_by or confirmed.stopped_by,
+        confirm_problem=confirmed.problem,
+    )
+
+
+def launch_summary(config: StudyConfig, study: optuna.Study, started: float, **ended: object) -> StudySummary:
+    """What every launch prints at its end: the study as its storage holds it, and how this launch ``ended``
+    (:class:`StudySummary` fields: failed trials, the stop, a confirmation problem)."""
+    summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
+    summary.target = config.study.n_trials
     summary.confirmation = confirmation_lines(config.study_dir, config.path)
     summary.wall_seconds = time.monotonic() - started
-    return summary
+    return replace(summary, **ended)
+
+
+@dataclass
+class ConfirmEnded:
+    """How a worker's confirmation stage ended."""
+
+    failed: list[tuple[int, str]] = field(default_factory=list)  # its failed runs: (number, "confirmation run: ...")
+    stopped_by: str | None = None  # the signal that stopped it
+    problem: str | None = None  # it ended short of its runs: said on stderr, exit 1
 
 
 def confirm_study(
-    config: StudyConfig,
-    study: optuna.Study,
-    annotated: AnnotatedImages,
-    progress: bool,
-    stop: StopRequest,
-    summary: StudySummary,
-) -> None:
-    """The confirmation stage in this worker, once the search has its target; how it ended goes to ``summary``."""
+    config: StudyConfig, study: optuna.Study, annotated: AnnotatedImages, progress: bool, stop: StopRequest
+) -> ConfirmEnded:
+    """The confirmation stage in this worker, once the search has its target."""
     stage, ended, _ = run_stage(config, study, annotated, progress, stop)
     write_study_report(study, config.study_dir)  # now with its confirmation section
-    summary.failed += [(number, f"confirmation run: {error}") for number, error in ended.failed]
-    summary.stopped_by = ended.stopped_by
+    outcome = ConfirmEnded([(number, f"confirmation run: {error}") for number, error in ended.failed], ended.stopped_by)
     finished, target = count_finished(stage.study), stage.config.study.n_trials
     live = count_states(stage.study).get("RUNNING", 0) + count_waiting(stage.study)
     if ended.stopped_by is None and ((finished < target and not live) or stage.abandoned):
         given_up = f"; given up after repeated failures: {stage.abandoned}" if stage.abandoned else ""
-        summary.confirm_problem = (
+        outcome.problem = (
             f"the confirmation ended with {finished} of {target} runs finished{given_up}; launching it again "
             f"queues failed runs again (up to [study].max_retry times): mbu confirm {config.path}"
         )
+    return outcome
 
 
 def launch_workers(
-    config: StudyConfig, options: LaunchOptions, workers: int, gpus: list[str] | None = None
+    config: StudyConfig, options: LaunchOptions, workers: int, gpus: list[str] | None = None, relaunch: str = ""
 ) -> tuple[StudySummary, WorkersEnded]:
-    """Prepare the study here, then run ``workers`` worker processes on it; the summary and how they ended."""
+    """Prepare the study here, then run ``workers`` worker processes on it; the summary and how they ended.
+
+    ``relaunch`` is the command that goes on after a stop, which each worker's log repeats.
+    """
     started = time.monotonic()
     config = resolve_settings(config, options)
     ended = WorkersEnded([])
     if prepare_for_workers(config, options.progress):
-        ended = start_workers(config, workers, gpus, options.verbose)
+        job = WorkerJob(config, replace(options, progress=False), relaunch or f"mbu search {config.path}")
+        ended = start_workers(job, config.study_dir, workers, gpus)
     study = load_existing_study(config.study.name, config.study.storage)
-    summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
-    summary.wall_seconds = time.monotonic() - started
-    summary.stopped_by = ended.stopped_by
-    summary.target = config.study.n_trials
-    summary.confirmation = confirmation_lines(config.study_dir, config.path)
-    return summary, ended
+    return launch_summary(config, study, started, stopped_by=ended.stopped_by), ended
 
 
 def study_summary(config: StudyConfig, options: LaunchOptions) -> str:

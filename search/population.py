@@ -26,6 +26,9 @@ from pathlib import Path
 
 import optuna
 import torch
+from tqdm import tqdm
+
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.data.images import AnnotatedImages
 from mbu.search.race import (
     OUTCOME_ATTR,
@@ -60,13 +63,12 @@ from mbu.search.trial import (
     start_training,
     trial_dir,
 )
-from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, check_resumable, load_checkpoint
+from mbu.train.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData, data_key
 from mbu.train.step import NonFiniteLossError, resolve_device
 from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder
-from tqdm import tqdm
 
 StopCheck = Callable[[], "str | None"]  # the reason to stop this worker, or None to go on
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
 from mbu.search.race_settings import RaceSettings
 from mbu.search.study_file import StudyConfig, runs_point
 from mbu.train.config import TrainConfig

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
+
 from mbu.search.confirm_report import Interval, t_interval
 from mbu.search.race import OUTCOME_ATTR, configuration_number, incumbent, seed_count, seed_runs
 

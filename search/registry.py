@@ -18,15 +18,18 @@ from typing import Any
 
 import mlflow
 import optuna
-from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_FILE, log_model_package
+from mlflow.exceptions import MlflowException
+
+from mbu.base.run_files import CHECKPOINT_FILE, REPORT_FILE, RUN_FILE
+from mbu.base.urls import missing_sqlite_file
+from mbu.evaluate.model_save import log_model_package
+from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_FILE
 from mbu.search.confirm_report import CONFIRM_REPORT_JSON
 from mbu.search.race import best_run_folder, incumbent, seed_count
 from mbu.search.race_report import race_summary
 from mbu.search.study_file import StudyConfig
 from mbu.search.trial import trial_dir
-from mbu.train.checkpoint import CHECKPOINT_FILE, REPORT_FILE, RUN_FILE
-from mbu.train.tracking import missing_sqlite_file
-from mlflow.exceptions import MlflowException
+from mbu.train.tracking import Recorder
 
 ALIAS = "champion"
 
@@ -180,7 +183,8 @@ def publish_champion(study: optuna.Study, config: StudyConfig, tracking_uri: str
         return f"champion: {uri} (version {current.version}, trial {champion.trial}, {state}; unchanged)"
     if not has_model(client, champion.run_id):
         settings = {"study": config.study.name, "trial": champion.trial, "run_id": champion.run_id}
-        log_model_package(client, champion.run_id, champion.folder / CHECKPOINT_FILE, champion.threshold, settings)
+        recorder = Recorder.of_run(tracking_uri, champion.run_id)
+        log_model_package(recorder, champion.folder / CHECKPOINT_FILE, champion.threshold, settings)
     try:
         client.create_registered_model(name, description=f"Champions of study {config.study.name} (mbu).")
     except MlflowException as err:

@@ -39,7 +39,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 def report_main(args: argparse.Namespace) -> int:
     import json
 
-    from mbu.train.tracking import Recorder, check_tracking_uri, resolve_tracking_uri
+    from mbu.base.urls import check_tracking_uri, resolve_tracking_uri
+    from mbu.train.tracking import Recorder
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
@@ -59,8 +60,8 @@ def report_main(args: argparse.Namespace) -> int:
         print(f"study report: {paths[1]}" + (f" (logged to MLflow run {parent})" if parent else ""))
         return 0
 
+    from mbu.base.run_files import RUN_FILE
     from mbu.evaluate.report import evaluate_run
-    from mbu.train.checkpoint import RUN_FILE
 
     result = evaluate_run(args.run_dir, args.root, args.device, progress=not args.no_progress)
     run_file = args.run_dir / RUN_FILE

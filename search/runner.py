@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
+
 from mbu.data.images import AnnotatedImages
 from mbu.search.checkpoints import FINISHED, thin_checkpoints
 from mbu.search.population import Outcome, Population

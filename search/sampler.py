@@ -15,7 +15,7 @@ that trial's checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,14 +23,16 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from mbu.search.study_file import PRUNERS, SAMPLERS
+
 SEED_ATTR = "sampler_seed"  # Optuna trial attribute: the seed its parameters were drawn with
 
-SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
-    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed),
-    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-}
+PRUNER_OPTIONS = {"median": {"n_startup_trials": 2}}  # a pruner's options other than Optuna's defaults
+
+
+def build_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler that a study file's ``sampler`` names (``study_file.SAMPLERS``), seeded."""
+    return getattr(optuna.samplers, SAMPLERS[name])(seed=seed)
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -50,13 +52,12 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     def __init__(self, name: str, study_seed: int) -> None:
         self.name = name
         self.study_seed = study_seed
-        self._build = SAMPLERS[name]
         self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}  # trials of this process not yet told
 
     def sampler_for(self, number: int) -> optuna.samplers.BaseSampler:
         """The sampler that draws trial ``number``'s parameters."""
         if number not in self._by_trial:
-            self._by_trial[number] = self._build(trial_seed(self.study_seed, number))
+            self._by_trial[number] = build_sampler(self.name, trial_seed(self.study_seed, number))
         return self._by_trial[number]
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -93,7 +94,7 @@ def make_sampler(name: str, seed: int) -> TrialSeededSampler:
 
 def record_draw(trial: optuna.Trial) -> None:
     """Say on the trial where its parameters came from: its seed, or the preset or trial it repeats."""
-    frozen = trial.study._storage.get_trial(trial._trial_id)
+    frozen = running_trial(trial)
     history = frozen.system_attrs.get("retry_history")
     if history:
         trial.set_user_attr("params_from", f"retry of trial {history[-1]}: same parameters, resumes its checkpoint")
@@ -105,11 +106,12 @@ def record_draw(trial: optuna.Trial) -> None:
             trial.set_user_attr(SEED_ATTR, trial_seed(sampler.study_seed, trial.number))
 
 
+def running_trial(trial: optuna.Trial) -> FrozenTrial:
+    """The frozen record of a running trial, system attributes included, through Optuna's public API."""
+    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return next(frozen for frozen in running if frozen.number == trial.number)
+
+
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
     """The study file's pruner; it judges the validation IoU reported every ``eval_every`` iterations."""
-    pruners = {
-        "none": optuna.pruners.NopPruner,
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2),
-        "hyperband": optuna.pruners.HyperbandPruner,
-    }
-    return pruners[name]()
+    return getattr(optuna.pruners, PRUNERS[name])(**PRUNER_OPTIONS.get(name, {}))

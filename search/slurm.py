@@ -34,14 +34,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mbu.search.confirm_report import confirmation_lines
-from mbu.search.launch import LaunchOptions, prepare_for_workers, resolve_settings
+from mbu.base.urls import url_scheme
+from mbu.search.launch import LaunchOptions, WorkerJob, launch_summary, prepare_for_workers, resolve_settings
 from mbu.search.slurm_settings import SlurmSettings, slurm_problem
 from mbu.search.slurm_task import ArrayTask
 from mbu.search.storage import load_existing_study
 from mbu.search.study_file import StudyConfig
 from mbu.search.study_report import StudySummary
-from mbu.train.tracking import url_scheme
 
 LOG_FOLDER = "slurm"  # runs/<study>/slurm/
 JOB_RECORD = "job.json"  # in LOG_FOLDER: the last array submitted for this study
@@ -139,10 +138,9 @@ def check_controller() -> None:
         raise ValueError(f"--slurm: the SLURM controller does not answer (scontrol ping: {last_line})")
 
 
-def submit_array(config: StudyConfig, verbose: bool = False) -> str:
-    """Submit the prepared study's array job; returns its job id and records it in ``job.json``."""
-    from mbu.search.workers import worker_arguments
-
+def submit_array(job: WorkerJob) -> str:
+    """Submit the prepared study's array job, each task handed ``job``; its job id, recorded in ``job.json``."""
+    config = job.config
     submitit = import_submitit()
     settings = config.slurm
     folder = log_folder(config)
@@ -152,7 +150,7 @@ def submit_array(config: StudyConfig, verbose: bool = False) -> str:
     except RuntimeError as err:  # no srun on this machine
         raise ValueError(f"--slurm: this machine is not a SLURM submit host: {err}") from err
     executor.update_parameters(**sbatch_parameters(config))
-    task = ArrayTask(worker_arguments(config, verbose), settings.max_requeue)
+    task = ArrayTask(job, settings.max_requeue)
     try:
         jobs = executor.map_array(task, range(settings.tasks))
     except submitit.core.utils.FailedJobError as err:  # sbatch refused it: bad partition, account, time ...
@@ -248,13 +246,14 @@ def array_summary(config: StudyConfig) -> str | None:
 
 
 def launch_array(
-    config: StudyConfig, options: LaunchOptions, overrides: dict[str, Any], wait: bool = False
+    config: StudyConfig, options: LaunchOptions, overrides: dict[str, Any], wait: bool = False, relaunch: str = ""
 ) -> StudySummary | None:
     """``mbu search --slurm``: prepare here as ``--workers`` does, submit the array, optionally wait for it.
 
     The study's summary once the array has ended (with ``wait``, or when there was nothing to submit); None
-    when it was submitted and left running.
+    when it was submitted and left running. ``relaunch`` is what a stopped task's log tells the user to run.
     """
+    started = time.monotonic()
     slurm = resolve_slurm(config.slurm, overrides)
     import_submitit()  # before anything is prepared
     config = resolve_settings(config, options)
@@ -262,15 +261,12 @@ def launch_array(
     check_controller()
     config = replace(config, slurm=slurm)
     if prepare_for_workers(config, options.progress):
-        job_id = submit_array(config, options.verbose)
+        relaunch = relaunch or f"mbu search {config.path} --slurm"
+        job_id = submit_array(WorkerJob(config, replace(options, progress=False), relaunch))
         print(f"slurm: submitted array job {job_id}: {slurm.tasks} workers of study {config.study.name}", flush=True)
         print(f"logs: {task_log(config, job_id, '<task>', slurm.tasks)}")
         print(f"follow: squeue -j {job_id}; mbu search {config.path} --summary; cancel: scancel {job_id}", flush=True)
         if not wait:
             return None
         wait_for_array(job_id)
-    study = load_existing_study(config.study.name, config.study.storage)
-    summary = StudySummary.of(study, config.study.storage, config.study.tracking_uri)
-    summary.target = config.study.n_trials
-    summary.confirmation = confirmation_lines(config.study_dir, config.path)
-    return summary
+    return launch_summary(config, load_existing_study(config.study.name, config.study.storage), started)

@@ -1,6 +1,6 @@
 """What runs inside each task of a study's SLURM array: one ordinary worker, and its requeue.
 
-The task's own process runs the worker (:func:`mbu.search.cli.run_worker`), so SLURM's
+The task's own process runs the worker (:func:`mbu.search.worker_main.run_worker`), so SLURM's
 signals reach it: the time-limit signal (SIGUSR2) and SIGTERM both become the worker's
 stop request; after a time-limit stop the task requeues itself, at most ``max_requeue``
 times (the only place that limit is applied: submitit's own requeue is not used).
@@ -12,9 +12,13 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mbu.train.errors import EXIT_OK, EXIT_STOPPED
+from mbu.base.command import EXIT_OK, EXIT_STOPPED
 from mbu.train.stop import StopRequest, signals_stop
+
+if TYPE_CHECKING:
+    from mbu.search.launch import WorkerJob
 
 
 class TaskFailed(RuntimeError):
@@ -25,11 +29,11 @@ class TaskFailed(RuntimeError):
 class ArrayTask:
     """The callable submitit pickles and runs in each array task."""
 
-    arguments: list[str]  # the worker's mbu arguments (search.workers.worker_arguments)
+    job: WorkerJob  # the launcher's resolved study and options
     max_requeue: int  # time-limit requeues of one task ([slurm].max_requeue)
 
     def __call__(self, index: int) -> int:
-        from mbu.search.cli import run_worker
+        from mbu.search.worker_main import run_worker
 
         stop = StopRequest()
         warned: list[str] = []
@@ -40,7 +44,7 @@ class ArrayTask:
 
         # In place of submitit's handler (restored on the way out), which would requeue and exit mid-trial.
         with signals_stop(on_warning, warning_signal()):
-            code = run_worker(self.arguments, stop)  # the worker turns SIGTERM (scancel) into the same stop
+            code = run_worker(self.job, stop)  # the worker turns SIGTERM (scancel) into the same stop
         if warned and code == EXIT_STOPPED:
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
             if restarts >= self.max_requeue:

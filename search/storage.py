@@ -16,9 +16,10 @@ from types import TracebackType
 
 import optuna
 import sqlalchemy
-from mbu.search.study_file import StudySettings
-from mbu.train.tracking import check_database_folder, check_database_server, missing_sqlite_file, url_scheme
 from optuna.storages import RDBStorage
+
+from mbu.base.urls import check_database_folder, check_database_server, missing_sqlite_file, url_scheme
+from mbu.search.study_file import StudySettings
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # count towards n_trials
 TAKEN = (*FINISHED, optuna.trial.TrialState.RUNNING)  # finished, or being worked on by some worker

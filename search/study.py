@@ -17,15 +17,16 @@ import warnings
 from pathlib import Path
 
 import optuna
+
+from mbu.base.files import write_json
+from mbu.base.urls import missing_sqlite_file
 from mbu.search.race import RACE_SEEDS_ATTR, is_racing
 from mbu.search.sampler import make_pruner, make_sampler
 from mbu.search.storage import make_storage
 from mbu.search.study_file import StudyConfig, StudyFileError, runs_point
 from mbu.search.tracking import RetryLostTrial
 from mbu.search.trial import OBJECTIVE_KEY
-from mbu.train.checkpoint import write_json
 from mbu.train.config import free_between_launches
-from mbu.train.tracking import missing_sqlite_file
 
 STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name
 STUDY_RECORD = "study.json"  # in runs/<study>/: the storage and study uid the folder belongs to

@@ -35,8 +35,10 @@ from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainCon
 from mbu.train.losses import LossWeights
 from mbu.train.step import DeviceError, parse_device
 
-SAMPLERS = ("tpe", "cmaes", "gp", "random")
-PRUNERS = ("none", "median", "hyperband")
+# The one list of sampler and pruner names: the study file's check, search.sampler, the docs test and the
+# tests all read it. Each name maps to the Optuna class it builds (optuna.samplers / optuna.pruners).
+SAMPLERS = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "gp": "GPSampler", "random": "RandomSampler"}
+PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "hyperband": "HyperbandPruner"}
 DIRECTIONS = ("maximize", "minimize")
 TRAIN_KEYS = study_train_keys()  # the rest (root, out, load, gpu) the study sets for each trial
 FLOAT_PARAMS = {"lr", "disclr", *WEIGHT_NAMES}
@@ -111,6 +113,10 @@ class StudyConfig:
         if self.data_root is not None:
             return Path(self.data_root)
         return self.study_dir / f"synthetic-{self.synthetic.size}px-seed{self.synthetic.seed}"
+
+    def sample_at_lows(self) -> TrainConfig:
+        """A trial's config with every sampled parameter at its low end: the fixed settings, checked whole."""
+        return self.trial_config({name: r.low for name, r in self.space.items()}, self.study_dir / "check")
 
     def trial_config(self, params: dict[str, float], out: Path) -> TrainConfig:
         """Fixed settings plus one trial's sampled values, as a training config."""
@@ -296,7 +302,7 @@ def check_trial_config(config: StudyConfig) -> None:
     """One trial's config built now, so that a bad fixed value fails here, not after data generation."""
     path = config.path
     try:
-        sample = config.trial_config({name: rng.low for name, rng in config.space.items()}, config.study_dir / "check")
+        sample = config.sample_at_lows()
     except (TypeError, ValueError) as err:
         raise StudyFileError(f"{path}: [train]: {err}") from err
     if sample.bs < MIN_BATCH:

@@ -16,7 +16,10 @@ from typing import Any
 
 import matplotlib
 import optuna
-from mbu.data.files import atomic_write, disk_used, human_bytes
+
+from mbu.base.files import atomic_write, write_json
+from mbu.base.run_files import MARKDOWN_FILE, REPORT_FILE
+from mbu.data.files import disk_used, human_bytes
 from mbu.evaluate.segmentation import figure_warnings
 from mbu.search.confirm_report import CONFIRM_REPORT_JSON, CONFIRM_REPORT_MD, summary_lines
 from mbu.search.race import best_run_folder, incumbent, seed_count
@@ -24,7 +27,6 @@ from mbu.search.race_report import RaceSummary, cost_line, incumbent_lines, race
 from mbu.search.storage import count_states
 from mbu.search.study_file import trial_name
 from mbu.search.tracking import ui_command
-from mbu.train.checkpoint import MARKDOWN_FILE, REPORT_FILE, write_json
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"

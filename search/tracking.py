@@ -13,6 +13,7 @@ its run, so one process can hold several runs, in several stores, at once.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 import warnings
@@ -22,13 +23,15 @@ from typing import Any
 
 import mlflow
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from mbu.base.files import write_json
+from mbu.base.run_files import RUN_FILE
 from mbu.search.race import SEED_RUNS_ATTR
 from mbu.search.study_file import StudyConfig, trial_name
-from mbu.train.checkpoint import RUN_FILE, write_json
 from mbu.train.config import TrainConfig
 from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder, train_params
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 RUN_ID_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
 OPEN_SEED_RUN_ATTR = "seed_run_open"  # Optuna trial attribute: {"seed", "run_id"} of a raced seed run in flight
@@ -174,12 +177,15 @@ class RetryLostTrial:
         for run_id in (open_seed.get("run_id"), trial.user_attrs.get(RUN_ID_ATTR)):
             if run_id is None:
                 continue
-            try:
-                client = mlflow.MlflowClient(self.tracking_uri)
-                client.set_tag(run_id, "state", "FAIL")
-                client.set_tag(run_id, "error", "worker lost: no heartbeat within the grace period; retried")
-                client.set_terminated(run_id, "FAILED")
-            except mlflow.exceptions.MlflowException as err:
-                note = f"could not mark the MLflow run {run_id} of lost trial {trial.number} FAILED: {err}"
-                warnings.warn(note, stacklevel=2)
+            recorder = Recorder.of_run(self.tracking_uri, run_id)
+            recorder.set_tags({"state": "FAIL", "error": "worker lost: no heartbeat within the grace period; retried"})
+            recorder.end("FAILED")  # what MLflow does not take, the recorder names in a warning
         self.retry(study, trial)
+
+
+def quiet_libraries() -> None:
+    """Keep Optuna's INFO lines, MLflow's database messages and experimental-API warnings off the terminal."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)

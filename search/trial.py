@@ -11,6 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.data.images import AnnotatedImages
 from mbu.evaluate.report import score_and_report
 from mbu.evaluate.segmentation import predict_masks, score_masks
@@ -18,12 +21,11 @@ from mbu.evaluate.tracking import log_scores
 from mbu.search.race import collapse_reason
 from mbu.search.race_settings import RaceSettings
 from mbu.search.study_file import StudyConfig, trial_name
-from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, check_resumable, load_checkpoint
+from mbu.train.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData
 from mbu.train.model import ContentTransferModel
 from mbu.train.tracking import Recorder
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 OBJECTIVE_KEY = "val/iou_best"  # what the study maximises: best-threshold IoU on the validation half
 TRAIN_SEED_ATTR = "train_seed"  # Optuna trial attribute: a training seed fixed on the trial (confirmation runs)

@@ -1,8 +1,8 @@
 """Several workers on one study: the launch lock, and worker processes on this machine.
 
-Workers share nothing but the study's storage and tracking store: each is an
-ordinary ``mbu search`` that takes the next trial until the study's target is
-reached. The launch lock makes data preparation, study creation and the parent
+Workers share nothing but the study's storage and tracking store: each runs the
+launcher's resolved study (:mod:`mbu.search.worker_main`), taking the next trial
+until the study's target is reached. The launch lock makes data preparation, study creation and the parent
 run happen once, whoever launches first.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,8 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from mbu.search.study_file import StudyConfig
 
 WORKER_LOGS = "workers"  # runs/<study>/workers/worker-<i>.log
 
@@ -35,22 +34,6 @@ def launch_lock(study_dir: Path) -> Iterator[None]:
     with open(study_dir / ".launch.lock", "a") as lock:  # "a": taking the lock leaves the file as it is
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         yield
-
-
-def worker_arguments(config: StudyConfig, verbose: bool = False) -> list[str]:
-    """The ``mbu`` arguments of one worker of the (prepared) study: its resolved settings, spelt out.
-
-    ``start_workers`` runs them as processes here; ``search.slurm`` runs them in each array task.
-    """
-    settings = config.study
-    arguments = ["search", str(config.path), "--no-progress"]
-    arguments += ["--storage", settings.storage, "--tracking-uri", settings.tracking_uri]
-    arguments += ["--n-trials", str(settings.n_trials), "--population", str(settings.population)]
-    if config.confirm is not None:  # each worker confirms once the search has its target
-        confirm = config.confirm
-        arguments += ["--top-k", str(confirm.top_k), "--seeds", str(confirm.seeds)]
-        arguments.append("--presets" if confirm.presets else "--no-presets")
-    return arguments + (["--verbose"] if verbose else [])
 
 
 def _die_with_parent() -> None:
@@ -70,8 +53,11 @@ class WorkersEnded:
     stopped_by: str | None = None  # the signal that the launcher passed on to its workers, if any
 
 
-def start_workers(config: StudyConfig, workers: int, gpus: list[str] | None, verbose: bool = False) -> WorkersEnded:
-    """Run ``workers`` processes of ``mbu search`` on the (prepared) study and wait for them.
+def start_workers(job: object, study_dir: Path, workers: int, gpus: list[str] | None) -> WorkersEnded:
+    """Run ``workers`` worker processes on the (prepared) study and wait for them.
+
+    Each is handed ``job`` (a :class:`mbu.search.launch.WorkerJob`, pickled into ``runs/<study>/workers/``)
+    and runs it with :mod:`mbu.search.worker_main`.
 
     Workers are spread round-robin over ``gpus`` (``CUDA_VISIBLE_DEVICES``); CPU
     threads are shared out. Each worker's output goes to ``runs/<study>/workers/worker-<i>.log``.
@@ -80,10 +66,12 @@ def start_workers(config: StudyConfig, workers: int, gpus: list[str] | None, ver
     stops as a single ``mbu search`` does, and the launcher waits for them all. A launcher that
     dies outright takes its workers down with SIGTERM (Linux).
     """
-    logs = config.study_dir / WORKER_LOGS
+    logs = study_dir / WORKER_LOGS
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    command = [sys.executable, "-m", "mbu", *worker_arguments(config, verbose)]
+    job_file = logs / f"job-{os.getpid()}.pickle"  # this launch's own: two launches of one study do not mix
+    job_file.write_bytes(pickle.dumps(job))
+    command = [sys.executable, "-m", "mbu.search.worker_main", str(job_file)]
     processes: list[subprocess.Popen] = []
     stopped: list[str] = []
 
@@ -121,4 +109,5 @@ def start_workers(config: StudyConfig, workers: int, gpus: list[str] | None, ver
             if process.poll() is None:
                 process.terminate()
                 process.wait()
+        job_file.unlink(missing_ok=True)
     return WorkersEnded(codes, stopped[0] if stopped else None)

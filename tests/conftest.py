@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import PG_BIN, TINY_SYNTH, TrackingServer, create_database, running_postgres, start_tracking_server
+from mlflow.tracking import MlflowClient
+
 from mbu.data.cache import CACHE_ENV
 from mbu.data.synthetic import write_dataset
-from mlflow.tracking import MlflowClient
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two test processes on two cores: one thread each (and in the processes they start), never four

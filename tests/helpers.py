@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from mbu.data.synthetic import SynthConfig
-from mbu.train.config import TrainConfig
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+
+from mbu.data.synthetic import SynthConfig
+from mbu.train.config import TrainConfig
 
 TINY_SYNTH = SynthConfig(size=64, n_train=8, n_test=6, seed=3)
 TINY_DATA = {"synthetic": {"size": TINY_SYNTH.size, "n_train": TINY_SYNTH.n_train, "n_test": TINY_SYNTH.n_test,

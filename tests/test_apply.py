@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_train_config
+from PIL import Image
+
+from mbu.cli import main
 from mbu.data.images import decode_image, to_model_range
 from mbu.evaluate.report import load_model
 from mbu.train.loop import train
 from mbu.train.tracking import Recorder
 from mbu.train.visuals import PAD
-from PIL import Image
-
-from mbu.cli import main
 
 
 @pytest.fixture(scope="module")

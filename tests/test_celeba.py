@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import tiny_train_config
+from PIL import Image
+
+from mbu.cli import main as mbu_main
 from mbu.data.celeba import CelebaConfig, DataError, prepare_celeba, read_attributes
 from mbu.data.celebamask_hq import MaskHQConfig, prepare_celebamask_hq
 from mbu.data.images import list_images, load_annotated
 from mbu.evaluate.report import evaluate_run
 from mbu.train.loop import train
-from PIL import Image
-
-from mbu.cli import main as mbu_main
 
 # CelebA's 40 attribute names, in the file's column order.
 NAMES = (

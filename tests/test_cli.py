@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 from helpers import mbu_command
-from mbu.train.cli import config_from_args
 
 from mbu.cli import build_parser
+from mbu.train.cli import config_from_args
 
 # The published hyperparameter lines of the seed README, verbatim.
 PRESETS = {
@@ -85,7 +85,8 @@ def test_the_process_entry_point_keeps_output_and_exit_status(tmp_path, monkeypa
     ],
 )
 def test_a_stopped_launch_names_the_command_that_goes_on_with_its_flags(line: str, capsys) -> None:
-    from mbu.search.cli import exit_code, relaunch_command
+    from mbu.search.cli import relaunch_command
+    from mbu.search.outcome import exit_code
     from mbu.search.study_report import StudySummary
 
     args = build_parser().parse_args(shlex.split(line))

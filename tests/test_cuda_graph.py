@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_train_config
-from mbu.train.checkpoint import CHECKPOINT_FILE
+
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.train.loop import Training, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mbu.data.batches import DomainBatches
 from mbu.data.cache import cache_dir
 from mbu.data.images import DATASET_FILE, DataError, decode_image, list_images, load_annotated, load_domain
 from mbu.train.config import TrainConfig
-from PIL import Image
 
 
 def _write(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

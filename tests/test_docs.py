@@ -4,7 +4,9 @@ Every relative link resolves to a file of the repository (and its #anchor to a
 heading there, by GitHub's slug rule), every ``mbu COMMAND`` the pages' code shows
 is a command of ``mbu`` (the README's quick start above all, since users copy it),
 and the README's Documentation table links existing pages, every page of docs/
-among them.
+among them. The guides (README.md and docs/*.md) read as a guide, not a lab log:
+none holds a phrase of LAB_LOG_PHRASES; the history of measurements goes to
+CHANGELOG.md or bench/results/.
 """
 
 from __future__ import annotations
@@ -22,6 +24,25 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 PAGES = [README, REPO / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))]
+GUIDES = [README, *sorted(DOCS.glob("*.md"))]
+
+# Phrases of a lab log: who measured what when, what went wrong on which run, what the host was doing.
+# A guide gives a figure with its hardware and command; the history belongs in CHANGELOG.md or bench/results/.
+# Matched case-insensitively, across line breaks. ("not measured" alone is fine: "GPU: **not measured**".)
+LAB_LOG_PHRASES = (
+    "not measured the cause",
+    "cause was not measured",
+    "since fixed",
+    "since marked",
+    "busier",
+    "was busier",
+    "this session",
+    "we measured",
+    "I measured",
+    "shared host",
+    "less loaded",
+    "run right after",
+)
 
 INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$", re.M)
@@ -176,3 +197,38 @@ def test_readme_table_names_every_docs_page() -> None:
     listed_files = {(REPO / target).resolve() for target in listed}
     unlisted = [p.relative_to(REPO).as_posix() for p in sorted(DOCS.glob("*.md")) if p.resolve() not in listed_files]
     assert not unlisted, f"README.md: the Documentation table does not list {', '.join(unlisted)}"
+
+
+def lab_log_phrases(text: str) -> list[tuple[int, str]]:
+    """(line number, phrase) of every lab-log phrase in ``text``, a phrase split over lines included."""
+    found = []
+    for phrase in LAB_LOG_PHRASES:
+        pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, phrase.split())) + r"(?!\w)"
+        for match in re.finditer(pattern, text, re.I):
+            found.append((text.count("\n", 0, match.start()) + 1, phrase))
+    return sorted(found)
+
+
+def test_lab_log_phrases_are_found() -> None:
+    text = "A guide.\nThe host was\nBusier then; the cause was not measured.\nGPU: **not measured**.\n"
+    assert lab_log_phrases(text) == [(2, "was busier"), (3, "busier"), (3, "cause was not measured")]
+
+
+@pytest.mark.parametrize("path", GUIDES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_guides_hold_no_lab_log(path: Path) -> None:
+    name = path.relative_to(REPO).as_posix()
+    found = [f'{name}:{line}: "{phrase}"' for line, phrase in lab_log_phrases(path.read_text(encoding="utf-8"))]
+    assert not found, "lab-log phrases in a guide (move the history to CHANGELOG.md or bench/results/):\n" + "\n".join(
+        found
+    )
+
+
+def test_study_file_reference_lists_every_sampler_and_pruner() -> None:
+    """The names a study file accepts (one list, ``study_file.SAMPLERS`` / ``PRUNERS``) are the ones documented."""
+    from mbu.search.study_file import PRUNERS, SAMPLERS
+
+    text = (DOCS / "study-files.md").read_text()
+    documented = re.search(r"sampler \(([^)]*)\)", text), re.search(r"pruner \(([^)]*)\)", text)
+    assert all(documented), "docs/study-files.md no longer says sampler (a | b) and pruner (a | b)"
+    assert [name.strip() for name in documented[0].group(1).split("|")] == list(SAMPLERS)
+    assert [name.strip() for name in documented[1].group(1).split("|")] == list(PRUNERS)

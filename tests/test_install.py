@@ -61,3 +61,43 @@ def test_installs_beside_another_top_level_evaluate(tmp_path: Path, editable: bo
         assert where.parent.parent.name == "mbu" and venv in where.parents
     command = subprocess.run([str(venv / "bin" / "mbu"), "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert command.returncode == 0 and "search" in command.stdout, command.stderr
+
+
+def declared_requirements() -> set[str]:
+    """Distribution names that setup.cfg's install_requires declares, normalised (lower case, '-')."""
+    import configparser
+    import re
+
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    lines = parser["options"]["install_requires"].splitlines()
+    names = [re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0] for line in lines if line.strip()]
+    return {name.lower().replace("_", "-") for name in names if name and not name.startswith("#")}
+
+
+def test_every_library_the_packages_import_is_declared() -> None:
+    """A third-party module imported by the product (not tests or benches) belongs to a distribution that
+    setup.cfg installs; which distribution owns a module is read from the installed metadata."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    declared = declared_requirements()
+    extras = {"submitit", "psycopg"}  # optional, declared as extras ([slurm], [postgres]) and imported lazily
+    undeclared = set()
+    for folder in ("mbu", "data", "train", "evaluate", "search"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    roots = [alias.name.split(".")[0] for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    roots = [node.module.split(".")[0]]
+                else:
+                    continue
+                for root in roots:
+                    if root in sys.stdlib_module_names or root == "mbu" or root in extras:
+                        continue
+                    distributions = {d.lower().replace("_", "-") for d in owners.get(root, [root])}
+                    if not distributions & declared:
+                        undeclared.add(f"{root} ({path.relative_to(REPO)}: from {', '.join(sorted(distributions))})")
+    assert not undeclared, "imported but not in setup.cfg's install_requires: " + "; ".join(sorted(undeclared))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import jaccard_score
+
 from mbu.evaluate.iou import EMPTY_IOU, IoUSweep, sweep, threshold_grid
 from mbu.evaluate.segmentation import score_masks, validation_split
-from sklearn.metrics import jaccard_score
 
 
 def _sklearn_curves(probs: torch.Tensor, truth: torch.Tensor, thresholds: torch.Tensor):

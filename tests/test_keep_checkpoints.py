@@ -10,11 +10,12 @@ import optuna
 import pytest
 import torch
 from helpers import tiny_study
-from mbu.search.checkpoints import folders_to_thin
-from mbu.train.checkpoint import CHECKPOINT_FILE, keep_weights_only, load_checkpoint
-from mbu.train.model import MODEL_VERSION
 
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.cli import main
+from mbu.search.checkpoints import folders_to_thin
+from mbu.train.checkpoint import keep_weights_only, load_checkpoint
+from mbu.train.model import MODEL_VERSION
 
 TrialState = optuna.trial.TrialState
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from mbu.train.losses import LossWeights, autoencoder_losses, discriminator_loss
 from mbu.train.model import ContentTransferModel, ModelConfig
 from mbu.train.reference import reference_autoencoder_losses, reference_discriminator_loss

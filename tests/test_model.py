@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mbu.train.model import (
     ContentTransferModel,
     DownConv,

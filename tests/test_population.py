@@ -14,11 +14,11 @@ import optuna
 import pytest
 import torch
 from helpers import changed, mbu_command, study_runs, tiny_tables, toml_text
-from mbu.search.launch import LaunchOptions, run_study
-from mbu.search.study_file import load_study_file
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
+from mbu.search.launch import LaunchOptions, run_study
+from mbu.search.study_file import load_study_file
 
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
 

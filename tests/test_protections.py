@@ -13,14 +13,15 @@ from pathlib import Path
 import optuna
 import pytest
 from helpers import mbu_command_with_ctrl_c, tiny_study
-from mbu.search.launch import LaunchOptions, run_study
-from mbu.search.study import STUDY_RECORD
-from mbu.search.study_file import StudyFileError, load_study_file
-from mbu.train.checkpoint import RUN_FILE, load_checkpoint
 from mlflow.tracking import MlflowClient
 from test_user_errors import fingerprint
 
+from mbu.base.run_files import RUN_FILE
 from mbu.cli import main
+from mbu.search.launch import LaunchOptions, run_study
+from mbu.search.study import STUDY_RECORD
+from mbu.search.study_file import StudyFileError, load_study_file
+from mbu.train.checkpoint import load_checkpoint
 
 TRAIN = ["train", "--resize", "64", "--bs", "4", "--progress_iter", "2", "--no-progress", "--device", "cpu"]
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import optuna
 from helpers import TINY_DATA_AND_TRAIN
+from mlflow.tracking import MlflowClient
+
 from mbu.evaluate.segmentation import load_test_annotations
 from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
 from mbu.search.population import Population
 from mbu.search.study_file import load_study_file
 from mbu.train.tracking import Recorder
-from mlflow.tracking import MlflowClient
 
 STUDY = """
 [study]

@@ -14,13 +14,13 @@ import optuna
 import pytest
 import torch
 from helpers import mbu_command, study_runs, tiny_study
-from mbu.evaluate.segmentation import score_masks, validation_split
-from mbu.search.race import collapse_reason, keeps_racing, seed_runs
-from mbu.search.race_settings import RaceSettings
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import jaccard_score
 
 from mbu.cli import main
+from mbu.evaluate.segmentation import score_masks, validation_split
+from mbu.search.race import collapse_reason, keeps_racing, seed_runs
+from mbu.search.race_settings import RaceSettings
 
 PRESET = {"lr": 2e-4}
 RACE2 = {"seeds": 2, "collapse_guard": False}  # two paired seeds; runs end at iters, not at a collapse

@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import torch
 from helpers import DROP, free_port, study_runs, tiny_study
-from mbu.data.images import decode_images, to_model_range
-from mbu.evaluate.report import load_model
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mbu.cli import main
+from mbu.data.images import decode_images, to_model_range
+from mbu.evaluate.report import load_model
 
 NAME = "champ"
 

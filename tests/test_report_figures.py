@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mbu.data.images import AnnotatedImages
 from mbu.evaluate.report import EXAMPLE_PANEL_PIXELS, EXAMPLES_PER_SIDE, plot_examples
 from mbu.evaluate.segmentation import ModelMaps, score_masks
-from PIL import Image
 
 
 def where(page: np.ndarray, colour: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:

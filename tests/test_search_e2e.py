@@ -10,11 +10,11 @@ import mlflow
 import optuna
 import torch
 from helpers import TINY_DATA_AND_TRAIN
-from mbu.evaluate.report import load_masks
-from mbu.evaluate.segmentation import score_masks
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
+from mbu.evaluate.report import load_masks
+from mbu.evaluate.segmentation import score_masks
 
 STUDY = """
 [study]

@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass, replace
 
 import pytest
+
 from mbu.train.cli import add_train_arguments, config_from_args, resume_config, typed_flags
 from mbu.train.config import (
     TrainConfig,

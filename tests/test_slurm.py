@@ -20,12 +20,12 @@ from pathlib import Path
 import optuna
 import pytest
 from helpers import TrackingServer, mbu_command, study_runs, tiny_study
-from mbu.train.checkpoint import load_checkpoint
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from slurm_cluster import SlurmCluster, missing
 
 from mbu.cli import main
+from mbu.train.checkpoint import load_checkpoint
 
 # One cluster: every test of this file in one test process. Each takes 1-2 minutes.
 pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mbu.data.synthetic import SPEC_FILE, SynthConfig, content_mask, render, write_dataset
 from PIL import Image
+
+from mbu.data.synthetic import SPEC_FILE, SynthConfig, content_mask, render, write_dataset
 
 # Data sets are written straight into the test's folder, which must start empty: no MLflow store there.
 pytestmark = pytest.mark.fresh_mlflow_store

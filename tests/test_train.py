@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_train_config
-from mbu.train.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+
+from mbu.base.run_files import CHECKPOINT_FILE
+from mbu.train.checkpoint import CheckpointError, load_checkpoint
 from mbu.train.loop import NonFiniteLossError, train
 
 

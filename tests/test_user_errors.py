@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import DROP, TINY_SYNTH, changed, tiny_tables, tiny_train_config, toml_text
-from mbu.evaluate.packaged import save_model_package
-from mbu.train.checkpoint import CHECKPOINT_FILE
-from mbu.train.loop import train
 
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.cli import main
+from mbu.evaluate.model_save import save_model_package
+from mbu.train.loop import train
 
 # A refused command must leave the folder as it was, the absence of an MLflow store included.
 pytestmark = pytest.mark.fresh_mlflow_store

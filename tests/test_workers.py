@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
 from helpers import DROP, mbu_command, study_runs, tiny_study
-from mbu.search.sampler import SEED_ATTR
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
+from mbu.search.launch import LaunchOptions, WorkerJob, launch_workers, prepare_for_workers, resolve_settings
+from mbu.search.sampler import SEED_ATTR
+from mbu.search.slurm_task import ArrayTask
+from mbu.search.study_file import load_study_file
 
 
 def assert_recorded_once(tmp_path: Path, name: str, n_trials: int) -> list[optuna.trial.FrozenTrial]:
@@ -74,3 +80,23 @@ def test_two_launches_at_once_both_contribute_and_no_trial_is_recorded_twice(tmp
     assert_distinct_points(trials)
     assert {t.user_attrs["worker"].split(":")[1] for t in trials} == {str(p.pid) for p in launches}
     assert_one_champion(tmp_path, "twice")
+
+
+def test_workers_are_handed_the_resolved_study_so_a_new_override_reaches_them(tmp_path: Path) -> None:
+    """A value the launcher resolved that no flag or worker code knows (here ``[train].iters`` replaced in
+    memory, as a new override would) is what a ``--workers`` process and a SLURM task (its pickled
+    :class:`ArrayTask`, run as the task runs it) train with; the study file says otherwise."""
+    (tmp_path / "study.toml").write_text(tiny_study("handed", train={"iters": 3}))
+    config = load_study_file(Path("study.toml"))
+    overridden = replace(config, train={**config.train, "iters": 1})
+
+    summary, ended = launch_workers(overridden, LaunchOptions(progress=False), workers=1)
+    assert ended.codes == [0] and summary.states == {"COMPLETE": 1}
+    assert json.loads((tmp_path / "runs/handed/trial-0/config.json").read_text())["iters"] == 1
+
+    slurm = replace(overridden, study=replace(overridden.study, name="handed-slurm"))
+    slurm = resolve_settings(slurm, LaunchOptions())
+    assert prepare_for_workers(slurm, progress=False)
+    task = pickle.loads(pickle.dumps(ArrayTask(WorkerJob(slurm, LaunchOptions(progress=False), "again"), 0)))
+    assert task(0) == 0
+    assert json.loads((tmp_path / "runs/handed-slurm/trial-0/config.json").read_text())["iters"] == 1

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from mbu.data.files import atomic_write
+
+from mbu.base.command import UserError
+from mbu.base.files import atomic_write
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.train.model import MODEL_VERSION
 
-# The files of a run folder, named here, at the bottom of the layers that write and read them:
-# mbu train writes the first three, mbu eval the reports (REPORT_FILES, JSON first).
-CHECKPOINT_FILE = "checkpoint.pt"
-CONFIG_FILE = "config.json"
-RUN_FILE = "mlflow_run.json"  # the MLflow run the folder's files belong to
-REPORT_FILE = "report.json"
-MARKDOWN_FILE = "report.md"
-CURVES_FILE = "iou_curves.png"
-EXAMPLES_FILE = "examples.png"
-MASKS_FILE = "masks.npz"
-REPORT_FILES = (REPORT_FILE, MARKDOWN_FILE, CURVES_FILE, EXAMPLES_FILE, MASKS_FILE)
 
-
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: missing, unreadable, or for another model."""
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

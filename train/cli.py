@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mbu.base.run_files import CHECKPOINT_FILE, CONFIG_FILE
 from mbu.data.files import check_writable
 from mbu.data.images import (
     MIN_ANNOTATED,
@@ -22,7 +23,7 @@ from mbu.data.images import (
     pair_annotations,
     read_domains,
 )
-from mbu.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_resumable, load_checkpoint
+from mbu.train.checkpoint import check_resumable, load_checkpoint
 from mbu.train.config import GROUPS, MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig, declared_settings
 from mbu.train.losses import LossWeights
 from mbu.train.step import check_step_device, resolve_device
@@ -136,8 +137,7 @@ def clear_run_folder(out: Path) -> None:
     """
     import shutil
 
-    from mbu.train.checkpoint import REPORT_FILES, RUN_FILE
-    from mbu.train.loop import GRIDS_DIR, SKIPPED_FILE
+    from mbu.base.run_files import GRIDS_DIR, REPORT_FILES, RUN_FILE, SKIPPED_FILE
 
     for name in (CHECKPOINT_FILE, CONFIG_FILE, SKIPPED_FILE, RUN_FILE, *REPORT_FILES):
         (out / name).unlink(missing_ok=True)
@@ -193,7 +193,7 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
 
     The tracking store and the training data are checked too (:func:`check_training_data`).
     """
-    from mbu.train.tracking import check_tracking_uri, resolve_tracking_uri  # MLflow: imported when training
+    from mbu.base.urls import check_tracking_uri, resolve_tracking_uri
 
     cfg = config_from_args(args)
     absolute = {name: str(Path(getattr(cfg, name)).resolve()) for name in ("root", "out", "load") if getattr(cfg, name)}
@@ -251,11 +251,12 @@ def add_parser(subparsers: argparse._SubParsersAction, log_model: ModelLogger | 
 
 
 def main(args: argparse.Namespace) -> int:
-    from mbu.train.checkpoint import RUN_FILE
-    from mbu.train.errors import EXIT_INTERRUPTED, EXIT_STOPPED
+    from mbu.base.command import EXIT_INTERRUPTED, EXIT_STOPPED
+    from mbu.base.run_files import RUN_FILE
+    from mbu.base.urls import resolve_tracking_uri
     from mbu.train.loop import TrainingStopped, TrainStatus, train
     from mbu.train.stop import StopRequest, signals_stop
-    from mbu.train.tracking import Recorder, quiet_store_messages, resolve_tracking_uri, train_params
+    from mbu.train.tracking import Recorder, quiet_store_messages, train_params
 
     cfg = prepare_config(args)  # the tracking store and the data checked too: nothing written before
     uri = resolve_tracking_uri()

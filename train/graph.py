@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from mbu.train.config import TrainConfig
 from mbu.train.losses import LossWeights
 from mbu.train.model import ContentTransferModel

@@ -8,17 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tqdm import tqdm
+
+from mbu.base.files import write_json
+from mbu.base.run_files import CHECKPOINT_FILE, CONFIG_FILE, GRIDS_DIR, SKIPPED_FILE
 from mbu.data.batches import DomainBatches
 from mbu.data.images import load_display_images, load_domain, to_model_range
-from mbu.train.checkpoint import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    check_architecture,
-    check_resumable,
-    load_checkpoint,
-    save_checkpoint,
-    write_json,
-)
+from mbu.train.checkpoint import check_architecture, check_resumable, load_checkpoint, save_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.graph import make_step
 from mbu.train.model import MODEL_VERSION, ContentTransferModel
@@ -33,10 +30,6 @@ from mbu.train.step import (
 )
 from mbu.train.tracking import Recorder
 from mbu.train.visuals import training_grids
-from PIL import Image
-from tqdm import tqdm
-
-SKIPPED_FILE = "skipped_images.txt"
 
 # Called every ``eval_every`` iterations with (iteration, model in eval mode); may
 # return metrics to log, and may raise (e.g. optuna.TrialPruned) to stop training.
@@ -58,10 +51,6 @@ class TrainStatus:
 
     iteration: int = 0  # iterations completed
     saved: int = 0  # iteration of the last checkpoint written (0: none yet)
-
-
-# What ``train`` writes into a run folder (with CONFIG_FILE and CHECKPOINT_FILE).
-GRIDS_DIR = "grids"
 
 
 def save_grids(

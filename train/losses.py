@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+
 from mbu.train.model import ContentTransferModel, composite
 
 

@@ -17,7 +17,7 @@ BatchNorm settings (the reference sets none of its own):
   mask·content + (1−mask)·background.
 - ``disc``: Linear((512−sep)·s², 512), LeakyReLU(0.2), Linear(512, 1), sigmoid.
 
-``tests/test_architecture.py`` states this table independently and checks the
+``tests/test_network_layers.py`` states this table independently and checks the
 built model against it.
 """
 

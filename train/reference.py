@@ -3,7 +3,7 @@
 Kept as a baseline: tests check that the platform's faster loss functions give
 the same losses and gradients, and ``bench/train_step.py`` times it. It runs on
 the project's own model, so it proves the fast path equals the slow path, not
-that the model is the paper's: ``tests/test_architecture.py`` checks that
+that the model is the paper's: ``tests/test_network_layers.py`` checks that
 against an independent layer table. Integer BCE labels, which crash on current
 PyTorch, are floats here.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from mbu.train.losses import TERM_WEIGHTS, LossWeights
 from mbu.train.model import ContentTransferModel
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from mbu.base.command import TrainingDiverged
 from mbu.train.config import TrainConfig
 from mbu.train.losses import LossWeights, autoencoder_losses, discriminator_loss
 from mbu.train.model import ContentTransferModel
@@ -30,7 +32,7 @@ def place_dataset(images: torch.Tensor, device: torch.device) -> torch.Tensor:
         return images.pin_memory()  # batches are then gathered on the host and copied over
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingDiverged):
     """The loss became NaN or infinite; the message names the iteration."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from mbu.data.images import to_uint8
 from mbu.train.model import ContentTransferModel
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import tiny_train_config
-from mbu.data.images import DataError, list_images, load_domain
-from mbu.train.loop import SKIPPED_FILE, train
 from PIL import Image
 
+from mbu.base.run_files import SKIPPED_FILE
 from mbu.cli import main as mbu_main
+from mbu.data.images import DataError, list_images, load_domain
+from mbu.train.loop import train
 
 
 def _copy_with_corrupt_image(tiny_root: Path, tmp_path: Path) -> tuple[Path, Path]:

@@ -12,11 +12,11 @@ from pathlib import Path
 import optuna
 import pytest
 from helpers import mbu_command, tiny_study, tiny_train_config
-from mbu.train.checkpoint import load_checkpoint
-from mbu.train.loop import train
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
+from mbu.train.checkpoint import load_checkpoint
+from mbu.train.loop import train
 
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny_root: Path, tmp_path: Path) -> None:

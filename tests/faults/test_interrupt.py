@@ -8,19 +8,19 @@ import subprocess
 import time
 from pathlib import Path
 
-import mbu.search.tracking
 import optuna
 import pytest
 from helpers import TINY_DATA_AND_TRAIN, mbu_command_with_ctrl_c
+from mlflow.tracking import MlflowClient
+
+import mbu.search.tracking
+from mbu.cli import main
 from mbu.evaluate.segmentation import load_test_annotations
 from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
 from mbu.search.population import Population
 from mbu.search.study_file import load_study_file
 from mbu.train.stop import StopRequest, interrupts_held, signals_stop
 from mbu.train.tracking import Recorder
-from mlflow.tracking import MlflowClient
-
-from mbu.cli import main
 
 STUDY = """
 [study]

@@ -17,10 +17,10 @@ from pathlib import Path
 import optuna
 import pytest
 from helpers import mbu_command, tiny_study
-from mbu.train.checkpoint import load_checkpoint
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
+from mbu.train.checkpoint import load_checkpoint
 
 
 def wait_for(paths: list[Path], process: subprocess.Popen, seconds: float = 120) -> None:

@@ -14,9 +14,10 @@ import optuna
 import pytest
 import torch
 from helpers import mbu_command, tiny_study
+from mlflow.tracking import MlflowClient
+
 from mbu.search.launch import LaunchOptions, run_study
 from mbu.search.study_file import load_study_file
-from mlflow.tracking import MlflowClient
 
 STUDY = tiny_study(
     "killed",

@@ -12,8 +12,9 @@ import math
 
 import pytest
 import torch
-from mbu.train.model import ContentTransferModel, ModelConfig
 from torch import nn
+
+from mbu.train.model import ContentTransferModel, ModelConfig
 
 LayerSpec = tuple  # ("Conv2d", c_in, c_out, kernel, stride, padding, bias), ("LeakyReLU", slope), ...
 

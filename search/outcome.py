@@ -1,0 +1,93 @@
+"""How a launch ends for its user, the same in ``mbu search``, a ``--workers`` process and a SLURM task:
+the exit code and its stderr lines, then the champion published; and the libraries kept quiet meanwhile."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from mbu.base.command import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, first_line
+from mbu.search.study_file import StudyConfig
+
+if TYPE_CHECKING:  # Optuna, MLflow and plotting: imported by whoever launched
+    from mbu.search.launch import LaunchOptions
+    from mbu.search.study_report import StudySummary
+
+
+def quiet_libraries() -> None:
+    """Keep Optuna's INFO lines, MLflow's database messages and experimental-API warnings off the terminal."""
+    import logging
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def exit_code(
+    summary: StudySummary, config: StudyConfig, launch: str = "the launch", again: str = "", prog: str = "mbu search"
+) -> int:
+    """How a launch ended, said on stderr: 0 at the target; 75 stopped by a signal; 1 on failures or short.
+
+    ``again`` is the command that goes on (:func:`relaunch_command`); ``prog`` starts each message.
+    """
+    again = again or f"mbu search {config.path}"
+    if summary.stopped_by:
+        print(
+            f"{prog}: stopped by {summary.stopped_by}: the trials in flight were checkpointed and queued "
+            f"to resume; launch the study again to go on: {again}",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
+    if summary.stopped_on_failures:
+        print(
+            f"{prog}: stopped: {config.study.max_failures} trials failed in a row ([study].max_failures); "
+            "failed trials of this launch:",
+            file=sys.stderr,
+        )
+        for number, error in summary.failed:
+            print(f"  trial {number}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    finished = summary.states.get("COMPLETE", 0) + summary.states.get("PRUNED", 0)
+    if finished < summary.target:
+        print(
+            f"{prog}: {launch} ended with {finished} of {summary.target} trials finished (the logs say "
+            f"why); queued retries resume from their checkpoints when the study is launched again: {again}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if summary.confirm_problem:
+        print(f"{prog}: {summary.confirm_problem}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
+    """After a launch that reached its target: the champion registered (``search.registry``); ``code`` back.
+
+    Every worker that ends at the target publishes, one at a time (the launch lock): the first registers,
+    the others find the alias already on the champion.
+    """
+    if code != EXIT_OK:
+        return code
+    from mlflow.exceptions import MlflowException
+
+    from mbu.base.urls import resolve_tracking_uri
+    from mbu.search.registry import publish_champion
+    from mbu.search.storage import load_existing_study
+    from mbu.search.workers import launch_lock
+
+    study = load_existing_study(config.study.name, options.storage or config.study.storage)
+    tracking_uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)
+    try:
+        with launch_lock(config.study_dir):
+            line = publish_champion(study, config, tracking_uri)
+    except (MlflowException, OSError, ValueError, KeyError) as err:  # the trials are safe either way
+        print(f"mbu search: the champion was not registered ({type(err).__name__}: {first_line(err)})", file=sys.stderr)
+        return code
+    if line:
+        print(line)
+    return code
