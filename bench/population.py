@@ -7,7 +7,7 @@ For each K, image size and mode, K trainings (each its own model, optimizers
 and batches; learning rates spread so no two are the same trial) run
 
 - one after another (the baseline: what K single-trial workers in turn do), and
-- as a population, in the schedule ``mbu.search.population`` uses: on CPU
+- as a population, in the schedule ``mbu.search.running.population`` uses: on CPU
   each training runs up to its next loss log before the next one takes over;
   on CUDA each steps one iteration at a time on its own stream.
 

@@ -24,8 +24,8 @@ import optuna
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mbu.search.launch import LaunchOptions, run_study  # noqa: E402
-from mbu.search.study_file import StudyConfig, load_study_file  # noqa: E402
+from mbu.search.launching.launch import LaunchOptions, run_study  # noqa: E402
+from mbu.search.studyfile.study_file import StudyConfig, load_study_file  # noqa: E402
 
 
 def shortened(base: StudyConfig, name: str, pruner: str, args: argparse.Namespace) -> StudyConfig:

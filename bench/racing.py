@@ -4,7 +4,7 @@
 
 Each repeated study runs the project's own search code against a simulated objective instead of training:
 the study file's sampler (seeded per trial, as a launch does), its presets queued first, and for racing the
-same decisions a study makes (``mbu.search.race``: next seed, incumbent). ``--objective FILE.py`` defines
+same decisions a study makes (``mbu.search.judging.race``: next seed, incumbent). ``--objective FILE.py`` defines
 ``value(params: dict[str, float], seed: int) -> float``, deterministic in (params, seed); the default is
 ``bench/objectives/synthetic_glasses.py``, calibrated on the synthetic-glasses study.
 
@@ -35,9 +35,8 @@ from pathlib import Path
 
 import optuna
 
-from mbu.search.confirm import candidates, fresh_seeds
-from mbu.search.confirm_settings import ConfirmSettings
-from mbu.search.race import (
+from mbu.search.judging.confirm import candidates, fresh_seeds
+from mbu.search.judging.race import (
     RACE_SEEDS_ATTR,
     finish_configuration,
     incumbent,
@@ -45,11 +44,12 @@ from mbu.search.race import (
     race_seeds,
     record_seed,
 )
-from mbu.search.race_settings import RaceSettings
-from mbu.search.sampler import make_sampler
-from mbu.search.study import queue_presets
-from mbu.search.study_file import StudyConfig, load_study_file
-from mbu.search.trial import suggest_params
+from mbu.search.launching.sampler import make_sampler
+from mbu.search.launching.study import queue_presets
+from mbu.search.running.trial import suggest_params
+from mbu.search.studyfile.confirm_settings import ConfirmSettings
+from mbu.search.studyfile.race_settings import RaceSettings
+from mbu.search.studyfile.study_file import StudyConfig, load_study_file
 
 Objective = Callable[[dict[str, float], int], float]
 TRUE_SEEDS = range(1_000_000, 1_000_256)  # never used by any search

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mbu.base.command import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
-from mbu.search.slurm_settings import SLURM_FLAGS, add_slurm_arguments
-from mbu.search.study_file import StudyConfig
+from mbu.search.studyfile.slurm_settings import SLURM_FLAGS, add_slurm_arguments
+from mbu.search.studyfile.study_file import StudyConfig
 from mbu.train.stop import StopRequest, signals_stop
 
 if TYPE_CHECKING:  # the launchers import Optuna, MLflow and plotting: only when a study runs
-    from mbu.search.launch import LaunchOptions
+    from mbu.search.launching.launch import LaunchOptions
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -131,7 +131,7 @@ def add_confirm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch_options(args: argparse.Namespace) -> LaunchOptions:
-    from mbu.search.launch import LaunchOptions
+    from mbu.search.launching.launch import LaunchOptions
 
     return LaunchOptions(
         storage=args.storage,
@@ -149,10 +149,10 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
 
 def main(args: argparse.Namespace) -> int:
     """``mbu search`` and ``mbu confirm``."""
-    from mbu.search.launch import launch_workers, run_study, study_summary
-    from mbu.search.outcome import exit_code, publish
-    from mbu.search.study_file import load_study_file
-    from mbu.search.tracking import quiet_libraries
+    from mbu.search.launching.launch import launch_workers, run_study, study_summary
+    from mbu.search.launching.outcome import exit_code, publish
+    from mbu.search.running.tracking import quiet_libraries
+    from mbu.search.studyfile.study_file import load_study_file
 
     if not args.verbose:
         quiet_libraries()
@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     options = launch_options(args)
     if args.summary:
         print(study_summary(config, options))
-        from mbu.search.slurm import array_summary
+        from mbu.search.cluster.slurm import array_summary
 
         array = array_summary(config)  # the study's last SLURM array, if it was submitted with --slurm
         if array is not None:
@@ -192,9 +192,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOptions) -> int:
-    """``--slurm``: the overrides given, then :func:`mbu.search.slurm.launch_array`."""
-    from mbu.search.outcome import exit_code, publish
-    from mbu.search.slurm import launch_array
+    """``--slurm``: the overrides given, then :func:`mbu.search.cluster.slurm.launch_array`."""
+    from mbu.search.cluster.slurm import launch_array
+    from mbu.search.launching.outcome import exit_code, publish
 
     if args.workers != 1 or args.gpus:
         raise ValueError("--slurm runs one worker per array task: use --tasks and --gpus-per-task, not --workers")

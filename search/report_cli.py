@@ -45,9 +45,9 @@ def report_main(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
     if args.study:
-        from mbu.search.storage import load_existing_study
-        from mbu.search.study_report import write_study_report
-        from mbu.search.tracking import PARENT_RUN_ATTR
+        from mbu.search.judging.study_report import write_study_report
+        from mbu.search.launching.storage import load_existing_study
+        from mbu.search.running.tracking import PARENT_RUN_ATTR
 
         study = load_existing_study(args.study, args.storage)
         paths = write_study_report(study, args.runs_dir / args.study)

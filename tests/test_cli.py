@@ -86,8 +86,8 @@ def test_the_process_entry_point_keeps_output_and_exit_status(tmp_path, monkeypa
 )
 def test_a_stopped_launch_names_the_command_that_goes_on_with_its_flags(line: str, capsys) -> None:
     from mbu.search.cli import relaunch_command
-    from mbu.search.outcome import exit_code
-    from mbu.search.study_report import StudySummary
+    from mbu.search.judging.study_report import StudySummary
+    from mbu.search.launching.outcome import exit_code
 
     args = build_parser().parse_args(shlex.split(line))
     again = relaunch_command(args)

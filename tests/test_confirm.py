@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from mbu.cli import main
-from mbu.search.confirm import candidates
-from mbu.search.confirm_report import Interval, t_interval, verdict
-from mbu.search.study_file import load_study_file
+from mbu.search.judging.confirm import candidates
+from mbu.search.judging.confirm_report import Interval, t_interval, verdict
+from mbu.search.studyfile.study_file import load_study_file
 
 CONFIRMED = {"top_k": 2, "seeds": 2}  # both search trials (trial 0 is the preset), seeds 1 and 2
 

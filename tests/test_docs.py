@@ -225,7 +225,7 @@ def test_guides_hold_no_lab_log(path: Path) -> None:
 
 def test_study_file_reference_lists_every_sampler_and_pruner() -> None:
     """The names a study file accepts (one list, ``study_file.SAMPLERS`` / ``PRUNERS``) are the ones documented."""
-    from mbu.search.study_file import PRUNERS, SAMPLERS
+    from mbu.search.studyfile.study_file import PRUNERS, SAMPLERS
 
     text = (DOCS / "study-files.md").read_text()
     documented = re.search(r"sampler \(([^)]*)\)", text), re.search(r"pruner \(([^)]*)\)", text)

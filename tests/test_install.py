@@ -49,7 +49,7 @@ def test_installs_beside_another_top_level_evaluate(tmp_path: Path, editable: bo
     subprocess.run([*pip, *(["--editable"] if editable else []), str(source)], check=True, capture_output=True)
 
     check = (
-        "import evaluate, mbu.evaluate.report, mbu.search.runner, mbu.data.images, mbu.train.loop; "
+        "import evaluate, mbu.evaluate.report, mbu.search.running.runner, mbu.data.images, mbu.train.loop; "
         "assert evaluate.OWNER == 'someone else'; print(mbu.evaluate.report.__file__)"
     )
     imported = subprocess.run([str(python), "-c", check], cwd=tmp_path, capture_output=True, text=True)

@@ -13,7 +13,7 @@ from helpers import tiny_study
 
 from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.cli import main
-from mbu.search.checkpoints import folders_to_thin
+from mbu.search.running.checkpoints import folders_to_thin
 from mbu.train.checkpoint import keep_weights_only, load_checkpoint
 from mbu.train.model import MODEL_VERSION
 

@@ -58,7 +58,8 @@ def wrong_way_imports(package: str, source: str, filename: str) -> list[str]:
 def test_every_import_of_the_project_follows_the_layers() -> None:
     found = []
     for package in ALLOWED:
-        files = sorted(FOLDERS.get(package, REPO / package).glob("*.py"))
+        folder = FOLDERS.get(package, REPO / package)
+        files = sorted(folder.glob("*.py") if package == "mbu" else folder.rglob("*.py"))  # mbu/base/ is base
         assert files, f"no Python files in {package}/"
         for path in files:
             found += wrong_way_imports(package, path.read_text(), str(path.relative_to(REPO)))
@@ -70,13 +71,13 @@ def test_a_wrong_way_import_is_named_with_its_file_line_and_arrow() -> None:
         "from mbu.data.files import check_writable\n"
         "\n"
         "def later():\n"
-        "    from mbu.search.runner import run_trials  # lazy, still an arrow\n"
+        "    from mbu.search.running.runner import run_trials  # lazy, still an arrow\n"
         "    import mbu.cli\n"
         "    from mbu import cli\n"
         "    from . import checkpoint\n"
     )
     assert wrong_way_imports("train", source, "train/x.py") == [
-        "train/x.py:4: train -> search (mbu.search.runner)",
+        "train/x.py:4: train -> search (mbu.search.running.runner)",
         "train/x.py:5: train -> mbu (mbu.cli)",
         "train/x.py:6: train -> mbu (mbu.cli)",
     ]
@@ -91,3 +92,13 @@ def test_a_wrong_way_import_is_named_with_its_file_line_and_arrow() -> None:
         "mbu/base/x.py:1: base -> data (mbu.data.files)"
     ]
     assert wrong_way_imports("data", "from mbu.base.files import atomic_write\n", "data/x.py") == []
+
+
+def test_each_room_of_search_names_its_concern() -> None:
+    """search/ is grouped in sub-packages; each says in its docstring what it holds, and holds modules."""
+    rooms = [path.parent for path in (REPO / "search").glob("*/__init__.py")]
+    assert len(rooms) >= 4
+    for room in rooms:
+        docstring = ast.get_docstring(ast.parse((room / "__init__.py").read_text()))
+        assert docstring and len(docstring.split()) >= 5, f"{room.name}/__init__.py: say what the room holds"
+        assert len(list(room.glob("*.py"))) >= 3, f"search/{room.name}/ holds too little to be a room"

@@ -17,8 +17,8 @@ from helpers import changed, mbu_command, study_runs, tiny_tables, toml_text
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
-from mbu.search.launch import LaunchOptions, run_study
-from mbu.search.study_file import load_study_file
+from mbu.search.launching.launch import LaunchOptions, run_study
+from mbu.search.studyfile.study_file import load_study_file
 
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
 

@@ -18,9 +18,9 @@ from test_user_errors import fingerprint
 
 from mbu.base.run_files import RUN_FILE
 from mbu.cli import main
-from mbu.search.launch import LaunchOptions, run_study
-from mbu.search.study import STUDY_RECORD
-from mbu.search.study_file import StudyFileError, load_study_file
+from mbu.search.launching.launch import LaunchOptions, run_study
+from mbu.search.launching.study import STUDY_RECORD
+from mbu.search.studyfile.study_file import StudyFileError, load_study_file
 from mbu.train.checkpoint import load_checkpoint
 
 TRAIN = ["train", "--resize", "64", "--bs", "4", "--progress_iter", "2", "--no-progress", "--device", "cpu"]
@@ -145,8 +145,8 @@ def test_transfer_overwrite_leaves_no_earlier_pair_images(run: Path, tiny_root: 
 
 def test_a_retry_that_completes_keeps_no_error_of_the_try_before(tmp_path: Path) -> None:
     """A trial stopped by SIGTERM is FAIL with its error; the retry queued for it completes without that error."""
-    from mbu.search.launch import LaunchOptions, prepare_study, resolve_settings
-    from mbu.search.tracking import STOPS_ATTR, queue_retry
+    from mbu.search.launching.launch import LaunchOptions, prepare_study, resolve_settings
+    from mbu.search.running.tracking import STOPS_ATTR, queue_retry
 
     (tmp_path / "study.toml").write_text(tiny_study("retried", train={"iters": 2, "progress_iter": 1}))
     config = resolve_settings(load_study_file(tmp_path / "study.toml"), LaunchOptions())

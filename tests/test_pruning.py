@@ -10,9 +10,9 @@ from helpers import TINY_DATA_AND_TRAIN
 from mlflow.tracking import MlflowClient
 
 from mbu.evaluate.segmentation import load_test_annotations
-from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
-from mbu.search.population import Population
-from mbu.search.study_file import load_study_file
+from mbu.search.launching.launch import LaunchOptions, prepare_data, resolve_settings
+from mbu.search.running.population import Population
+from mbu.search.studyfile.study_file import load_study_file
 from mbu.train.tracking import Recorder
 
 STUDY = """

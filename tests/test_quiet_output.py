@@ -12,8 +12,8 @@ import optuna
 import pytest
 
 from mbu.cli import main
-from mbu.search.study_report import param_importances, write_study_report
-from mbu.search.tracking import quiet_libraries
+from mbu.search.judging.study_report import param_importances, write_study_report
+from mbu.search.running.tracking import quiet_libraries
 
 TABLES_MESSAGE = "Creating initial MLflow database tables"
 NO_COMPLETE = "There are no complete trials."

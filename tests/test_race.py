@@ -19,8 +19,8 @@ from sklearn.metrics import jaccard_score
 
 from mbu.cli import main
 from mbu.evaluate.segmentation import score_masks, validation_split
-from mbu.search.race import collapse_reason, keeps_racing, seed_runs
-from mbu.search.race_settings import RaceSettings
+from mbu.search.judging.race import collapse_reason, keeps_racing, seed_runs
+from mbu.search.studyfile.race_settings import RaceSettings
 
 PRESET = {"lr": 2e-4}
 RACE2 = {"seeds": 2, "collapse_guard": False}  # two paired seeds; runs end at iters, not at a collapse
@@ -281,9 +281,9 @@ def _configuration(study: optuna.Study, lr: float, values: dict[int, float], sta
 
 
 def test_the_reference_is_never_a_dead_try_and_confirmation_takes_the_full_configurations(tmp_path: Path) -> None:
-    from mbu.search.confirm import candidates
-    from mbu.search.race import RACE_SEEDS_ATTR, reference
-    from mbu.search.study_file import load_study_file
+    from mbu.search.judging.confirm import candidates
+    from mbu.search.judging.race import RACE_SEEDS_ATTR, reference
+    from mbu.search.studyfile.study_file import load_study_file
 
     (tmp_path / "s.toml").write_text(tiny_study("ref", 3, race=RACE2, enqueue=[PRESET], confirm={"top_k": 3}))
     config = load_study_file(tmp_path / "s.toml")

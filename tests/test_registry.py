@@ -244,7 +244,7 @@ def test_a_registered_model_of_another_study_is_refused_and_its_alias_stays(tmp_
 
 
 def test_a_partial_confirmation_names_no_champion_until_it_has_every_run(tmp_path: Path) -> None:
-    from mbu.search.registry import PARTIAL, confirmed_best
+    from mbu.search.judging.registry import PARTIAL, confirmed_best
 
     assert confirmed_best(tmp_path) is None  # no confirmation: the best trial is the champion
     candidate = {"trial": 4, "test_iou": {"mean": 0.4, "low": 0.3, "high": 0.5, "n": 3}}

@@ -13,9 +13,9 @@ from helpers import mbu_command, study_runs, tiny_study
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
-from mbu.search.launch import LaunchOptions, run_study
-from mbu.search.study_file import load_study_file
-from mbu.search.study_report import PLOTS
+from mbu.search.judging.study_report import PLOTS
+from mbu.search.launching.launch import LaunchOptions, run_study
+from mbu.search.studyfile.study_file import load_study_file
 
 DIVERGING_SPACE = "\n[space.lr]\nlow = 1e11\nhigh = 1e12\nlog = true\n"  # every lr here makes the loss non-finite
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mbu.search.study_file import PRUNERS, SAMPLERS, StudyFileError, load_study_file
+from mbu.search.studyfile.study_file import PRUNERS, SAMPLERS, StudyFileError, load_study_file
 
 VALID = """
 [study]
@@ -115,7 +115,7 @@ def test_shipped_study_files_are_valid(tmp_path: Path) -> None:
 def test_every_sampler_runs_seeded(sampler: str) -> None:
     import optuna
 
-    from mbu.search.sampler import build_sampler, make_pruner, make_sampler
+    from mbu.search.launching.sampler import build_sampler, make_pruner, make_sampler
 
     assert type(build_sampler(sampler, 0)) is getattr(optuna.samplers, SAMPLERS[sampler])
 
@@ -134,6 +134,6 @@ def test_every_sampler_runs_seeded(sampler: str) -> None:
 def test_every_pruner_builds(pruner: str) -> None:
     import optuna
 
-    from mbu.search.sampler import make_pruner
+    from mbu.search.launching.sampler import make_pruner
 
     assert type(make_pruner(pruner)) is getattr(optuna.pruners, PRUNERS[pruner])

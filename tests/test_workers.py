@@ -15,10 +15,10 @@ from helpers import DROP, mbu_command, study_runs, tiny_study
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
-from mbu.search.launch import LaunchOptions, WorkerJob, launch_workers, prepare_for_workers, resolve_settings
-from mbu.search.sampler import SEED_ATTR
-from mbu.search.slurm_task import ArrayTask
-from mbu.search.study_file import load_study_file
+from mbu.search.cluster.slurm_task import ArrayTask
+from mbu.search.launching.launch import LaunchOptions, WorkerJob, launch_workers, prepare_for_workers, resolve_settings
+from mbu.search.launching.sampler import SEED_ATTR
+from mbu.search.studyfile.study_file import load_study_file
 
 
 def assert_recorded_once(tmp_path: Path, name: str, n_trials: int) -> list[optuna.trial.FrozenTrial]:

@@ -13,12 +13,12 @@ import pytest
 from helpers import TINY_DATA_AND_TRAIN, mbu_command_with_ctrl_c
 from mlflow.tracking import MlflowClient
 
-import mbu.search.tracking
+import mbu.search.running.tracking
 from mbu.cli import main
 from mbu.evaluate.segmentation import load_test_annotations
-from mbu.search.launch import LaunchOptions, prepare_data, resolve_settings
-from mbu.search.population import Population
-from mbu.search.study_file import load_study_file
+from mbu.search.launching.launch import LaunchOptions, prepare_data, resolve_settings
+from mbu.search.running.population import Population
+from mbu.search.studyfile.study_file import load_study_file
 from mbu.train.stop import StopRequest, interrupts_held, signals_stop
 from mbu.train.tracking import Recorder
 
@@ -124,14 +124,14 @@ def test_ctrl_c_while_the_trial_run_is_being_tagged_leaves_it_failed(
     parent = Recorder.start(os.environ["MLFLOW_TRACKING_URI"], "interrupted", "launch")
     population = Population(study, config, annotated, parent, progress=False)
 
-    real_params = mbu.search.tracking.train_params
+    real_params = mbu.search.running.tracking.train_params
 
     def params_then_ctrl_c(cfg):  # the signal lands between the run file and the run's parameters
         assert (Path(cfg.out) / "mlflow_run.json").is_file()
         signal.raise_signal(signal.SIGINT)
         return real_params(cfg)
 
-    monkeypatch.setattr(mbu.search.tracking, "train_params", params_then_ctrl_c)
+    monkeypatch.setattr(mbu.search.running.tracking, "train_params", params_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         population.start(study.ask())
 

@@ -9,8 +9,8 @@ import pytest
 from helpers import changed, free_port, tiny_tables, toml_text
 
 from mbu.cli import main
-from mbu.search.launch import LaunchOptions, run_study
-from mbu.search.study_file import StudyFileError, load_study_file
+from mbu.search.launching.launch import LaunchOptions, run_study
+from mbu.search.studyfile.study_file import StudyFileError, load_study_file
 
 EDITED = tiny_tables("edited", train={"iters": 2, "progress_iter": 1})  # its [space.lr] has high = 1e-3
 STUDY = toml_text(EDITED)

@@ -16,8 +16,8 @@ import torch
 from helpers import mbu_command, tiny_study
 from mlflow.tracking import MlflowClient
 
-from mbu.search.launch import LaunchOptions, run_study
-from mbu.search.study_file import load_study_file
+from mbu.search.launching.launch import LaunchOptions, run_study
+from mbu.search.studyfile.study_file import load_study_file
 
 STUDY = tiny_study(
     "killed",

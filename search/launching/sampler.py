@@ -23,7 +23,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mbu.search.study_file import PRUNERS, SAMPLERS
+from mbu.search.studyfile.study_file import PRUNERS, SAMPLERS
 
 SEED_ATTR = "sampler_seed"  # Optuna trial attribute: the seed its parameters were drawn with
 

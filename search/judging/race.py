@@ -31,8 +31,8 @@ from typing import Any
 
 import optuna
 
-from mbu.search.race_settings import RaceSettings
-from mbu.search.study_file import StudyConfig, runs_point
+from mbu.search.studyfile.race_settings import RaceSettings
+from mbu.search.studyfile.study_file import StudyConfig, runs_point
 from mbu.train.config import TrainConfig
 
 SEED_RUNS_ATTR = "seed_runs"  # Optuna trial attribute: {seed: {"value", figures, "collapsed", "dir", "run_id"}}

@@ -1,9 +1,9 @@
-"""The Optuna side of a study: storage URLs, heartbeats and trial counts (samplers: ``search.sampler``).
+"""The Optuna side of a study: storage URLs, heartbeats and trial counts (samplers: ``search.launching.sampler``).
 
 A study lives in an RDB storage (SQLite by default, PostgreSQL for several
 machines) with heartbeats: a running trial beats every ``heartbeat_interval``
 seconds, and one silent for ``grace_period`` is failed by the next worker that
-looks, which calls the storage's stale-trial callback (``search.tracking``
+looks, which calls the storage's stale-trial callback (``search.running.tracking``
 closes its MLflow run and queues a retry).
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage
 
 from mbu.base.urls import check_database_folder, check_database_server, missing_sqlite_file, url_scheme
-from mbu.search.study_file import StudySettings
+from mbu.search.studyfile.study_file import StudySettings
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # count towards n_trials
 TAKEN = (*FINISHED, optuna.trial.TrialState.RUNNING)  # finished, or being worked on by some worker

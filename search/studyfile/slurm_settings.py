@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from mbu.search.typed_tables import positive_integer_problem
+from mbu.search.studyfile.typed_tables import positive_integer_problem
 
 
 @dataclass

@@ -5,8 +5,8 @@ the same way: the study file's settings with the flags' :class:`LaunchOptions`
 over them, checked once (:func:`resolve_settings`); the study prepared under
 the launch lock (data, decode cache, study, parent run: :func:`prepare_study`);
 then trials, here (:func:`run_study`) or in worker processes, each handed the
-resolved study as a :class:`WorkerJob` (:func:`launch_workers`, ``search.slurm``,
-``search.worker_main``).
+resolved study as a :class:`WorkerJob` (:func:`launch_workers`, ``search.cluster.slurm``,
+``search.cluster.worker_main``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from mbu.data.files import check_writable
 from mbu.data.images import AnnotatedImages, load_domain
 from mbu.data.synthetic import write_dataset
 from mbu.evaluate.segmentation import load_test_annotations
-from mbu.search.confirm import pending, prepare_stage, run_stage
-from mbu.search.confirm_report import confirmation_lines
-from mbu.search.confirm_settings import ConfirmSettings, confirm_problem
-from mbu.search.runner import TrialsEnded, run_trials
-from mbu.search.storage import (
+from mbu.search.cluster.workers import WorkersEnded, launch_lock, start_workers
+from mbu.search.judging.confirm import pending, prepare_stage, run_stage
+from mbu.search.judging.confirm_report import confirmation_lines
+from mbu.search.judging.study_report import StudySummary, summary_text, write_study_report
+from mbu.search.launching.storage import (
     check_storage_url,
     count_finished,
     count_states,
@@ -34,12 +34,12 @@ from mbu.search.storage import (
     count_waiting,
     load_existing_study,
 )
-from mbu.search.study import check_study_folder, check_tracking_store, open_study
-from mbu.search.study_file import StudyConfig
-from mbu.search.study_report import StudySummary, summary_text, write_study_report
-from mbu.search.tracking import open_parent_run
-from mbu.search.typed_tables import positive_integer_problem
-from mbu.search.workers import WorkersEnded, launch_lock, start_workers
+from mbu.search.launching.study import check_study_folder, check_tracking_store, open_study
+from mbu.search.running.runner import TrialsEnded, run_trials
+from mbu.search.running.tracking import open_parent_run
+from mbu.search.studyfile.confirm_settings import ConfirmSettings, confirm_problem
+from mbu.search.studyfile.study_file import StudyConfig
+from mbu.search.studyfile.typed_tables import positive_integer_problem
 from mbu.train.step import check_step_device, resolve_device
 from mbu.train.stop import StopRequest
 from mbu.train.tracking import Recorder
@@ -288,7 +288,7 @@ def study_summary(config: StudyConfig, options: LaunchOptions) -> str:
     study = load_existing_study(config.study.name, storage)
     uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)
     confirmation = confirmation_lines(config.study_dir, config.path)
-    from mbu.search.registry import champion_line  # imports MLflow's model code: only --summary needs it
+    from mbu.search.judging.registry import champion_line  # imports MLflow's model code: only --summary needs it
 
     champion = champion_line(config, uri)
     lines = [summary_text(study, storage, uri, config.study_dir), *confirmation]

@@ -20,12 +20,12 @@ import optuna
 
 from mbu.base.files import write_json
 from mbu.base.urls import missing_sqlite_file
-from mbu.search.race import RACE_SEEDS_ATTR, is_racing
-from mbu.search.sampler import make_pruner, make_sampler
-from mbu.search.storage import make_storage
-from mbu.search.study_file import StudyConfig, StudyFileError, runs_point
-from mbu.search.tracking import RetryLostTrial
-from mbu.search.trial import OBJECTIVE_KEY
+from mbu.search.judging.race import RACE_SEEDS_ATTR, is_racing
+from mbu.search.launching.sampler import make_pruner, make_sampler
+from mbu.search.launching.storage import make_storage
+from mbu.search.running.tracking import RetryLostTrial
+from mbu.search.running.trial import OBJECTIVE_KEY
+from mbu.search.studyfile.study_file import StudyConfig, StudyFileError, runs_point
 from mbu.train.config import free_between_launches
 
 STUDY_UID_ATTR = "mbu_study_uid"  # Optuna study attribute: tells a study from a recreated one of the same name

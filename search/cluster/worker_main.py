@@ -1,10 +1,10 @@
 """One worker of a study, as each ``--workers`` process and each SLURM array task runs it.
 
-A worker is handed the launcher's :class:`~mbu.search.launch.WorkerJob`: the study config with the
+A worker is handed the launcher's :class:`~mbu.search.launching.launch.WorkerJob`: the study config with the
 launch's flags already applied, and the launch options. It runs the launch API on them exactly as
 ``mbu search`` does in its own process; nothing is parsed again, so whatever the launcher resolved
-reaches every worker as it is. ``python -m mbu.search.worker_main JOB`` runs a job pickled by
-:func:`mbu.search.workers.start_workers`.
+reaches every worker as it is. ``python -m mbu.search.cluster.worker_main JOB`` runs a job pickled by
+:func:`mbu.search.cluster.workers.start_workers`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from mbu.base.command import run_command
-from mbu.search.launch import WorkerJob, run_study
-from mbu.search.outcome import exit_code, publish
-from mbu.search.tracking import quiet_libraries
+from mbu.search.launching.launch import WorkerJob, run_study
+from mbu.search.launching.outcome import exit_code, publish
+from mbu.search.running.tracking import quiet_libraries
 from mbu.train.stop import StopRequest, signals_stop
 
 

@@ -10,10 +10,10 @@ Layout::
     [space.NAME]       low, high, log: one table per sampled parameter
     [[enqueue]]        parameter values to try first (e.g. the published presets)
     [slurm]            partition, tasks, gpus_per_task, cpus_per_task, mem_gb, time_min, signal_delay_s,
-                       max_requeue, single_node, sbatch, setup: ``mbu search --slurm`` (see ``search.slurm``)
-    [confirm]          top_k, seeds, presets: retrain the best trials on fresh seeds (see ``search.confirm``)
+                       max_requeue, single_node, sbatch, setup: ``mbu search --slurm`` (see ``search.cluster.slurm``)
+    [confirm]          top_k, seeds, presets: retrain the best trials on fresh seeds (see ``search.judging.confirm``)
     [race]             seeds, margin, collapse_guard, collapse_margin, collapse_marked: race configurations
-                       over paired seeds and end collapsed runs early (see ``search.race``)
+                       over paired seeds and end collapsed runs early (see ``search.judging.race``)
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from typing import Any
 
 from mbu.data.images import MIN_ANNOTATED, DataError, count_annotated
 from mbu.data.synthetic import SynthConfig
-from mbu.search.confirm_settings import ConfirmSettings, parse_confirm
-from mbu.search.race_settings import RaceSettings, parse_race
-from mbu.search.slurm_settings import SlurmSettings, slurm_problem
-from mbu.search.typed_tables import StudyFileError, check_keys, check_types, typed_table
+from mbu.search.studyfile.confirm_settings import ConfirmSettings, parse_confirm
+from mbu.search.studyfile.race_settings import RaceSettings, parse_race
+from mbu.search.studyfile.slurm_settings import SlurmSettings, slurm_problem
+from mbu.search.studyfile.typed_tables import StudyFileError, check_keys, check_types, typed_table
 from mbu.train.config import MIN_BATCH, MIN_BATCH_REASON, WEIGHT_NAMES, TrainConfig, study_train_keys
 from mbu.train.losses import LossWeights
 from mbu.train.step import DeviceError, parse_device
 
-# The one list of sampler and pruner names: the study file's check, search.sampler, the docs test and the
+# The one list of sampler and pruner names: the study file's check, search.launching.sampler, the docs test and the
 # tests all read it. Each name maps to the Optuna class it builds (optuna.samplers / optuna.pruners).
 SAMPLERS = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "gp": "GPSampler", "random": "RandomSampler"}
 PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "hyperband": "HyperbandPruner"}

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from mbu.base.files import atomic_write, write_json
-from mbu.search.trial import TRAIN_SEED_ATTR
+from mbu.search.running.trial import TRAIN_SEED_ATTR
 
 if TYPE_CHECKING:
-    from mbu.search.confirm import Stage
+    from mbu.search.judging.confirm import Stage
 
 CONFIRM_REPORT_JSON = "confirm_report.json"
 CONFIRM_REPORT_MD = "confirm_report.md"

@@ -1,7 +1,7 @@
 """Several workers on one study: the launch lock, and worker processes on this machine.
 
 Workers share nothing but the study's storage and tracking store: each runs the
-launcher's resolved study (:mod:`mbu.search.worker_main`), taking the next trial
+launcher's resolved study (:mod:`mbu.search.cluster.worker_main`), taking the next trial
 until the study's target is reached. The launch lock makes data preparation, study creation and the parent
 run happen once, whoever launches first.
 """
@@ -56,8 +56,8 @@ class WorkersEnded:
 def start_workers(job: object, study_dir: Path, workers: int, gpus: list[str] | None) -> WorkersEnded:
     """Run ``workers`` worker processes on the (prepared) study and wait for them.
 
-    Each is handed ``job`` (a :class:`mbu.search.launch.WorkerJob`, pickled into ``runs/<study>/workers/``)
-    and runs it with :mod:`mbu.search.worker_main`.
+    Each is handed ``job`` (a :class:`mbu.search.launching.launch.WorkerJob`, pickled into ``runs/<study>/workers/``)
+    and runs it with :mod:`mbu.search.cluster.worker_main`.
 
     Workers are spread round-robin over ``gpus`` (``CUDA_VISIBLE_DEVICES``); CPU
     threads are shared out. Each worker's output goes to ``runs/<study>/workers/worker-<i>.log``.
@@ -71,7 +71,7 @@ def start_workers(job: object, study_dir: Path, workers: int, gpus: list[str] | 
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     job_file = logs / f"job-{os.getpid()}.pickle"  # this launch's own: two launches of one study do not mix
     job_file.write_bytes(pickle.dumps(job))
-    command = [sys.executable, "-m", "mbu.search.worker_main", str(job_file)]
+    command = [sys.executable, "-m", "mbu.search.cluster.worker_main", str(job_file)]
     processes: list[subprocess.Popen] = []
     stopped: list[str] = []
 

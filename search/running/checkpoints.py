@@ -16,9 +16,9 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from mbu.base.run_files import CHECKPOINT_FILE
-from mbu.search.race import configuration_number, seed_count, seed_values
-from mbu.search.study_file import StudyConfig
-from mbu.search.trial import trial_dir
+from mbu.search.judging.race import configuration_number, seed_count, seed_values
+from mbu.search.running.trial import trial_dir
+from mbu.search.studyfile.study_file import StudyConfig
 from mbu.train.checkpoint import CheckpointError, keep_weights_only
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

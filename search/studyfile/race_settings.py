@@ -1,6 +1,6 @@
 """``[race]``: how many paired seeds a configuration may earn, and when a run counts as collapsed.
 
-Kept apart from ``search.race`` (which runs the race on an Optuna study) so that
+Kept apart from ``search.judging.race`` (which runs the race on an Optuna study) so that
 reading a study file needs neither Optuna nor MLflow. What the keys mean and
 why: ``docs/racing.md``.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mbu.search.typed_tables import optional_table, positive_integer_problem
+from mbu.search.studyfile.typed_tables import optional_table, positive_integer_problem
 
 
 @dataclass

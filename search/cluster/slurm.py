@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from mbu.base.urls import url_scheme
-from mbu.search.launch import LaunchOptions, WorkerJob, launch_summary, prepare_for_workers, resolve_settings
-from mbu.search.slurm_settings import SlurmSettings, slurm_problem
-from mbu.search.slurm_task import ArrayTask
-from mbu.search.storage import load_existing_study
-from mbu.search.study_file import StudyConfig
-from mbu.search.study_report import StudySummary
+from mbu.search.cluster.slurm_task import ArrayTask
+from mbu.search.judging.study_report import StudySummary
+from mbu.search.launching.launch import LaunchOptions, WorkerJob, launch_summary, prepare_for_workers, resolve_settings
+from mbu.search.launching.storage import load_existing_study
+from mbu.search.studyfile.slurm_settings import SlurmSettings, slurm_problem
+from mbu.search.studyfile.study_file import StudyConfig
 
 LOG_FOLDER = "slurm"  # runs/<study>/slurm/
 JOB_RECORD = "job.json"  # in LOG_FOLDER: the last array submitted for this study

@@ -27,8 +27,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from mbu.base.files import write_json
 from mbu.base.run_files import RUN_FILE
-from mbu.search.race import SEED_RUNS_ATTR
-from mbu.search.study_file import StudyConfig, trial_name
+from mbu.search.judging.race import SEED_RUNS_ATTR
+from mbu.search.studyfile.study_file import StudyConfig, trial_name
 from mbu.train.config import TrainConfig
 from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder, train_params

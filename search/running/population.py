@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.data.images import AnnotatedImages
-from mbu.search.race import (
+from mbu.search.judging.race import (
     OUTCOME_ATTR,
     SEED_FIGURES,
     configuration_number,
@@ -43,8 +43,7 @@ from mbu.search.race import (
     seed_folder,
     seed_runs,
 )
-from mbu.search.study_file import StudyConfig, trial_name
-from mbu.search.tracking import (
+from mbu.search.running.tracking import (
     OPEN_SEED_RUN_ATTR,
     RUN_ID_ATTR,
     STOPS_ATTR,
@@ -52,7 +51,7 @@ from mbu.search.tracking import (
     open_trial_run,
     queue_retry,
 )
-from mbu.search.trial import (
+from mbu.search.running.trial import (
     OBJECTIVE_KEY,
     RunCollapsed,
     frozen_trial,
@@ -63,6 +62,7 @@ from mbu.search.trial import (
     start_training,
     trial_dir,
 )
+from mbu.search.studyfile.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData, data_key
@@ -189,7 +189,7 @@ class Slot:
 
 
 class RacingSlot(Slot):
-    """One configuration of a race (``search.race``): its seeds trained in turn in this slot, each its own run.
+    """One configuration of a race (``search.judging.race``): its seeds trained in turn in this slot, each its own run.
 
     The configuration's MLflow run (``trial-<c>``) holds its parameters and race figures; each seed run
     (``trial-<c> seed-<s>``, folder ``trial-<c>/seed-<s>/``) is nested under it. ``c`` is the first try

@@ -18,9 +18,9 @@ from mbu.data.images import AnnotatedImages
 from mbu.evaluate.report import score_and_report
 from mbu.evaluate.segmentation import predict_masks, score_masks
 from mbu.evaluate.tracking import log_scores
-from mbu.search.race import collapse_reason
-from mbu.search.race_settings import RaceSettings
-from mbu.search.study_file import StudyConfig, trial_name
+from mbu.search.judging.race import collapse_reason
+from mbu.search.studyfile.race_settings import RaceSettings
+from mbu.search.studyfile.study_file import StudyConfig, trial_name
 from mbu.train.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from mbu.train.config import TrainConfig
 from mbu.train.loop import Training, TrainingData
@@ -32,7 +32,7 @@ TRAIN_SEED_ATTR = "train_seed"  # Optuna trial attribute: a training seed fixed 
 
 
 class RunCollapsed(Exception):
-    """A run's masks degenerated at an evaluation (:func:`mbu.search.race.collapse_reason`): it ends there."""
+    """A run's masks degenerated at an evaluation (:func:`mbu.search.judging.race.collapse_reason`): it ends there."""
 
     def __init__(self, reason: str, iteration: int) -> None:
         super().__init__(f"collapsed at iteration {iteration}: {reason}")

@@ -1,6 +1,6 @@
 """``[confirm]``: which of a study's trials are trained again on fresh seeds, and how many seeds.
 
-Kept apart from ``search.confirm`` (which runs the stage) so that reading a
+Kept apart from ``search.judging.confirm`` (which runs the stage) so that reading a
 study file needs neither Optuna nor MLflow.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mbu.search.typed_tables import optional_table, positive_integer_problem
+from mbu.search.studyfile.typed_tables import optional_table, positive_integer_problem
 
 
 @dataclass

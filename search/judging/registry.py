@@ -24,11 +24,11 @@ from mbu.base.run_files import CHECKPOINT_FILE, REPORT_FILE, RUN_FILE
 from mbu.base.urls import missing_sqlite_file
 from mbu.evaluate.model_save import log_model_package
 from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_FILE
-from mbu.search.confirm_report import CONFIRM_REPORT_JSON
-from mbu.search.race import best_run_folder, incumbent, seed_count
-from mbu.search.race_report import race_summary
-from mbu.search.study_file import StudyConfig
-from mbu.search.trial import trial_dir
+from mbu.search.judging.confirm_report import CONFIRM_REPORT_JSON
+from mbu.search.judging.race import best_run_folder, incumbent, seed_count
+from mbu.search.judging.race_report import race_summary
+from mbu.search.running.trial import trial_dir
+from mbu.search.studyfile.study_file import StudyConfig
 from mbu.train.tracking import Recorder
 
 ALIAS = "champion"

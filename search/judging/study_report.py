@@ -21,12 +21,12 @@ from mbu.base.files import atomic_write, write_json
 from mbu.base.run_files import MARKDOWN_FILE, REPORT_FILE
 from mbu.data.files import disk_used, human_bytes
 from mbu.evaluate.segmentation import figure_warnings
-from mbu.search.confirm_report import CONFIRM_REPORT_JSON, CONFIRM_REPORT_MD, summary_lines
-from mbu.search.race import best_run_folder, incumbent, seed_count
-from mbu.search.race_report import RaceSummary, cost_line, incumbent_lines, race_markdown, race_summary
-from mbu.search.storage import count_states
-from mbu.search.study_file import trial_name
-from mbu.search.tracking import ui_command
+from mbu.search.judging.confirm_report import CONFIRM_REPORT_JSON, CONFIRM_REPORT_MD, summary_lines
+from mbu.search.judging.race import best_run_folder, incumbent, seed_count
+from mbu.search.judging.race_report import RaceSummary, cost_line, incumbent_lines, race_markdown, race_summary
+from mbu.search.launching.storage import count_states
+from mbu.search.running.tracking import ui_command
+from mbu.search.studyfile.study_file import trial_name
 
 STUDY_REPORT_JSON = "study_report.json"
 STUDY_REPORT_MD = "study_report.md"

@@ -1,6 +1,6 @@
 """What runs inside each task of a study's SLURM array: one ordinary worker, and its requeue.
 
-The task's own process runs the worker (:func:`mbu.search.worker_main.run_worker`), so SLURM's
+The task's own process runs the worker (:func:`mbu.search.cluster.worker_main.run_worker`), so SLURM's
 signals reach it: the time-limit signal (SIGUSR2) and SIGTERM both become the worker's
 stop request; after a time-limit stop the task requeues itself, at most ``max_requeue``
 times (the only place that limit is applied: submitit's own requeue is not used).
@@ -18,7 +18,7 @@ from mbu.base.command import EXIT_OK, EXIT_STOPPED
 from mbu.train.stop import StopRequest, signals_stop
 
 if TYPE_CHECKING:
-    from mbu.search.launch import WorkerJob
+    from mbu.search.launching.launch import WorkerJob
 
 
 class TaskFailed(RuntimeError):
@@ -33,7 +33,7 @@ class ArrayTask:
     max_requeue: int  # time-limit requeues of one task ([slurm].max_requeue)
 
     def __call__(self, index: int) -> int:
-        from mbu.search.worker_main import run_worker
+        from mbu.search.cluster.worker_main import run_worker
 
         stop = StopRequest()
         warned: list[str] = []

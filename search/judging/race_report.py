@@ -1,6 +1,6 @@
 """What a race found, for the user: configurations ranked by their paired mean, the raced-out ones, the cost.
 
-Read from the study's complete trials (``search.race`` keeps each seed run's
+Read from the study's complete trials (``search.judging.race`` keeps each seed run's
 figures on its trial). Shared by the line ``mbu search`` ends with, ``--summary``,
 ``study_report.{md,json}`` and the champion's tags.
 """
@@ -12,8 +12,8 @@ from typing import Any
 
 import optuna
 
-from mbu.search.confirm_report import Interval, t_interval
-from mbu.search.race import OUTCOME_ATTR, configuration_number, incumbent, seed_count, seed_runs
+from mbu.search.judging.confirm_report import Interval, t_interval
+from mbu.search.judging.race import OUTCOME_ATTR, configuration_number, incumbent, seed_count, seed_runs
 
 
 @dataclass

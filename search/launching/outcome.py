@@ -7,11 +7,11 @@ import sys
 from typing import TYPE_CHECKING
 
 from mbu.base.command import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, first_line
-from mbu.search.study_file import StudyConfig
+from mbu.search.studyfile.study_file import StudyConfig
 
 if TYPE_CHECKING:  # Optuna, MLflow and plotting: imported by whoever launched
-    from mbu.search.launch import LaunchOptions
-    from mbu.search.study_report import StudySummary
+    from mbu.search.judging.study_report import StudySummary
+    from mbu.search.launching.launch import LaunchOptions
 
 
 def quiet_libraries() -> None:
@@ -66,7 +66,7 @@ def exit_code(
 
 
 def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
-    """After a launch that reached its target: the champion registered (``search.registry``); ``code`` back.
+    """After a launch that reached its target: the champion registered (``search.judging.registry``); ``code`` back.
 
     Every worker that ends at the target publishes, one at a time (the launch lock): the first registers,
     the others find the alias already on the champion.
@@ -76,9 +76,9 @@ def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
     from mlflow.exceptions import MlflowException
 
     from mbu.base.urls import resolve_tracking_uri
-    from mbu.search.registry import publish_champion
-    from mbu.search.storage import load_existing_study
-    from mbu.search.workers import launch_lock
+    from mbu.search.cluster.workers import launch_lock
+    from mbu.search.judging.registry import publish_champion
+    from mbu.search.launching.storage import load_existing_study
 
     study = load_existing_study(config.study.name, options.storage or config.study.storage)
     tracking_uri = resolve_tracking_uri(options.tracking_uri or config.study.tracking_uri)

@@ -6,7 +6,7 @@ the IoU about as much as the search gains; so once the search has its
 the trial of each ``[[enqueue]]`` point when ``presets``) is trained again on
 ``seeds`` fresh seeds: ``[train].seed`` + 1, + 2, ..., the same seeds for every
 candidate so that comparisons are paired. The search-time run is never one of
-them. ``search.confirm_report`` turns the runs into intervals and verdicts.
+them. ``search.judging.confirm_report`` turns the runs into intervals and verdicts.
 
 The confirmation runs are the trials of a second Optuna study in the same
 storage, ``<study>/confirm`` (no study file can give a name with a ``/``), each
@@ -27,15 +27,15 @@ from typing import Any
 import optuna
 
 from mbu.data.images import AnnotatedImages
-from mbu.search.confirm_report import CANDIDATE_ATTR, parent_figures, write_confirm_report
-from mbu.search.race import race_seeds, seed_count, seed_values
-from mbu.search.runner import TrialsEnded, run_trials
-from mbu.search.storage import count_finished, count_taken
-from mbu.search.study import check_study_folder, open_study, runs_point
-from mbu.search.study_file import StudyConfig
-from mbu.search.tracking import RUN_NAME_ATTR, RUN_TAGS_ATTR, open_parent_run
-from mbu.search.trial import TRAIN_SEED_ATTR
-from mbu.search.workers import launch_lock
+from mbu.search.cluster.workers import launch_lock
+from mbu.search.judging.confirm_report import CANDIDATE_ATTR, parent_figures, write_confirm_report
+from mbu.search.judging.race import race_seeds, seed_count, seed_values
+from mbu.search.launching.storage import count_finished, count_taken
+from mbu.search.launching.study import check_study_folder, open_study, runs_point
+from mbu.search.running.runner import TrialsEnded, run_trials
+from mbu.search.running.tracking import RUN_NAME_ATTR, RUN_TAGS_ATTR, open_parent_run
+from mbu.search.running.trial import TRAIN_SEED_ATTR
+from mbu.search.studyfile.study_file import StudyConfig
 from mbu.train.stop import StopRequest
 
 STAGE = "confirm"

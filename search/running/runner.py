@@ -31,19 +31,19 @@ from dataclasses import dataclass, field
 import optuna
 
 from mbu.data.images import AnnotatedImages
-from mbu.search.checkpoints import FINISHED, thin_checkpoints
-from mbu.search.population import Outcome, Population
-from mbu.search.sampler import record_draw
-from mbu.search.storage import (
+from mbu.search.launching.sampler import record_draw
+from mbu.search.launching.storage import (
     Heartbeats,
     count_finished,
     count_taken,
     count_waiting,
     heartbeat_ages,
 )
-from mbu.search.study_file import StudyConfig, StudySettings
-from mbu.search.tracking import RUN_TAGS_ATTR
-from mbu.search.trial import frozen_trial
+from mbu.search.running.checkpoints import FINISHED, thin_checkpoints
+from mbu.search.running.population import Outcome, Population
+from mbu.search.running.tracking import RUN_TAGS_ATTR
+from mbu.search.running.trial import frozen_trial
+from mbu.search.studyfile.study_file import StudyConfig, StudySettings
 from mbu.train.stop import StopRequest
 from mbu.train.tracking import Recorder
 
