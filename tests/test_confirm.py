@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import TINY_ITERS, mbu_command, study_runs, tiny_study
+from helpers import DROP, TINY_ITERS, mbu_command, study_runs, tiny_study
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
@@ -212,3 +213,27 @@ def test_a_preset_that_failed_in_the_search_is_named_in_the_verdict(tmp_path: Pa
     report = json.loads((tmp_path / "runs/lost/confirm_report.json").read_text())
     assert len(report["missing_presets"]) == 1 and [c["trial"] for c in report["candidates"]] == [1]
     assert "- Not compared: preset #1" in (tmp_path / "runs/lost/confirm_report.md").read_text()
+
+
+def test_missing_run_folders_or_store_are_refused_before_anything_trains(tmp_path: Path, capsys) -> None:
+    """With runs/ deleted, mbu confirm names the candidate's missing checkpoint before training (the champion
+    is registered from it); with the MLflow store deleted, a relaunch says so instead of starting an empty one."""
+    os.chdir(tmp_path)
+    (tmp_path / "study.toml").write_text(tiny_study("gone", 1, study={"registered_model": DROP}))
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+
+    assert main(["confirm", "study.toml", "--no-progress", "--top-k", "1", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "trial 0's run folder" in err and "has no checkpoint.pt" in err, err
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["gone"]  # no confirmation study
+    assert not (tmp_path / "runs" / "gone" / "confirm").exists()
+
+    store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    store.unlink()
+    assert main(["search", "study.toml", "--no-progress", "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer exists: restore it" in err, err
+    assert not store.exists() and len(optuna.load_study(study_name="gone", storage=storage).trials) == 1

@@ -26,16 +26,18 @@ from typing import Any
 
 import optuna
 
+from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.data.images import AnnotatedImages
 from mbu.search.cluster.workers import launch_lock
 from mbu.search.judging.confirm_report import CANDIDATE_ATTR, parent_figures, write_confirm_report
-from mbu.search.judging.race import race_seeds, seed_count, seed_values
+from mbu.search.judging.race import best_run_folder, race_seeds, seed_count, seed_values
+from mbu.search.judging.registry import registered_name
 from mbu.search.launching.storage import count_finished, count_taken
 from mbu.search.launching.study import check_study_folder, open_study, runs_point
 from mbu.search.running.runner import TrialsEnded, run_trials
 from mbu.search.running.tracking import RUN_NAME_ATTR, RUN_TAGS_ATTR, open_parent_run
 from mbu.search.running.trial import TRAIN_SEED_ATTR
-from mbu.search.studyfile.study_file import StudyConfig
+from mbu.search.studyfile.study_file import StudyConfig, trial_name
 from mbu.train.stop import StopRequest
 
 STAGE = "confirm"
@@ -186,6 +188,7 @@ def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
     is written.
     """
     chosen = candidates(search, config)
+    check_candidate_folders(config, search, chosen)
     seeds = fresh_seeds(config, config.confirm.seeds)
     planned = stage_config(config, len(chosen) * len(seeds))
     check_study_folder(planned)
@@ -195,6 +198,22 @@ def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
     target = len(chosen) * len(seeds) - len(abandoned)
     planned = replace(planned, study=replace(planned.study, n_trials=max(target, 1)))
     return Stage(study, planned, chosen, seeds, abandoned, missing_presets(search, config))
+
+
+def check_candidate_folders(config: StudyConfig, search: optuna.Study, chosen: list[Candidate]) -> None:
+    """The champion is registered from its search run's checkpoint: a candidate whose run folder lost it is
+    refused now, before the confirmation trains anything, not when publishing fails after it."""
+    if not registered_name(config):
+        return  # nothing will be registered: the confirmation needs only the study's storage
+    for candidate in chosen:
+        folder = best_run_folder(search, candidate.trial, config.study_dir)
+        folder = folder or config.study_dir / trial_name(candidate.trial)
+        if not (folder / CHECKPOINT_FILE).is_file():
+            raise ValueError(
+                f"{candidate.label}'s run folder {folder} has no {CHECKPOINT_FILE} (was {config.study_dir} moved "
+                "or deleted?): the champion is registered from it, so a confirmation now would train for "
+                f'nothing; restore the folder, or set [study].registered_model = "" to confirm without registering'
+            )
 
 
 def pending(stage: Stage) -> bool:

@@ -147,6 +147,12 @@ def check_tracking_store(config: StudyConfig) -> None:
     except KeyError:
         return  # a new study
     current = storage_identity(settings.tracking_uri)
+    if stored is not None and stored == current and missing_sqlite_file(settings.tracking_uri) is not None:
+        raise StudyFileError(
+            f"study {settings.name!r} in {settings.storage} logged its runs to the MLflow store {stored}, whose "
+            f"file {missing_sqlite_file(settings.tracking_uri)} no longer exists: restore it (a new empty store "
+            "would hold none of the study's runs), or give [study].name a new name for a new study"
+        )
     if stored is not None and stored != current:
         raise StudyFileError(
             f"{config.path}: study {settings.name!r} in {settings.storage} logs its runs to the MLflow store "
