@@ -21,7 +21,10 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--study", help="name of a study in the Optuna storage")
     parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s)")
     parser.add_argument(
-        "--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        "--tracking-uri",
+        default="",
+        help="MLflow tracking URI (default: for RUN_DIR the store its run recorded, else $MLFLOW_TRACKING_URI or "
+        "sqlite:///mlflow.db)",
     )
     parser.add_argument(
         "--runs-dir", type=Path, default=Path("runs"), help="folder holding <study>/trial-<n>/ (default: %(default)s)"
@@ -37,42 +40,72 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def report_main(args: argparse.Namespace) -> int:
-    import json
+    if args.study:
+        return study_report_main(args)
+    return run_report_main(args)
 
-    from mbu.base.urls import check_tracking_uri, resolve_tracking_uri
+
+def study_report_main(args: argparse.Namespace) -> int:
+    """``mbu report --study NAME``: the ranked report, logged to the study's parent run."""
+    from mbu.base.urls import check_tracking_uri, missing_sqlite_file, resolve_tracking_uri
+    from mbu.search.judging.study_report import write_study_report
+    from mbu.search.launching.storage import load_existing_study
+    from mbu.search.running.tracking import PARENT_RUN_ATTR
     from mbu.train.tracking import Recorder
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
-    if args.study:
-        from mbu.search.judging.study_report import write_study_report
-        from mbu.search.launching.storage import load_existing_study
-        from mbu.search.running.tracking import PARENT_RUN_ATTR
+    study = load_existing_study(args.study, args.storage)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent and missing_sqlite_file(uri) is not None:  # logging to it would create an empty store
+        raise ValueError(f"no MLflow store at {missing_sqlite_file(uri)} ({uri}): pass the study's --tracking-uri")
+    paths = write_study_report(study, args.runs_dir / args.study)
+    if parent:
+        recorder = Recorder.of_run(uri, parent)
+        for path in paths:
+            recorder.log_artifact(path)
+        recorder.flush()
+    print(f"study report: {paths[1]}" + (f" (logged to MLflow run {parent})" if parent else ""))
+    return 0
 
-        study = load_existing_study(args.study, args.storage)
-        paths = write_study_report(study, args.runs_dir / args.study)
-        parent = study.user_attrs.get(PARENT_RUN_ATTR)
-        if parent:
-            recorder = Recorder.of_run(uri, parent)
-            for path in paths:
-                recorder.log_artifact(path)
-            recorder.flush()
-        print(f"study report: {paths[1]}" + (f" (logged to MLflow run {parent})" if parent else ""))
-        return 0
+
+def run_store(args: argparse.Namespace, record: dict) -> str:
+    """The MLflow store of a run folder's run: ``--tracking-uri``, else the store the run recorded, else the
+    default; checked, and never created (a store that is gone is one line naming it)."""
+    from mbu.base.urls import check_tracking_uri, missing_sqlite_file, resolve_tracking_uri
+
+    recorded = record.get("tracking_uri", "")
+    recorded = "" if "***" in recorded else recorded  # a password the record hides: the flag or the env gives it
+    uri = resolve_tracking_uri(args.tracking_uri or recorded)
+    missing = missing_sqlite_file(uri)
+    if missing is not None:
+        raise ValueError(
+            f"{args.run_dir} belongs to MLflow run {record['run_id']}, but there is no MLflow store at {missing} "
+            f"({uri}); pass --tracking-uri of the store that holds it"
+        )
+    check_tracking_uri(uri)
+    return uri
+
+
+def run_report_main(args: argparse.Namespace) -> int:
+    """``mbu report RUN_DIR``: the run re-scored, its report files logged to its own MLflow run (if it has one)."""
+    import json
 
     from mbu.base.run_files import RUN_FILE
     from mbu.evaluate.report import evaluate_run
+    from mbu.train.tracking import Recorder
 
-    result = evaluate_run(args.run_dir, args.root, args.device, progress=not args.no_progress)
     run_file = args.run_dir / RUN_FILE
+    record = json.loads(run_file.read_text()) if run_file.is_file() else None
+    uri = run_store(args, record) if record is not None else None  # checked before the scoring
+    result = evaluate_run(args.run_dir, args.root, args.device, progress=not args.no_progress)
     logged = ""
-    if run_file.is_file():
-        run_id = json.loads(run_file.read_text())["run_id"]
-        recorder = Recorder.of_run(uri, run_id)
+    if record is not None:
+        recorder = Recorder.of_run(uri, record["run_id"])
         # Scored on other masks or data: beside the run's own report in MLflow too, never over it.
         folder = None if result["report_dir"] == args.run_dir else result["report_dir"].name
         for name in result["paths"]:
             recorder.log_artifact(name, folder)
-        logged = f" (logged to MLflow run {run_id})" if not recorder.flush() else ""
+        logged = f" (logged to MLflow run {record['run_id']})" if not recorder.flush() else ""
     print(f"report: {result['paths'][1]}{logged}")
     return 0

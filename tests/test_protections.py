@@ -62,6 +62,29 @@ def test_train_records_its_mlflow_run_and_report_logs_to_it(run: Path, capsys, m
     assert "report.md" in {a.path for a in client.list_artifacts(run_id)}
 
 
+def test_report_from_another_folder_logs_to_the_store_the_run_recorded_and_creates_none(
+    run: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = json.loads((run / RUN_FILE).read_text())
+    assert record["tracking_uri"] == tracking_uri(run)  # absolute: the same store from any folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert main(["report", str(copy), "--no-progress"]) == 0
+    assert f"logged to MLflow run {record['run_id']}" in capsys.readouterr().out
+    assert not (elsewhere / "mlflow.db").exists()
+
+    # The store it recorded is gone: one line before any scoring, and no empty store made in its place.
+    (copy / RUN_FILE).write_text(json.dumps({**record, "tracking_uri": f"sqlite:///{tmp_path / 'gone.db'}"}))
+    (copy / "report.json").unlink()
+    assert main(["report", str(copy), "--no-progress"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "gone.db").exists() and not (copy / "report.json").exists()
+
+
 def test_resume_continues_with_the_checkpoints_settings(run: Path, tmp_path: Path, capsys) -> None:
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)

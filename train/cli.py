@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import signal
 import sys
@@ -252,8 +251,9 @@ def add_parser(subparsers: argparse._SubParsersAction, log_model: ModelLogger | 
 
 def main(args: argparse.Namespace) -> int:
     from mbu.base.command import EXIT_INTERRUPTED, EXIT_STOPPED
+    from mbu.base.files import write_json
     from mbu.base.run_files import RUN_FILE
-    from mbu.base.urls import resolve_tracking_uri
+    from mbu.base.urls import resolve_tracking_uri, storage_identity
     from mbu.train.loop import TrainingStopped, TrainStatus, train
     from mbu.train.stop import StopRequest, signals_stop
     from mbu.train.tracking import Recorder, quiet_store_messages, train_params
@@ -270,7 +270,7 @@ def main(args: argparse.Namespace) -> int:
             if args.overwrite:
                 clear_run_folder(Path(cfg.out))
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"run_id": recorder.run_id}) + "\n")
+            write_json(Path(cfg.out) / RUN_FILE, {"run_id": recorder.run_id, "tracking_uri": storage_identity(uri)})
             recorder.log_params(train_params(cfg))
             result = train(cfg, progress=not args.no_progress, status=status, recorder=recorder, stop=stop)
         except (TrainingStopped, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C, no waiting

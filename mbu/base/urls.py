@@ -7,6 +7,7 @@ driver or MLflow, or minutes of MLflow's own retries.
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -138,3 +139,10 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
             f"MLflow tracking server {uri} is unreachable ({reason}); start it "
             "(mlflow server --host 127.0.0.1 --port PORT ...) or pass another --tracking-uri"
         ) from err
+
+
+def storage_identity(url: str) -> str:
+    """A store URL as a record keeps it: SQLite files absolute (the same store from any folder), passwords hidden."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)

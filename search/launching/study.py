@@ -11,15 +11,13 @@ writes into its folder.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 import warnings
-from pathlib import Path
 
 import optuna
 
 from mbu.base.files import write_json
-from mbu.base.urls import missing_sqlite_file
+from mbu.base.urls import missing_sqlite_file, storage_identity
 from mbu.search.judging.race import RACE_SEEDS_ATTR, is_racing
 from mbu.search.launching.sampler import make_pruner, make_sampler
 from mbu.search.launching.storage import make_storage
@@ -96,13 +94,6 @@ def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry
         failures = sum(t.state == optuna.trial.TrialState.FAIL for t in same)
         if len(same) == failures and failures <= max_retry:
             study.enqueue_trial(point)
-
-
-def storage_identity(url: str) -> str:
-    """The storage URL as the study folder records it: SQLite files absolute, passwords hidden."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def check_study_folder(config: StudyConfig) -> None:

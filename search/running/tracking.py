@@ -27,6 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from mbu.base.files import write_json
 from mbu.base.run_files import RUN_FILE
+from mbu.base.urls import storage_identity
 from mbu.search.judging.race import SEED_RUNS_ATTR
 from mbu.search.studyfile.study_file import StudyConfig, trial_name
 from mbu.train.config import TrainConfig
@@ -113,7 +114,8 @@ def open_trial_run(
     try:
         (remember or (lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id)))(run.run_id)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(cfg.out) / RUN_FILE, {"run_id": run.run_id, "study": settings.name, "trial": trial.number})
+        record = {"run_id": run.run_id, "tracking_uri": storage_identity(settings.tracking_uri)}
+        write_json(Path(cfg.out) / RUN_FILE, {**record, "study": settings.name, "trial": trial.number})
         run.set_tags(tags)
         if reopen is None:
             run.log_params(train_params(cfg))
