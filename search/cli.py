@@ -150,7 +150,7 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
 def main(args: argparse.Namespace) -> int:
     """``mbu search`` and ``mbu confirm``."""
     from mbu.search.launching.launch import launch_workers, run_study, study_summary
-    from mbu.search.launching.outcome import exit_code, publish
+    from mbu.search.launching.outcome import end_launch
     from mbu.search.running.tracking import quiet_libraries
     from mbu.search.studyfile.study_file import load_study_file
 
@@ -177,24 +177,24 @@ def main(args: argparse.Namespace) -> int:
         stop = StopRequest()
         with signals_stop(stop.request, signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint and leave
             summary = run_study(config, options, stop)
-        print(summary.format())
         prog = "mbu confirm" if args.confirm_only else "mbu search"
-        return publish(config, options, exit_code(summary, config, again=relaunch_command(args), prog=prog))
+        return end_launch(summary, config, options, relaunch_command(args), prog)
     summary, ended = launch_workers(config, options, args.workers, args.gpus, relaunch_command(args))
-    print(summary.format())
+    failed = [i for i, code in enumerate(ended.codes) if code not in (EXIT_OK, EXIT_STOPPED)]
+    if ended.stopped_by == "SIGINT" or failed:
+        print(summary.format())
     if ended.stopped_by == "SIGINT":
         raise KeyboardInterrupt  # the workers recorded their trials; run_command prints how to relaunch
-    failed = [i for i, code in enumerate(ended.codes) if code not in (EXIT_OK, EXIT_STOPPED)]
     if failed:
         print(f"workers {failed} exited with an error; see their logs", file=sys.stderr)
         return EXIT_FAILED
-    return publish(config, options, exit_code(summary, config, again=relaunch_command(args)))
+    return end_launch(summary, config, options, relaunch_command(args))
 
 
 def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOptions) -> int:
     """``--slurm``: the overrides given, then :func:`mbu.search.cluster.slurm.launch_array`."""
     from mbu.search.cluster.slurm import launch_array
-    from mbu.search.launching.outcome import exit_code, publish
+    from mbu.search.launching.outcome import end_launch
 
     if args.workers != 1 or args.gpus:
         raise ValueError("--slurm runs one worker per array task: use --tasks and --gpus-per-task, not --workers")
@@ -202,8 +202,7 @@ def slurm_main(args: argparse.Namespace, config: StudyConfig, options: LaunchOpt
     summary = launch_array(config, options, overrides, args.wait, relaunch_command(args))
     if summary is None:
         return EXIT_OK  # submitted; --summary follows it
-    print(summary.format())
-    return publish(config, options, exit_code(summary, config, "the array", relaunch_command(args)))
+    return end_launch(summary, config, options, relaunch_command(args), launch="the array")
 
 
 def relaunch_command(args: argparse.Namespace) -> str:

@@ -72,11 +72,9 @@ def study_report_main(args: argparse.Namespace) -> int:
 def run_store(args: argparse.Namespace, record: dict) -> str:
     """The MLflow store of a run folder's run: ``--tracking-uri``, else the store the run recorded, else the
     default; checked, and never created (a store that is gone is one line naming it)."""
-    from mbu.base.urls import check_tracking_uri, missing_sqlite_file, resolve_tracking_uri
+    from mbu.base.urls import check_tracking_uri, missing_sqlite_file, recorded_store
 
-    recorded = record.get("tracking_uri", "")
-    recorded = "" if "***" in recorded else recorded  # a password the record hides: the flag or the env gives it
-    uri = resolve_tracking_uri(args.tracking_uri or recorded)
+    uri = recorded_store(record, args.tracking_uri)
     missing = missing_sqlite_file(uri)
     if missing is not None:
         raise ValueError(

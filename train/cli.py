@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import sys
@@ -155,7 +156,7 @@ def check_resume_iterations(cfg: TrainConfig, state: dict) -> None:
     if cfg.iters <= done:
         raise ValueError(
             f"--load {cfg.load}: its checkpoint is at iteration {done} and --iters is {cfg.iters}, so there is "
-            f"nothing to train; give --iters larger than {done} to train more"
+            f"nothing to train; give --iters larger than {done} to train more (or --log-model to log its model)"
         )
 
 
@@ -187,8 +188,9 @@ def _check_batch_fits(cfg: TrainConfig, domain: str, count: int, kind: str) -> N
         )
 
 
-def prepare_config(args: argparse.Namespace) -> TrainConfig:
-    """The run's config, checked before anything is written: paths absolute, resume settings applied.
+def prepare_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The run's config, checked before anything is written: paths absolute, resume settings applied; and
+    whether there is only a model to log (``--load DIR --log-model`` on a run already trained to ``--iters``).
 
     The tracking store and the training data are checked too (:func:`check_training_data`).
     """
@@ -205,15 +207,33 @@ def prepare_config(args: argparse.Namespace) -> TrainConfig:
         raise ValueError("--root is required: the data root with trainA/ trainB/ (or trainA.txt ...)")
     check_writable(Path(cfg.out), "--out")
     check_run_folder(cfg, args.overwrite)
-    if cfg.load:
+    log_only = bool(cfg.load) and args.log_model and int(state["iteration"]) >= cfg.iters
+    if log_only:
+        check_log_only(cfg)
+    elif cfg.load:
         check_resume_iterations(cfg, state)
     check_step_device(cfg, resolve_device(cfg.device, cfg.gpu))
     for domain in ("trainA", "trainB"):
         list_images(Path(cfg.root), domain)  # a missing or empty domain is an error naming it
-    check_tracking_uri(resolve_tracking_uri())  # a store it cannot open or write fails now, before any decoding
+    if not log_only:  # (a run to log the model of has recorded its own store)
+        check_tracking_uri(resolve_tracking_uri())  # a store it cannot open or write fails now, before decoding
     check_log_model(args, cfg)
-    check_training_data(cfg, progress=not getattr(args, "no_progress", False))
-    return cfg
+    if not log_only:
+        check_training_data(cfg, progress=not getattr(args, "no_progress", False))
+    return cfg, log_only
+
+
+def check_log_only(cfg: TrainConfig) -> None:
+    """``--load DIR --log-model`` with nothing to train logs DIR's model into DIR's own MLflow run."""
+    from mbu.base.run_files import RUN_FILE
+
+    if Path(cfg.load) != Path(cfg.out):
+        raise ValueError(
+            f"--load {cfg.load} is trained to --iters {cfg.iters} already: to log its model, give --out {cfg.load} "
+            "(the model goes into that run); to train further, give a larger --iters"
+        )
+    if not (Path(cfg.out) / RUN_FILE).is_file():
+        raise ValueError(f"--load {cfg.load}: no {RUN_FILE}, so no MLflow run to log the model into")
 
 
 ModelLogger = Callable[[TrainConfig, "Recorder", str, bool], str]  # (run's config, recorder, device, progress) -> lines
@@ -258,9 +278,11 @@ def main(args: argparse.Namespace) -> int:
     from mbu.train.stop import StopRequest, signals_stop
     from mbu.train.tracking import Recorder, quiet_store_messages, train_params
 
-    cfg = prepare_config(args)  # the tracking store and the data checked too: nothing written before
-    uri = resolve_tracking_uri()
+    cfg, log_only = prepare_config(args)  # the tracking store and the data checked too: nothing written before
     quiet_store_messages()
+    if log_only:
+        return log_model_of_trained_run(args, cfg)
+    uri = resolve_tracking_uri()
     status = TrainStatus()
     stop = StopRequest()
     # From here on SIGTERM and Ctrl-C stop between iterations: checkpoint, run KILLED, one line.
@@ -292,9 +314,45 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"trained {result.iterations} iterations; checkpoint in {result.run_dir}")
     if args.log_model:  # after the run is FINISHED: a failure here leaves the trained run as it is
-        device = str(resolve_device(cfg.device, cfg.gpu))
-        print(args.model_logger(cfg, recorder, device, not args.no_progress))
+        return log_run_model(args, cfg, recorder)
     return 0
+
+
+def log_run_model(args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder) -> int:
+    """``--log-model`` for the trained run; SIGTERM or Ctrl-C meanwhile ends it with the documented exit code, its
+    temporary files gone, and the command that logs the model later (:func:`log_model_of_trained_run`)."""
+    from mbu.base.command import EXIT_INTERRUPTED, EXIT_STOPPED
+    from mbu.train.stop import StopSignal, signals_raise, stop_reason
+
+    device = str(resolve_device(cfg.device, cfg.gpu))
+    try:
+        with signals_raise(signal.SIGTERM):
+            print(args.model_logger(cfg, recorder, device, not args.no_progress))
+    except (StopSignal, KeyboardInterrupt) as err:
+        reason = stop_reason(err)
+        where = "interrupted" if reason == "SIGINT" else f"stopped by {reason}"
+        print(
+            f"mbu train: {where} while logging the model; the run is trained (checkpoint in {cfg.out}); "
+            f"log its model with: {resume_command(args, cfg)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_STOPPED
+    return 0
+
+
+def log_model_of_trained_run(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """``--load DIR --out DIR --log-model`` on a run trained to ``--iters``: its model, into its own MLflow run."""
+    from mbu.base.run_files import RUN_FILE
+    from mbu.base.urls import check_tracking_uri, missing_sqlite_file, recorded_store
+    from mbu.train.tracking import Recorder
+
+    record = json.loads((Path(cfg.out) / RUN_FILE).read_text())
+    uri = recorded_store(record)
+    if missing_sqlite_file(uri) is not None:
+        raise ValueError(f"--load {cfg.load}: its MLflow store {uri} no longer exists; restore it to log the model")
+    check_tracking_uri(uri)
+    print(f"{cfg.out} is trained to iteration {cfg.iters}: logging its model into MLflow run {record['run_id']}")
+    return log_run_model(args, cfg, Recorder.of_run(uri, record["run_id"]))
 
 
 def resume_command(args: argparse.Namespace, cfg: TrainConfig) -> str:

@@ -79,3 +79,37 @@ def interrupts_held() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if len(caught) == 1:
             previous(signal.SIGINT, caught[0])
+
+
+class StopSignal(BaseException):
+    """A signal that ends work which has no iteration to stop at (logging a model, registering a champion).
+
+    Raised in the main thread by :func:`signals_raise`, so ``finally`` blocks and temporary folders clean
+    up on the way out; a BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+@contextmanager
+def signals_raise(*signals: int) -> Iterator[None]:
+    """Within: each of ``signals`` raises :class:`StopSignal` (its name) instead of ending the process."""
+    previous = {number: signal.getsignal(number) for number in signals}
+
+    def handler(number: int, _frame: object) -> None:
+        raise StopSignal(signal.Signals(number).name)
+
+    for number in signals:
+        signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def stop_reason(err: BaseException) -> str:
+    """The signal's name of a :class:`StopSignal` or a KeyboardInterrupt (SIGINT)."""
+    return err.name if isinstance(err, StopSignal) else "SIGINT"

@@ -146,3 +146,10 @@ def storage_identity(url: str) -> str:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         return "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def recorded_store(record: dict, given: str = "") -> str:
+    """The MLflow store of a run folder's record (``mlflow_run.json``): ``given`` first, then the store the run
+    recorded (unless its password is hidden there), then ``$MLFLOW_TRACKING_URI`` or the default."""
+    recorded = record.get("tracking_uri", "")
+    return resolve_tracking_uri(given or ("" if "***" in recorded else recorded))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mbu.base.command import run_command
 from mbu.search.launching.launch import WorkerJob, run_study
-from mbu.search.launching.outcome import exit_code, publish
+from mbu.search.launching.outcome import end_launch
 from mbu.search.running.tracking import quiet_libraries
 from mbu.train.stop import StopRequest, signals_stop
 
@@ -33,8 +33,7 @@ def run_worker(job: WorkerJob, stop: StopRequest | None = None) -> int:
         request = stop or StopRequest()
         with signals_stop(request.request, signal.SIGTERM):
             summary = run_study(job.config, job.options, request)
-        print(summary.format(), flush=True)
-        return publish(job.config, job.options, exit_code(summary, job.config, again=job.relaunch))
+        return end_launch(summary, job.config, job.options, job.relaunch)
 
     return run_command(work, "search", interrupted=f"relaunch with: {job.relaunch}")
 

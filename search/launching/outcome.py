@@ -3,11 +3,13 @@ the exit code and its stderr lines, then the champion published; and the librari
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import TYPE_CHECKING
 
-from mbu.base.command import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, first_line
+from mbu.base.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, first_line
 from mbu.search.studyfile.study_file import StudyConfig
+from mbu.train.stop import StopSignal, signals_raise, stop_reason
 
 if TYPE_CHECKING:  # Optuna, MLflow and plotting: imported by whoever launched
     from mbu.search.judging.study_report import StudySummary
@@ -65,7 +67,36 @@ def exit_code(
     return EXIT_OK
 
 
-def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
+def end_launch(
+    summary: StudySummary,
+    config: StudyConfig,
+    options: LaunchOptions,
+    again: str,
+    prog: str = "mbu search",
+    launch: str = "the launch",
+) -> int:
+    """The end of every launch: its summary printed, how it ended said (:func:`exit_code`), the champion
+    registered (:func:`publish`); the exit code. ``again`` is the command that goes on.
+
+    The trials are all recorded by now, so SIGTERM or Ctrl-C here ends the process with the documented exit
+    code, the publish's temporary folders removed, and the command that registers the champion later.
+    """
+    try:
+        with signals_raise(signal.SIGTERM):
+            print(summary.format(), flush=True)
+            return publish(config, options, exit_code(summary, config, launch, again, prog), prog)
+    except (StopSignal, KeyboardInterrupt) as err:
+        reason = stop_reason(err)
+        where = "interrupted" if reason == "SIGINT" else f"stopped by {reason}"
+        print(
+            f"{prog}: {where} at the end of the launch, before the champion was registered; every trial is "
+            f"recorded; launch the study again to register it: {again}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_STOPPED
+
+
+def publish(config: StudyConfig, options: LaunchOptions, code: int, prog: str = "mbu search") -> int:
     """After a launch that reached its target: the champion registered (``search.judging.registry``); ``code`` back.
 
     Every worker that ends at the target publishes, one at a time (the launch lock): the first registers,
@@ -86,7 +117,7 @@ def publish(config: StudyConfig, options: LaunchOptions, code: int) -> int:
         with launch_lock(config.study_dir):
             line = publish_champion(study, config, tracking_uri)
     except (MlflowException, OSError, ValueError, KeyError) as err:  # the trials are safe either way
-        print(f"mbu search: the champion was not registered ({type(err).__name__}: {first_line(err)})", file=sys.stderr)
+        print(f"{prog}: the champion was not registered ({type(err).__name__}: {first_line(err)})", file=sys.stderr)
         return code
     if line:
         print(line)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import mbu_command, tiny_study
+from helpers import DROP, mbu_command, tiny_study
 from mlflow.tracking import MlflowClient
 
 from mbu.cli import main
@@ -109,3 +109,55 @@ def test_sigterm_of_the_workers_launcher_stops_every_worker_and_exits_75(tmp_pat
     assert all(r.info.status != "RUNNING" for r in runs_of("term"))
     for log in (runs / "workers").glob("worker-*.log"):
         assert "stopped by SIGTERM" in log.read_text()
+
+
+def sigterm_after_line(command: list[str], text: str, cwd: Path, tmp: Path) -> tuple[int, str]:
+    """Run ``command`` with its temporary files in ``tmp``; SIGTERM it as soon as a line of its output holds
+    ``text``. Its exit code and stderr."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp), "TORCHINDUCTOR_CACHE_DIR": str(cwd / "inductor")}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if text in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    return process.returncode, err
+
+
+def test_sigterm_while_logging_the_model_exits_75_and_says_how_to_log_it(tiny_root: Path, tmp_path: Path) -> None:
+    """The run is trained and FINISHED when --log-model starts: a SIGTERM then leaves no temporary folder, exits
+    75 with the command that logs the model, and that command logs it into the same run without training."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    argv = ["train", "--root", str(tiny_root), "--out", "run", "--resize", "64", "--bs", "4", "--iters", "2"]
+    code, err = sigterm_after_line(
+        mbu_command(*argv, "--no-progress", "--log-model"), "trained 2 iterations", tmp_path, tmp
+    )
+    assert code == 75, err
+    line = next(line for line in err.splitlines() if "while logging the model" in line)
+    assert line.startswith("mbu train: stopped by SIGTERM while logging the model; the run is trained")
+    run = tmp_path / "run"
+    assert line.endswith(f"log its model with: mbu train --out {run} --load {run} --log-model")
+    assert not list(tmp.iterdir())  # the model's temporary folders went with the signal
+
+    run_id = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    assert main(["train", "--out", str(run), "--load", str(run), "--log-model", "--no-progress"]) == 0
+    assert load_checkpoint(run)["iteration"] == 2  # nothing trained
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    logged = {item.path for item in client.list_artifacts(run_id, "model/artifacts")}
+    assert {"model/artifacts/weights.pt", "model/artifacts/model.json"} <= logged
+
+
+def test_sigterm_while_registering_the_champion_exits_75_and_a_relaunch_registers_it(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp_path / "study.toml").write_text(tiny_study("pub", 1, study={"registered_model": DROP}))
+    code, err = sigterm_after_line(mbu_command("search", "study.toml", "--no-progress"), "wall time", tmp_path, tmp)
+    assert code == 75, err
+    assert "mbu search: stopped by SIGTERM at the end of the launch, before the champion was registered" in err
+    assert err.rstrip().endswith("to register it: mbu search study.toml")
+    assert not list(tmp.iterdir())
+
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert str(client.get_model_version_by_alias("pub", "champion").version) == "1"
