@@ -26,6 +26,7 @@ package is :mod:`mbu.evaluate.model_save`'s job, reading one back by its URI :mo
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
 import os
@@ -37,11 +38,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from PIL import Image
 
 from mbu.data.images import (
+    DataError,
     decode_image_array,
     decode_image_bytes,
     to_model_range,
@@ -106,7 +110,10 @@ def _as_bytes(value: Any, column: str, row: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):  # base64 text, as a JSON request carries it
-        return base64.b64decode(value)
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as err:
+            raise ValueError(f"row {row}: {column} is text that is not base64 ({err})") from None
     raise ValueError(f"row {row}: {column} must be encoded image bytes (PNG, JPEG, ...), got {type(value).__name__}")
 
 
@@ -123,9 +130,20 @@ def _as_pixels(value: Any, column: str, row: int) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def _decode(image: ImageInput, size: int) -> torch.Tensor:
-    """(3, S, S) uint8 of encoded bytes or an RGB array, resized as in training."""
-    return decode_image_array(image, size) if isinstance(image, np.ndarray) else decode_image_bytes(image, size)
+class BadInput(MlflowException, ValueError):
+    """A request row the model cannot answer, named in the message: ``mlflow models serve`` answers it with a 400
+    that carries the message and no traceback (it would show the server's paths)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _decode(image: ImageInput, size: int, row: int = 0, column: str = "image") -> torch.Tensor:
+    """(3, S, S) uint8 of encoded bytes or an RGB array, resized as in training; a bad one names its row."""
+    try:
+        return decode_image_array(image, size) if isinstance(image, np.ndarray) else decode_image_bytes(image, size)
+    except (DataError, ValueError) as err:
+        raise BadInput(f"row {row}: {column}: {' '.join(str(err).split())}") from None
 
 
 def predict_rows(loaded: LoadedModel, images: list[ImageInput], targets: list[ImageInput | None]) -> pd.DataFrame:
@@ -135,14 +153,15 @@ def predict_rows(loaded: LoadedModel, images: list[ImageInput], targets: list[Im
     with torch.no_grad():
         for start in range(0, len(images), BATCH):
             chunk = images[start : start + BATCH]
-            x = to_model_range(torch.stack([_decode(image, size) for image in chunk]).to(loaded.device))
+            decoded = [_decode(image, size, start + i) for i, image in enumerate(chunk)]
+            x = to_model_range(torch.stack(decoded).to(loaded.device))
             soft = model.segment(x)
             removed = model.remove(x, threshold, soft_mask=soft)  # the masks once, not twice
             for i, mask in enumerate(soft[:, 0]):
                 target = targets[start + i]
                 transferred = ""
                 if target is not None:
-                    onto = to_model_range(_decode(target, size)[None].to(loaded.device))
+                    onto = to_model_range(_decode(target, size, start + i, "target")[None].to(loaded.device))
                     transferred = png_base64(model.transfer(x[i : i + 1], onto)[0])
                 rows.append(
                     {
@@ -174,6 +193,12 @@ class MaskModel(mlflow.pyfunc.PythonModel):
         self.loaded = load_weights(Path(context.artifacts["weights"]), Path(context.artifacts["settings"]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        try:
+            return self._predict(model_input)
+        except ValueError as err:  # a bad request, said as one: the row and what to fix
+            raise err if isinstance(err, BadInput) else BadInput(" ".join(str(err).split())) from None
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         if "image" not in model_input and "pixels" not in model_input:
             raise ValueError("the input needs an 'image' column of encoded images or a 'pixels' column of RGB arrays")
         images = [_row_image(model_input, i, "image", "pixels") for i in range(len(model_input))]
@@ -187,10 +212,12 @@ class MaskModel(mlflow.pyfunc.PythonModel):
 def _row_image(table: pd.DataFrame, row: int, encoded: str, array: str) -> ImageInput | None:
     """Row ``row``'s image from the column of encoded images or the column of arrays (None: neither)."""
     value = table[encoded].iloc[row] if encoded in table else None
+    pixels = table[array].iloc[row] if array in table else None
+    if not _missing(value) and not _missing(pixels):
+        raise ValueError(f"row {row} has both {encoded} and {array}: give one of them")
     if not _missing(value):
         return _as_bytes(value, encoded, row)
-    value = table[array].iloc[row] if array in table else None
-    return None if _missing(value) else _as_pixels(value, array, row)
+    return None if _missing(pixels) else _as_pixels(pixels, array, row)
 
 
 def _missing(value: Any) -> bool:

@@ -237,3 +237,30 @@ def test_missing_run_folders_or_store_are_refused_before_anything_trains(tmp_pat
     err = capsys.readouterr().err
     assert "no longer exists: restore it" in err, err
     assert not store.exists() and len(optuna.load_study(study_name="gone", storage=storage).trials) == 1
+
+
+def test_a_collapsed_confirmation_run_is_flagged_in_the_verdict(tmp_path: Path) -> None:
+    """A fresh-seed run whose masks do not beat the all-ones mask, or that the collapse guard ended, is named
+    under the verdict as the search's summary names such a trial."""
+    from mbu.search.judging.confirm import Candidate, Stage
+    from mbu.search.judging.confirm_report import confirm_markdown, confirm_report, summary_lines
+
+    (tmp_path / "s.toml").write_text(tiny_study("flags", 1))
+    config = load_study_file(tmp_path / "s.toml")
+    study = optuna.create_study(direction="maximize")
+    figures = {  # seed -> the run's figures, as a confirmation run records them
+        1: {"test/iou": 0.35, "baseline/iou_all_ones": 0.07, "test/marked_fraction": 0.2},
+        2: {"test/iou": 0.06, "baseline/iou_all_ones": 0.07, "test/marked_fraction": 1.0},
+        3: {"test/iou": 0.07, "baseline/iou_all_ones": 0.07, "collapsed": "marks 99.8% of pixels at iteration 50"},
+    }
+    for seed, attrs in figures.items():
+        attrs = {**attrs, "candidate_trial": 4, "train_seed": seed}
+        study.add_trial(optuna.trial.create_trial(value=attrs["test/iou"], user_attrs=attrs))
+    stage = Stage(study, config, [Candidate(4, {"lr": 3e-4}, "trial 4", None, 0.4, 0.4)], [1, 2, 3], [])
+    report = confirm_report(stage)
+
+    lines = summary_lines(report)
+    assert "  warning: trial 4, seed 2: the mask does not beat marking every pixel: test IoU 0.0600" in "\n".join(lines)
+    assert "  warning: trial 4, seed 3: collapsed (marks 99.8% of pixels at iteration 50)" in lines
+    assert not any("seed 1:" in line for line in lines)
+    assert "- Degenerate masks: trial 4, seed 3: collapsed" in confirm_markdown(report)

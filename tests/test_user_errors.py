@@ -770,3 +770,31 @@ def test_data_folder_written_by_mbu_is_reused(tmp_path: Path) -> None:
     (tmp_path / "d" / "synthetic.partial.json").write_text('{"size": 64, "n_train": 3, "n_test": 2, "seed": 0}\n')
     assert main(argv) == 0 and (tmp_path / "d" / "synthetic.json").is_file()
     assert not (tmp_path / "d" / "synthetic.partial.json").exists()
+
+
+def test_the_served_model_answers_a_bad_row_with_a_400_naming_it_and_no_server_paths(shared: dict[str, Path]) -> None:
+    """Through MLflow's own scoring code (what ``mlflow models serve`` runs for each request)."""
+    import base64
+    import json
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    model = mlflow.pyfunc.load_model(str(shared["model"]))
+    image = base64.b64encode(next((shared["root"] / "testA").iterdir()).read_bytes()).decode()
+    broken = base64.b64encode(b"not an image").decode()
+    requests = {
+        "row 0 has both image and pixels: give one of them": [{"image": image, "pixels": [[[0, 0, 0]]]}],
+        "row 1: image: cannot read image given as bytes": [{"image": image}, {"image": broken}],
+        "row 0: target: cannot read image given as bytes": [{"image": image, "target": broken}],
+        "row 1: pixels must be an H x W x 3 RGB array": [{"pixels": [[[0, 0, 0]]]}, {"pixels": [[[0, 0, 0, 0]]]}],
+    }
+    for expected, records in requests.items():
+        with pytest.raises(MlflowException) as caught:
+            body = json.dumps({"dataframe_records": records})
+            scoring_server.invocations(body, "application/json", model, model.metadata.get_input_schema())
+        answer = caught.value.serialize_as_json()
+        assert caught.value.get_http_status_code() == 400 and expected in answer, answer
+        assert "stack_trace" not in answer and "Traceback" not in answer and "/" + "work" not in answer
+        assert str(shared["model"]) not in answer and str(Path(mlflow.__file__).parent) not in answer

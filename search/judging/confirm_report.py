@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from mbu.base.files import atomic_write, write_json
+from mbu.evaluate.segmentation import figure_warnings
 from mbu.search.running.trial import TRAIN_SEED_ATTR
 
 if TYPE_CHECKING:
@@ -71,8 +72,19 @@ def seed_scores(study: optuna.Study, candidate_trial: int) -> dict[int, dict[str
     scores = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if t.user_attrs.get(CANDIDATE_ATTR) == candidate_trial:
-            scores[int(t.user_attrs[TRAIN_SEED_ATTR])] = {"val_iou": t.value, "test_iou": t.user_attrs["test/iou"]}
+            score = {"val_iou": t.value, "test_iou": t.user_attrs["test/iou"]}
+            flag = degenerate(t.user_attrs)
+            scores[int(t.user_attrs[TRAIN_SEED_ATTR])] = {**score, "collapsed": flag} if flag else score
     return scores
+
+
+def degenerate(figures: dict[str, Any]) -> str | None:
+    """Why a confirmation run's masks mean nothing (the collapse guard ended it, or its figures do not beat the
+    all-ones mask: the same flags a search's summary raises); None for a run that holds up."""
+    if figures.get("collapsed"):
+        return f"collapsed ({figures['collapsed']})"
+    notes = figure_warnings(figures)
+    return notes[0] if notes else None
 
 
 def verdict(label: str, preset: str, diff: Interval, wins: int) -> str:
@@ -164,7 +176,18 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  optimism of the search: trial {o['trial']}'s search-time val IoU exceeds its fresh-seed "
                      f"mean by {o['value']:+.4f}")  # fmt: skip
     lines += [f"  not compared: {why}" for why in report.get("missing_presets", [])]
+    lines += [f"  warning: {line}" for line in collapsed_lines(report)]
     return lines
+
+
+def collapsed_lines(report: dict[str, Any]) -> list[str]:
+    """``trial 2, seed 3: collapsed (...)`` for each confirmation run whose masks degenerated."""
+    return [
+        f"{row['label']}, seed {seed}: {score['collapsed']}"
+        for row in report["candidates"]
+        for seed, score in row["seeds"].items()
+        if score.get("collapsed")
+    ]
 
 
 def confirm_markdown(report: dict[str, Any]) -> str:
@@ -196,6 +219,7 @@ def confirm_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Optimism of the search: trial {optimism['trial']}'s search-time validation IoU minus its "
                      f"fresh-seed mean: {optimism['value']:+.4f}")  # fmt: skip
     lines += [f"- Not compared: {why}." for why in report.get("missing_presets", [])]
+    lines += [f"- Degenerate masks: {line}." for line in collapsed_lines(report)]
     if report["abandoned"]:
         lines.append(f"- Given up after repeated failures (trial, seed): {report['abandoned']}")
     lines += ["", f"![test IoU per candidate]({CONFIRM_PLOT})"]
