@@ -264,3 +264,22 @@ def test_a_collapsed_confirmation_run_is_flagged_in_the_verdict(tmp_path: Path) 
     assert "  warning: trial 4, seed 3: collapsed (marks 99.8% of pixels at iteration 50)" in lines
     assert not any("seed 1:" in line for line in lines)
     assert "- Degenerate masks: trial 4, seed 3: collapsed" in confirm_markdown(report)
+
+
+def test_an_oversized_confirmation_is_refused_and_a_launch_says_what_it_will_cost(tmp_path: Path, capsys) -> None:
+    os.chdir(tmp_path)
+    (tmp_path / "study.toml").write_text(tiny_study("cost", 1))
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["confirm", "study.toml", "--no-progress", "--seeds", "100000"]) == 2
+    assert "--seeds is 100000, more than 100" in capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["cost"]  # nothing queued
+
+    assert main(["confirm", "study.toml", "--no-progress", "--top-k", "1", "--seeds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = next(line for line in lines if line.startswith("confirmation: queuing"))
+    assert line.startswith("confirmation: queuing 2 run(s) (1 candidate(s) x 2 seed(s)); one run took about ")
+    assert line.endswith(" on one worker") and lines.index(line) < lines.index("confirm run 1 of 2: trial 0, seed 1")
+    assert main(["confirm", "study.toml", "--no-progress", "--top-k", "1", "--seeds", "2"]) == 0
+    assert not any(line.startswith("confirmation: queuing") for line in capsys.readouterr().out.splitlines())

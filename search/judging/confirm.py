@@ -21,6 +21,7 @@ parent run, tagged ``stage=confirm``, ``candidate``, ``candidate_trial`` and
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,13 +159,16 @@ def runs_of(study: optuna.Study, trial: int, seed: int) -> list[optuna.trial.Fro
     ]
 
 
-def queue_runs(study: optuna.Study, chosen: list[Candidate], seeds: list[int], max_retry: int) -> list[tuple]:
+def queue_runs(
+    study: optuna.Study, chosen: list[Candidate], seeds: list[int], max_retry: int, seconds: float | None = None
+) -> list[tuple]:
     """Queue every (candidate, seed) pair with no live or finished try, seed by seed; returns the given-up pairs.
 
     Seed-major order: an interrupted confirmation already holds paired runs. A pair whose tries all
-    failed is queued again up to ``max_retry`` times, as a preset is.
+    failed is queued again up to ``max_retry`` times, as a preset is. What is queued is said first, with
+    its cost at ``seconds`` a run (the search's pace).
     """
-    abandoned = []
+    queue, abandoned = [], []
     for seed in seeds:
         for candidate in chosen:
             tries = runs_of(study, candidate.trial, seed)
@@ -174,11 +178,45 @@ def queue_runs(study: optuna.Study, chosen: list[Candidate], seeds: list[int], m
             if failures > max_retry:
                 abandoned.append((candidate.trial, seed))
                 continue
-            name = f"confirm trial-{candidate.trial} seed-{seed}"
-            tags = {"stage": STAGE, "candidate": candidate.label, "candidate_trial": candidate.trial, "seed": seed}
-            attrs = {CANDIDATE_ATTR: candidate.trial, TRAIN_SEED_ATTR: seed, RUN_NAME_ATTR: name, RUN_TAGS_ATTR: tags}
-            study.enqueue_trial(candidate.params, user_attrs=attrs)
+            queue.append((candidate, seed))
+    if queue:
+        print(cost_line(len(queue), len(chosen), len(seeds), seconds), flush=True)
+    for candidate, seed in queue:
+        name = f"confirm trial-{candidate.trial} seed-{seed}"
+        tags = {"stage": STAGE, "candidate": candidate.label, "candidate_trial": candidate.trial, "seed": seed}
+        attrs = {CANDIDATE_ATTR: candidate.trial, TRAIN_SEED_ATTR: seed, RUN_NAME_ATTR: name, RUN_TAGS_ATTR: tags}
+        study.enqueue_trial(candidate.params, user_attrs=attrs)
     return abandoned
+
+
+def run_seconds(study: optuna.Study) -> float | None:
+    """The median wall time of one training run among a study's complete trials (a raced trial's, per seed)."""
+    times = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.datetime_start is not None and t.datetime_complete is not None:
+            runs = max(1, len(seed_values(t)))
+            times.append((t.datetime_complete - t.datetime_start).total_seconds() / runs)
+    return statistics.median(times) if times else None
+
+
+def cost_line(runs: int, candidates: int, seeds: int, seconds: float | None) -> str:
+    """What a confirmation is about to queue, and what it will cost at the search's pace."""
+    line = f"confirmation: queuing {runs} run(s) ({candidates} candidate(s) x {seeds} seed(s))"
+    if seconds is None:
+        return line
+    return (
+        f"{line}; one run took about {duration(seconds)} in the search: about {duration(runs * seconds)} on one worker"
+    )
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``2 h 10 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
@@ -194,7 +232,7 @@ def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
     check_study_folder(planned)
     study = open_study(planned)
     count_taken(study)  # fails (and queues retries of) runs whose worker died
-    abandoned = queue_runs(study, chosen, seeds, config.study.max_retry)
+    abandoned = queue_runs(study, chosen, seeds, config.study.max_retry, run_seconds(search))
     target = len(chosen) * len(seeds) - len(abandoned)
     planned = replace(planned, study=replace(planned.study, n_trials=max(target, 1)))
     return Stage(study, planned, chosen, seeds, abandoned, missing_presets(search, config))
