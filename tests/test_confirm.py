@@ -283,3 +283,24 @@ def test_an_oversized_confirmation_is_refused_and_a_launch_says_what_it_will_cos
     assert line.endswith(" on one worker") and lines.index(line) < lines.index("confirm run 1 of 2: trial 0, seed 1")
     assert main(["confirm", "study.toml", "--no-progress", "--top-k", "1", "--seeds", "2"]) == 0
     assert not any(line.startswith("confirmation: queuing") for line in capsys.readouterr().out.splitlines())
+
+
+def test_a_narrower_relaunch_keeps_every_seed_and_candidate_already_confirmed(tmp_path: Path, capsys) -> None:
+    """--top-k 1 --seeds 1 after a confirmation of 2 candidates on 2 seeds: the report (and with it the parent
+    run and the registry) keeps both seeds and both candidates, and nothing new trains."""
+    os.chdir(tmp_path)
+    (tmp_path / "study.toml").write_text(tiny_study("keep", 2))
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    assert main(["confirm", "study.toml", "--no-progress", "--top-k", "2", "--seeds", "2"]) == 0
+    report_file = tmp_path / "runs/keep/confirm_report.json"
+    before = json.loads(report_file.read_text())
+    assert len(before["candidates"]) == 2 and before["runs_finished"] == 4
+    capsys.readouterr()
+
+    assert main(["confirm", "study.toml", "--no-progress", "--top-k", "1", "--seeds", "1", "--no-presets"]) == 0
+    out = capsys.readouterr().out
+    after = json.loads(report_file.read_text())
+    assert after["seeds"] == [1, 2] and after["runs_finished"] == 4
+    assert [c["trial"] for c in after["candidates"]] == [c["trial"] for c in before["candidates"]]
+    assert after["confirmed_best"] == before["confirmed_best"]
+    assert "confirmation: keeps all 2 seeds and candidate(s) trial " in out and "confirm run" not in out

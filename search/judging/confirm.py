@@ -225,9 +225,8 @@ def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
     Everything that can be refused (no complete trial, ``top_k`` too large) is checked before anything
     is written.
     """
-    chosen = candidates(search, config)
+    chosen, seeds = published_scope(config, search)
     check_candidate_folders(config, search, chosen)
-    seeds = fresh_seeds(config, config.confirm.seeds)
     planned = stage_config(config, len(chosen) * len(seeds))
     check_study_folder(planned)
     study = open_study(planned)
@@ -236,6 +235,46 @@ def prepare_stage(config: StudyConfig, search: optuna.Study) -> Stage:
     target = len(chosen) * len(seeds) - len(abandoned)
     planned = replace(planned, study=replace(planned.study, n_trials=max(target, 1)))
     return Stage(study, planned, chosen, seeds, abandoned, missing_presets(search, config))
+
+
+def published_scope(config: StudyConfig, search: optuna.Study) -> tuple[list[Candidate], list[int]]:
+    """The candidates and fresh seeds of this confirmation: what ``[confirm]`` and the flags ask for, widened to
+    every candidate and seed an earlier launch confirmed, since published evidence never shrinks (a lower
+    ``--seeds``, ``--top-k`` or ``--no-presets`` would rewrite the report and the registry on fewer runs)."""
+    chosen = candidates(search, config)
+    seeds = fresh_seeds(config, config.confirm.seeds)
+    before = confirmed_before(config)
+    kept = []
+    widest = max((seed for done in before.values() for seed in done), default=0) - race_seeds(config)[-1]
+    if widest > len(seeds):
+        seeds = fresh_seeds(config, widest)
+        kept.append(f"all {widest} seeds")
+    earlier = sorted(set(before) - {c.trial for c in chosen})
+    if earlier:
+        chosen += [earlier_candidate(search, config, number) for number in earlier]
+        kept.append(f"candidate(s) {', '.join(c.label for c in chosen[-len(earlier) :])}")
+    if kept:
+        print(f"confirmation: keeps {' and '.join(kept)} already confirmed (its published evidence never shrinks)")
+    return chosen, seeds
+
+
+def confirmed_before(config: StudyConfig) -> dict[int, set[int]]:
+    """Candidate trial -> the seeds of its complete confirmation runs, from earlier launches (read only)."""
+    try:
+        study = optuna.load_study(study_name=stage_name(config.study.name), storage=config.study.storage)
+    except KeyError:
+        return {}  # no confirmation yet
+    done: dict[int, set[int]] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        done.setdefault(int(t.user_attrs[CANDIDATE_ATTR]), set()).add(int(t.user_attrs[TRAIN_SEED_ATTR]))
+    return done
+
+
+def earlier_candidate(search: optuna.Study, config: StudyConfig, number: int) -> Candidate:
+    """A candidate an earlier launch confirmed, labelled as :func:`candidates` labels it."""
+    trial = next(t for t in search.get_trials(deepcopy=False) if t.number == number)
+    preset = next((i for i, point in enumerate(config.enqueue) if runs_point(trial, point)), None)
+    return _candidate(trial, f"trial {number}" if preset is None else f"preset #{preset + 1} (trial {number})", preset)
 
 
 def check_candidate_folders(config: StudyConfig, search: optuna.Study, chosen: list[Candidate]) -> None:
