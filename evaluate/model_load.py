@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 
 from mbu.base.command import first_line
-from mbu.base.urls import missing_sqlite_file
+from mbu.base.urls import check_store_to_read
 from mbu.evaluate.packaged import (
     SETTINGS_FILE,
     WEIGHTS_FILE,
@@ -43,14 +43,12 @@ def registry_source(uri: str, client: mlflow.MlflowClient) -> str:
 def load_model_uri(uri: str, tracking_uri: str, device: str = "auto") -> LoadedModel:
     """The model at ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a folder)."""
     quiet_downloads()
-    missing = missing_sqlite_file(tracking_uri)
-    if missing is not None and not Path(uri).is_dir():  # opening it would create an empty store
-        raise ValueError(f"--model {uri}: no MLflow store at {missing} ({tracking_uri}); give --tracking-uri")
     if Path(uri).is_dir():
         artifacts = Path(uri) / "artifacts"
         if not (artifacts / WEIGHTS_FILE).is_file() or not (artifacts / SETTINGS_FILE).is_file():
             raise ValueError(f"--model {uri} is not a model written by mbu (no artifacts/{WEIGHTS_FILE})")
         return load_weights(artifacts / WEIGHTS_FILE, artifacts / SETTINGS_FILE, device)
+    check_store_to_read(tracking_uri)  # one line for a store that is gone, not MLflow's, or not answering
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings = download_model_files(uri, tracking_uri, Path(tmp))
         return load_weights(weights, settings, device)

@@ -47,18 +47,17 @@ def report_main(args: argparse.Namespace) -> int:
 
 def study_report_main(args: argparse.Namespace) -> int:
     """``mbu report --study NAME``: the ranked report, logged to the study's parent run."""
-    from mbu.base.urls import check_tracking_uri, missing_sqlite_file, resolve_tracking_uri
+    from mbu.base.urls import check_store_to_read, resolve_tracking_uri
     from mbu.search.judging.study_report import write_study_report
     from mbu.search.launching.storage import load_existing_study
     from mbu.search.running.tracking import PARENT_RUN_ATTR
     from mbu.train.tracking import Recorder
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking_uri(uri)
     study = load_existing_study(args.study, args.storage)
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
-    if parent and missing_sqlite_file(uri) is not None:  # logging to it would create an empty store
-        raise ValueError(f"no MLflow store at {missing_sqlite_file(uri)} ({uri}): pass the study's --tracking-uri")
+    if parent:  # its report goes to the study's parent run: a store that is gone or foreign is never created
+        check_store_to_read(uri)
     paths = write_study_report(study, args.runs_dir / args.study)
     if parent:
         recorder = Recorder.of_run(uri, parent)
@@ -72,16 +71,13 @@ def study_report_main(args: argparse.Namespace) -> int:
 def run_store(args: argparse.Namespace, record: dict) -> str:
     """The MLflow store of a run folder's run: ``--tracking-uri``, else the store the run recorded, else the
     default; checked, and never created (a store that is gone is one line naming it)."""
-    from mbu.base.urls import check_tracking_uri, missing_sqlite_file, recorded_store
+    from mbu.base.urls import check_store_to_read, recorded_store
 
     uri = recorded_store(record, args.tracking_uri)
-    missing = missing_sqlite_file(uri)
-    if missing is not None:
-        raise ValueError(
-            f"{args.run_dir} belongs to MLflow run {record['run_id']}, but there is no MLflow store at {missing} "
-            f"({uri}); pass --tracking-uri of the store that holds it"
-        )
-    check_tracking_uri(uri)
+    try:
+        check_store_to_read(uri, f"the MLflow store of {args.run_dir}")
+    except ValueError as err:
+        raise ValueError(f"{err}; pass --tracking-uri of the store that holds run {record['run_id']}") from err
     return uri
 
 

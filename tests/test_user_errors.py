@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -300,6 +301,47 @@ MISTAKES = [
         "eval model on a missing root",
         lambda s: ["eval", "--model", str(s["model"]), "--out", "o", "--root", "nowhere", "--no-progress"],
         "--root nowhere is not a folder",
+    ),  # fmt: skip
+    *(
+        Mistake(
+            f"eval model from {what}",
+            lambda s, store=store: ["eval", "--model", "models:/m@champion", "--tracking-uri", store, "--out", "o"],
+            message,
+            setup,
+        )
+        for what, store, message, setup in [
+            (
+                "a missing store",
+                "sqlite:///gone.db",
+                "--tracking-uri sqlite:///gone.db: no MLflow store at gone.db",
+                lambda cwd, s: None,
+            ),
+            (
+                "a database that is not MLflow's",
+                "sqlite:///other.db",
+                "other.db is a database but not an MLflow store (it holds notes)",
+                lambda cwd, s: sqlite3.connect(cwd / "other.db").execute("CREATE TABLE notes (x)"),
+            ),
+            ("a file that is no database", "sqlite:///notes.db", "notes.db is not a database", _file("notes.db")),
+            (
+                "a store whose driver is missing",
+                "postgresql+pg8000://u@127.0.0.1:1/db",
+                "its database driver is not installed",
+                lambda cwd, s: None,
+            ),
+            (
+                "a path with no scheme",
+                "mlflow.db",
+                "tracking URI 'mlflow.db' is not one MLflow can use here",
+                lambda cwd, s: None,
+            ),
+            (
+                "a server that does not answer",
+                "http://127.0.0.1:9",
+                "MLflow tracking server http://127.0.0.1:9 is unreachable",
+                lambda cwd, s: None,
+            ),
+        ]
     ),  # fmt: skip
     Mistake("eval on cuda", lambda s: ["eval", "--run", str(s["run"]), "--device", "cuda"], "CUDA is not available"),
     Mistake(

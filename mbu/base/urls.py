@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -89,15 +90,40 @@ def check_database_server(url: str, what: str, timeout: int = 10) -> None:
 
 def check_tracking_uri(uri: str) -> None:
     """Refuse, naming the URI, a tracking store MLflow cannot open, before anything is created in it."""
+    check_tracking_scheme(uri)
+    check_database_folder(uri, "tracking URI")
+    check_database_writable(uri, "tracking URI")
+    check_database_server(uri, "tracking URI")
+    check_tracking_server(uri)
+
+
+def check_tracking_scheme(uri: str) -> None:
     if url_scheme(uri) not in TRACKING_SCHEMES:  # a bare "databricks" included
         raise ValueError(
             f"tracking URI {uri!r} is not one MLflow can use here: give sqlite:///FILE.db, "
             "http(s)://HOST:PORT of an MLflow server, or a database URL (postgresql://...)"
         )
-    check_database_folder(uri, "tracking URI")
-    check_database_writable(uri, "tracking URI")
-    check_database_server(uri, "tracking URI")
+
+
+def check_store_to_read(uri: str, what: str = "--tracking-uri") -> None:
+    """A store a command reads a model or a run from (``--model``, ``mbu report``): it must exist and be an MLflow
+    store; it is never created or migrated. Each problem is one line naming ``what`` and the URI."""
+    check_tracking_scheme(uri)
+    check_database_server(uri, what)
     check_tracking_server(uri)
+    database = sqlite_file(uri)
+    if database is None:
+        return
+    if not database.is_file():
+        raise ValueError(f"{what} {uri}: no MLflow store at {database}")
+    try:
+        with sqlite3.connect(f"file:{database.resolve()}?mode=ro", uri=True) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"{what} {uri}: {database} is not a database ({err})") from err
+    if not {"experiments", "runs"} <= tables:
+        held = ", ".join(sorted(tables)[:4]) or "no tables"
+        raise ValueError(f"{what} {uri}: {database} is a database but not an MLflow store (it holds {held})")
 
 
 def check_database_writable(url: str, what: str) -> None:
