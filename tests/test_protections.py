@@ -260,3 +260,22 @@ def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) 
     assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].params == {"lr": 2e-4}
     finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 2 and {"lr": 2e-4} in [t.params for t in finished]
+
+
+def test_a_point_added_to_a_finished_study_is_named_not_left_waiting(tmp_path: Path, capsys) -> None:
+    os.chdir(tmp_path)
+    (tmp_path / "study.toml").write_text(tiny_study("grown", 1))
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    (tmp_path / "study.toml").write_text(tiny_study("grown", 1, enqueue=[{"lr": 3e-4}]))
+    capsys.readouterr()
+
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[[enqueue]] point #1 ({\"lr\": 0.0003}) is new to study 'grown', which has its 1 trials already" in out
+    assert "launch it with --n-trials 2 to run it" in out
+    study = optuna.load_study(study_name="grown", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # nothing left WAITING
+
+    assert main(["search", "study.toml", "--no-progress", "--n-trials", "2"]) == 0
+    study = optuna.load_study(study_name="grown", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"] and study.trials[1].params["lr"] == 3e-4

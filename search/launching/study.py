@@ -20,7 +20,7 @@ from mbu.base.files import write_json
 from mbu.base.urls import missing_sqlite_file, storage_identity
 from mbu.search.judging.race import RACE_SEEDS_ATTR, is_racing
 from mbu.search.launching.sampler import make_pruner, make_sampler
-from mbu.search.launching.storage import make_storage
+from mbu.search.launching.storage import count_finished, make_storage
 from mbu.search.running.tracking import RetryLostTrial
 from mbu.search.running.trial import OBJECTIVE_KEY
 from mbu.search.studyfile.study_file import StudyConfig, StudyFileError, runs_point
@@ -79,20 +79,29 @@ def open_study(config: StudyConfig) -> optuna.Study:
     if TRACKING_ATTR not in study.user_attrs:
         study.set_user_attr(TRACKING_ATTR, storage_identity(settings.tracking_uri))
     record_study_folder(config, study)
-    queue_presets(study, config.enqueue, settings.max_retry)
+    queue_presets(study, config.enqueue, settings.max_retry, settings.n_trials)
     return study
 
 
-def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry: int) -> None:
+def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry: int, n_trials: int) -> None:
     """Queue each enqueued point that has no live trial; one whose trials failed is queued again, ``max_retry`` times.
 
-    So a preset interrupted by Ctrl-C, a crash or a lost worker still runs on a later launch.
+    So a preset interrupted by Ctrl-C, a crash or a lost worker still runs on a later launch. A study that
+    already has its ``n_trials`` finished trials runs no more, so nothing is queued there (it would wait
+    forever); a point it never ran, added to the study file since, is named with how to run it.
     """
     trials = study.get_trials(deepcopy=False)
-    for point in points:
+    finished = count_finished(study) >= n_trials
+    for index, point in enumerate(points):
         same = [t for t in trials if runs_point(t, point)]
         failures = sum(t.state == optuna.trial.TrialState.FAIL for t in same)
-        if len(same) == failures and failures <= max_retry:
+        if finished and not same:
+            print(
+                f"[[enqueue]] point #{index + 1} ({json.dumps(point)}) is new to study {study.study_name!r}, which "
+                f"has its {n_trials} trials already: not queued; launch it with --n-trials {n_trials + 1} to run it",
+                flush=True,
+            )
+        elif not finished and len(same) == failures and failures <= max_retry:
             study.enqueue_trial(point)
 
 
