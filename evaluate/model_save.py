@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from mbu.base.files import WriteError
 from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.data.images import MIN_ANNOTATED, count_annotated
 from mbu.evaluate.packaged import (
@@ -22,6 +23,7 @@ from mbu.evaluate.packaged import (
     MODEL_ARTIFACT,
     SETTINGS_FILE,
     SIGNATURE,
+    WEIGHTS_BYTES,
     WEIGHTS_FILE,
     quiet_downloads,
 )
@@ -50,7 +52,9 @@ def save_model_package(checkpoint: Path, threshold: float, dst: Path, settings: 
     with tempfile.TemporaryDirectory() as tmp:
         weights, settings_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / SETTINGS_FILE
         save_checkpoint(weights, weights_only_state(state))
-        settings_file.write_text(json.dumps({**settings, "threshold": threshold}, indent=2))
+        # The weights' size goes with the model: a reader can tell a whole upload from one cut short.
+        size = {WEIGHTS_BYTES: weights.stat().st_size}
+        settings_file.write_text(json.dumps({**settings, "threshold": threshold, **size}, indent=2))
         mlflow.pyfunc.save_model(
             path=str(dst),
             python_model=str(Path(__file__).with_name("model_code.py")),  # code, not a pickle, rebuilds it
@@ -67,6 +71,13 @@ def log_model_package(recorder: Recorder, checkpoint: Path, threshold: float, se
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_model_package(checkpoint, threshold, Path(tmp) / MODEL_ARTIFACT, settings)
         recorder.log_folder_now(folder, MODEL_ARTIFACT)
+        weights = folder / "artifacts" / WEIGHTS_FILE
+        stored = recorder.artifact_size(f"{MODEL_ARTIFACT}/artifacts/{WEIGHTS_FILE}")
+        if stored is not None and stored != weights.stat().st_size:  # a store that took part of it (a full disk)
+            raise WriteError(
+                f"the model's {WEIGHTS_FILE} reached the artifact store with {stored} of its "
+                f"{weights.stat().st_size} bytes (is the store's disk full?); the run is kept, log it again"
+            )
     return f"runs:/{recorder.run_id}/{MODEL_ARTIFACT}"
 
 

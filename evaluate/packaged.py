@@ -58,6 +58,7 @@ from mbu.train.model import ContentTransferModel
 MODEL_ARTIFACT = "model"  # the model's folder among a run's artifacts: runs:/<run id>/model
 WEIGHTS_FILE = "weights.pt"
 SETTINGS_FILE = "model.json"
+WEIGHTS_BYTES = "weights_bytes"  # in SETTINGS_FILE: the size of WEIGHTS_FILE, to tell a whole upload from a cut one
 BATCH = 32  # images per forward pass
 DEFAULT_THRESHOLD = 0.5  # a model whose data root has no annotated images to choose one on
 

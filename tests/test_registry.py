@@ -286,3 +286,38 @@ def test_train_log_model_scores_the_run_and_logs_a_model_that_loads_by_uri(
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model: "))
     assert "threshold 0.5: " in line and "has 0 annotated test A images, and choosing one needs at least 2" in line
     assert not (tmp_path / "bare-run" / "report.json").exists()
+
+
+def test_a_model_upload_cut_short_is_one_line_and_a_relaunch_logs_it_whole(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault injected at the artifact store's write keeps half of weights.pt (a full disk): the publish says so
+    and registers nothing; the next launch finds the model incomplete, logs it again and registers it."""
+    import mlflow.store.artifact.local_artifact_repo as local_repo
+
+    copy = local_repo.shutil_copytree_without_file_permissions
+
+    def copy_cut_short(source: str, destination: str) -> None:
+        copy(source, destination)
+        for weights in Path(destination).rglob("weights.pt"):
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    monkeypatch.setattr(local_repo, "shutil_copytree_without_file_permissions", copy_cut_short)
+    (tmp_path / "cut.toml").write_text(tiny_study("cut", 1, study={"registered_model": DROP}))
+    assert main(["search", "cut.toml", "--no-progress"]) == 0  # the trials are kept; the champion is not
+    err = capsys.readouterr().err
+    assert "the champion was not registered (WriteError: the model's weights.pt reached the artifact store" in err
+    client = MlflowClient()
+    assert not client.search_model_versions("name = 'cut'")
+
+    monkeypatch.setattr(local_repo, "shutil_copytree_without_file_permissions", copy)
+    assert main(["search", "cut.toml", "--no-progress"]) == 0
+    run_id = client.get_model_version_by_alias("cut", "champion").run_id
+    sizes = {item.path: item.file_size for item in client.list_artifacts(run_id, "model/artifacts")}
+    settings = json.loads(
+        Path(client.download_artifacts(run_id, "model/artifacts/model.json", str(tmp_path))).read_text()
+    )
+    assert sizes["model/artifacts/weights.pt"] == settings["weights_bytes"] > 0  # logged again, whole
+    image = sorted((tmp_path / "runs" / "cut").glob("synthetic-*/testA/*"))[0]
+    out = mlflow.pyfunc.load_model("models:/cut@champion").predict(pd.DataFrame({"image": [image.read_bytes()]}))
+    assert len(out) == 1

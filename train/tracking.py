@@ -148,6 +148,14 @@ class Recorder:
         if self.active:
             self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
+    def artifact_size(self, path: str) -> int | None:
+        """The size in bytes of one of the run's artifacts as the store holds it; None where it is not listed."""
+        if not self.active:
+            return None
+        folder = path.rsplit("/", 1)[0] if "/" in path else None
+        listed = {item.path: item.file_size for item in self.client.list_artifacts(self.run_id, folder)}
+        return listed.get(path)
+
     def log_image(self, image: Any, key: str, step: int) -> None:
         if not self.active:
             return

@@ -12,6 +12,7 @@ already names (same run, same confirmation state) changes nothing.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mbu.base.run_files import CHECKPOINT_FILE, REPORT_FILE, RUN_FILE
 from mbu.base.urls import missing_sqlite_file
 from mbu.evaluate.model_save import log_model_package
-from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_FILE
+from mbu.evaluate.packaged import MODEL_ARTIFACT, SETTINGS_FILE, WEIGHTS_BYTES, WEIGHTS_FILE
 from mbu.search.judging.confirm_report import CONFIRM_REPORT_JSON
 from mbu.search.judging.race import best_run_folder, incumbent, seed_count
 from mbu.search.judging.race_report import race_summary
@@ -133,9 +134,17 @@ def current_version(client: mlflow.MlflowClient, name: str) -> Any | None:
 
 
 def has_model(client: mlflow.MlflowClient, run_id: str) -> bool:
-    """The run holds a whole model (an upload cut short leaves its MLmodel without the weights)."""
-    files = {item.path for item in client.list_artifacts(run_id, f"{MODEL_ARTIFACT}/artifacts")}
-    return {f"{MODEL_ARTIFACT}/artifacts/{name}" for name in (WEIGHTS_FILE, SETTINGS_FILE)} <= files
+    """The run holds a whole model: both files, the weights of the size the settings file records (an upload
+    cut short leaves its MLmodel without the weights, or part of them)."""
+    folder = f"{MODEL_ARTIFACT}/artifacts"
+    sizes = {item.path: item.file_size for item in client.list_artifacts(run_id, folder)}
+    weights, settings = f"{folder}/{WEIGHTS_FILE}", f"{folder}/{SETTINGS_FILE}"
+    if weights not in sizes or settings not in sizes:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        recorded = json.loads(Path(client.download_artifacts(run_id, settings, tmp)).read_text())
+    expected = recorded.get(WEIGHTS_BYTES)
+    return expected is None or sizes[weights] == expected  # None: a model written before sizes were recorded
 
 
 def refresh_figures(client: mlflow.MlflowClient, name: str, version: Any, champion: Champion) -> None:
