@@ -279,3 +279,12 @@ def test_a_point_added_to_a_finished_study_is_named_not_left_waiting(tmp_path: P
     assert main(["search", "study.toml", "--no-progress", "--n-trials", "2"]) == 0
     study = optuna.load_study(study_name="grown", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"] and study.trials[1].params["lr"] == 3e-4
+
+
+def test_files_written_atomically_are_readable_as_any_other_tools_files(run: Path) -> None:
+    """Checkpoints, configs and reports go through a private temporary file; the result takes the umask's mode."""
+    from mbu.base.files import current_umask
+
+    expected = 0o666 & ~current_umask()
+    for name in ("checkpoint.pt", "config.json", "mlflow_run.json"):
+        assert (run / name).stat().st_mode & 0o777 == expected, name

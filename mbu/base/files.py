@@ -27,6 +27,7 @@ def atomic_write(path: Path, write: Any) -> None:
         raise WriteError(f"cannot write {path}: no file can be created in {path.parent} ({err.strerror})") from err
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; a file as any other tool writes it
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException as err:
@@ -36,6 +37,13 @@ def atomic_write(path: Path, write: Any) -> None:
             free = shutil.disk_usage(path.parent).free // 2**20
             raise WriteError(f"cannot write {path} ({free} MiB free on its disk): {err}") from err
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it, then set back at once)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: Any) -> None:
