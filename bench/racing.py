@@ -73,7 +73,7 @@ def new_study(config: StudyConfig, repeat: int, seeds: int) -> optuna.Study:
     )
     if seeds > 1:
         study.set_user_attr(RACE_SEEDS_ATTR, seeds)
-    queue_presets(study, config.enqueue, max_retry=0)
+    queue_presets(study, config.enqueue, max_retry=0, n_trials=config.study.n_trials)
     return study
 
 

@@ -310,34 +310,36 @@ def main(args: argparse.Namespace) -> int:
             raise
         recorder.end("FINISHED")  # still under the handlers above: a Ctrl-C now cannot leave the run RUNNING
     if result.start:
-        print(f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}")
+        trained = f"resumed at {result.start}, trained to {result.iterations}; checkpoint in {result.run_dir}"
     else:
-        print(f"trained {result.iterations} iterations; checkpoint in {result.run_dir}")
+        trained = f"trained {result.iterations} iterations; checkpoint in {result.run_dir}"
     if args.log_model:  # after the run is FINISHED: a failure here leaves the trained run as it is
-        return log_run_model(args, cfg, recorder)
+        return log_run_model(args, cfg, recorder, trained)
+    print(trained)
     return 0
 
 
-def log_run_model(args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder) -> int:
-    """``--log-model`` for the trained run; SIGTERM or Ctrl-C meanwhile ends it with the documented exit code, its
-    temporary files gone, and the command that logs the model later (:func:`log_model_of_trained_run`)."""
-    from mbu.base.command import EXIT_INTERRUPTED, EXIT_STOPPED
-    from mbu.train.stop import StopSignal, signals_raise, stop_reason
+def log_run_model(args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder, first: str = "") -> int:
+    """``--log-model`` for the trained run (``first``: a line to print before); SIGTERM or Ctrl-C meanwhile ends it
+    with the documented exit code, its temporary files gone, and the command that logs the model later
+    (:func:`log_model_of_trained_run`)."""
+    from mbu.train.stop import finish_or_stop
 
     device = str(resolve_device(cfg.device, cfg.gpu))
-    try:
-        with signals_raise(signal.SIGTERM):
-            print(args.model_logger(cfg, recorder, device, not args.no_progress))
-    except (StopSignal, KeyboardInterrupt) as err:
-        reason = stop_reason(err)
-        where = "interrupted" if reason == "SIGINT" else f"stopped by {reason}"
-        print(
+
+    def log() -> int:
+        if first:
+            print(first, flush=True)
+        print(args.model_logger(cfg, recorder, device, not args.no_progress))
+        return 0
+
+    return finish_or_stop(
+        log,
+        lambda where: (
             f"mbu train: {where} while logging the model; the run is trained (checkpoint in {cfg.out}); "
-            f"log its model with: {resume_command(args, cfg)}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_STOPPED
-    return 0
+            f"log its model with: {resume_command(args, cfg)}"
+        ),
+    )
 
 
 def log_model_of_trained_run(args: argparse.Namespace, cfg: TrainConfig) -> int:

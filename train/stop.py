@@ -7,9 +7,12 @@ never module state, so two trainings in one process each have their own.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from mbu.base.command import EXIT_INTERRUPTED, EXIT_STOPPED
 
 
 class StopRequest:
@@ -35,13 +38,20 @@ def signals_stop(request: Callable[[str], None], *signals: int) -> Iterator[None
     submitit's (requeue and exit at once), and either would end it mid-iteration, which is what the
     stop is for avoiding.
     """
-    previous = {number: signal.getsignal(number) for number in signals}
 
     def handler(number: int, _frame: object) -> None:
         request(signal.Signals(number).name)
         if number == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    with handling(signals, handler):
+        yield
+
+
+@contextmanager
+def handling(signals: tuple[int, ...], handler: Callable[[int, object], None]) -> Iterator[None]:
+    """Within: ``handler`` for each of ``signals``; the previous handlers come back on the way out."""
+    previous = {number: signal.getsignal(number) for number in signals}
     for number in signals:
         signal.signal(number, handler)
     try:
@@ -96,20 +106,21 @@ class StopSignal(BaseException):
 @contextmanager
 def signals_raise(*signals: int) -> Iterator[None]:
     """Within: each of ``signals`` raises :class:`StopSignal` (its name) instead of ending the process."""
-    previous = {number: signal.getsignal(number) for number in signals}
 
     def handler(number: int, _frame: object) -> None:
         raise StopSignal(signal.Signals(number).name)
 
-    for number in signals:
-        signal.signal(number, handler)
-    try:
+    with handling(signals, handler):
         yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
 
 
-def stop_reason(err: BaseException) -> str:
-    """The signal's name of a :class:`StopSignal` or a KeyboardInterrupt (SIGINT)."""
-    return err.name if isinstance(err, StopSignal) else "SIGINT"
+def finish_or_stop(work: Callable[[], int], message: Callable[[str], str]) -> int:
+    """``work()``'s exit code; SIGTERM or Ctrl-C meanwhile ends it (``finally`` blocks run) with one stderr line,
+    ``message("stopped by SIGTERM")`` or ``message("interrupted")``, and exit 75 or 130."""
+    try:
+        with signals_raise(signal.SIGTERM):
+            return work()
+    except (StopSignal, KeyboardInterrupt) as err:
+        reason = err.name if isinstance(err, StopSignal) else "SIGINT"
+        print(message("interrupted" if reason == "SIGINT" else f"stopped by {reason}"), file=sys.stderr)
+        return EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_STOPPED

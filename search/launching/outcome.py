@@ -3,13 +3,12 @@ the exit code and its stderr lines, then the champion published; and the librari
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import TYPE_CHECKING
 
-from mbu.base.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, first_line
+from mbu.base.command import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, first_line
 from mbu.search.studyfile.study_file import StudyConfig
-from mbu.train.stop import StopSignal, signals_raise, stop_reason
+from mbu.train.stop import finish_or_stop
 
 if TYPE_CHECKING:  # Optuna, MLflow and plotting: imported by whoever launched
     from mbu.search.judging.study_report import StudySummary
@@ -81,19 +80,18 @@ def end_launch(
     The trials are all recorded by now, so SIGTERM or Ctrl-C here ends the process with the documented exit
     code, the publish's temporary folders removed, and the command that registers the champion later.
     """
-    try:
-        with signals_raise(signal.SIGTERM):
-            print(summary.format(), flush=True)
-            return publish(config, options, exit_code(summary, config, launch, again, prog), prog)
-    except (StopSignal, KeyboardInterrupt) as err:
-        reason = stop_reason(err)
-        where = "interrupted" if reason == "SIGINT" else f"stopped by {reason}"
-        print(
-            f"{prog}: {where} at the end of the launch, before the champion was registered; every trial is "
-            f"recorded; launch the study again to register it: {again}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED if reason == "SIGINT" else EXIT_STOPPED
+
+    def end() -> int:
+        print(summary.format(), flush=True)
+        return publish(config, options, exit_code(summary, config, launch, again, prog), prog)
+
+    return finish_or_stop(
+        end,
+        lambda where: (
+            f"{prog}: {where} at the end of the launch, before the champion was registered; every trial "
+            f"is recorded; launch the study again to register it: {again}"
+        ),
+    )
 
 
 def publish(config: StudyConfig, options: LaunchOptions, code: int, prog: str = "mbu search") -> int:
