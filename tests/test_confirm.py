@@ -266,6 +266,7 @@ def test_a_collapsed_confirmation_run_is_flagged_in_the_verdict(tmp_path: Path) 
     assert "- Degenerate masks: trial 4, seed 3: collapsed" in confirm_markdown(report)
 
 
+@pytest.mark.slow
 def test_an_oversized_confirmation_is_refused_and_a_launch_says_what_it_will_cost(tmp_path: Path, capsys) -> None:
     os.chdir(tmp_path)
     (tmp_path / "study.toml").write_text(tiny_study("cost", 1))
@@ -285,6 +286,7 @@ def test_an_oversized_confirmation_is_refused_and_a_launch_says_what_it_will_cos
     assert not any(line.startswith("confirmation: queuing") for line in capsys.readouterr().out.splitlines())
 
 
+@pytest.mark.slow
 def test_a_narrower_relaunch_keeps_every_seed_and_candidate_already_confirmed(tmp_path: Path, capsys) -> None:
     """--top-k 1 --seeds 1 after a confirmation of 2 candidates on 2 seeds: the report (and with it the parent
     run and the registry) keeps both seeds and both candidates, and nothing new trains."""

@@ -262,6 +262,7 @@ def test_a_preset_interrupted_by_ctrl_c_runs_on_the_next_launch(tmp_path: Path) 
     assert len(finished) == 2 and {"lr": 2e-4} in [t.params for t in finished]
 
 
+@pytest.mark.slow
 def test_a_point_added_to_a_finished_study_is_named_not_left_waiting(tmp_path: Path, capsys) -> None:
     os.chdir(tmp_path)
     (tmp_path / "study.toml").write_text(tiny_study("grown", 1))

@@ -82,6 +82,7 @@ def test_two_launches_at_once_both_contribute_and_no_trial_is_recorded_twice(tmp
     assert_one_champion(tmp_path, "twice")
 
 
+@pytest.mark.slow
 def test_workers_are_handed_the_resolved_study_so_a_new_override_reaches_them(tmp_path: Path) -> None:
     """A value the launcher resolved that no flag or worker code knows (here ``[train].iters`` replaced in
     memory, as a new override would) is what a ``--workers`` process and a SLURM task (its pickled
