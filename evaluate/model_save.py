@@ -73,9 +73,9 @@ def log_model_package(recorder: Recorder, checkpoint: Path, threshold: float, se
         recorder.log_folder_now(folder, MODEL_ARTIFACT)
         weights = folder / "artifacts" / WEIGHTS_FILE
         stored = recorder.artifact_size(f"{MODEL_ARTIFACT}/artifacts/{WEIGHTS_FILE}")
-        if stored is not None and stored != weights.stat().st_size:  # a store that took part of it (a full disk)
+        if recorder.active and stored != weights.stat().st_size:  # the store took part of it, or none (full disk)
             raise WriteError(
-                f"the model's {WEIGHTS_FILE} reached the artifact store with {stored} of its "
+                f"the model's {WEIGHTS_FILE} reached the artifact store with {stored or 0} of its "
                 f"{weights.stat().st_size} bytes (is the store's disk full?); the run is kept, log it again"
             )
     return f"runs:/{recorder.run_id}/{MODEL_ARTIFACT}"

@@ -178,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         with signals_stop(stop.request, signal.SIGTERM):  # kill, scancel, a scheduler: checkpoint and leave
             summary = run_study(config, options, stop)
         prog = "mbu confirm" if args.confirm_only else "mbu search"
-        return end_launch(summary, config, options, relaunch_command(args), prog)
+        return end_launch(summary, config, options, relaunch_command(args), prog, late_stop=stop())
     summary, ended = launch_workers(config, options, args.workers, args.gpus, relaunch_command(args))
     failed = [i for i, code in enumerate(ended.codes) if code not in (EXIT_OK, EXIT_STOPPED)]
     if ended.stopped_by == "SIGINT" or failed:

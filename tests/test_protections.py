@@ -289,3 +289,18 @@ def test_files_written_atomically_are_readable_as_any_other_tools_files(run: Pat
     expected = 0o666 & ~current_umask()
     for name in ("checkpoint.pt", "config.json", "mlflow_run.json"):
         assert (run / name).stat().st_mode & 0o777 == expected, name
+
+
+@pytest.mark.slow
+def test_a_study_whose_stored_fingerprint_holds_a_key_made_free_relaunches(tmp_path: Path) -> None:
+    """Studies created when skip_bad was fingerprinted still relaunch unchanged: it is free between launches now."""
+    from mbu.search.launching.study import FINGERPRINT_ATTR
+
+    os.chdir(tmp_path)
+    (tmp_path / "study.toml").write_text(tiny_study("older", 1, train={"skip_bad": True}))
+    assert main(["search", "study.toml", "--no-progress"]) == 0
+    study = optuna.load_study(study_name="older", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    stored = study.user_attrs[FINGERPRINT_ATTR]
+    study.set_user_attr(FINGERPRINT_ATTR, {**stored, "train": {**stored["train"], "skip_bad": True}})  # as it was
+    assert main(["search", "study.toml", "--no-progress", "--n-trials", "2"]) == 0
+    assert len(optuna.load_study(study_name="older", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 2

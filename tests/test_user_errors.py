@@ -840,3 +840,18 @@ def test_the_served_model_answers_a_bad_row_with_a_400_naming_it_and_no_server_p
         assert caught.value.get_http_status_code() == 400 and expected in answer, answer
         assert "stack_trace" not in answer and "Traceback" not in answer and "/" + "work" not in answer
         assert str(shared["model"]) not in answer and str(Path(mlflow.__file__).parent) not in answer
+
+
+def test_a_store_path_with_uri_characters_is_read_as_it_is_and_nothing_is_created(tmp_path: Path) -> None:
+    """A '#' or '%' in a store's folder is part of the path: the store opens, and no other file appears."""
+    from mbu.base.urls import check_store_to_read
+
+    for folder in ("a#b", "c%41d", "e?f"):
+        store = tmp_path / folder / "mlflow.db"
+        store.parent.mkdir()
+        with sqlite3.connect(store) as connection:  # the tables an MLflow store holds, by name
+            connection.execute("CREATE TABLE experiments (x)")
+            connection.execute("CREATE TABLE runs (x)")
+        before = sorted(tmp_path.rglob("*"))
+        check_store_to_read(f"sqlite:///{store}")
+        assert sorted(tmp_path.rglob("*")) == before, folder

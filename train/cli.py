@@ -188,9 +188,10 @@ def _check_batch_fits(cfg: TrainConfig, domain: str, count: int, kind: str) -> N
         )
 
 
-def prepare_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
-    """The run's config, checked before anything is written: paths absolute, resume settings applied; and
-    whether there is only a model to log (``--load DIR --log-model`` on a run already trained to ``--iters``).
+def prepare_config(args: argparse.Namespace) -> tuple[TrainConfig, int | None]:
+    """The run's config, checked before anything is written: paths absolute, resume settings applied; and, when
+    there is only a model to log (``--load DIR --log-model`` on a run already trained to ``--iters``), the
+    iteration of the checkpoint it logs (else None).
 
     The tracking store and the training data are checked too (:func:`check_training_data`).
     """
@@ -220,7 +221,7 @@ def prepare_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     check_log_model(args, cfg)
     if not log_only:
         check_training_data(cfg, progress=not getattr(args, "no_progress", False))
-    return cfg, log_only
+    return cfg, int(state["iteration"]) if log_only else None
 
 
 def check_log_only(cfg: TrainConfig) -> None:
@@ -278,10 +279,10 @@ def main(args: argparse.Namespace) -> int:
     from mbu.train.stop import StopRequest, signals_stop
     from mbu.train.tracking import Recorder, quiet_store_messages, train_params
 
-    cfg, log_only = prepare_config(args)  # the tracking store and the data checked too: nothing written before
+    cfg, trained_to = prepare_config(args)  # the tracking store and the data checked too: nothing written before
     quiet_store_messages()
-    if log_only:
-        return log_model_of_trained_run(args, cfg)
+    if trained_to is not None:
+        return log_model_of_trained_run(args, cfg, trained_to)
     uri = resolve_tracking_uri()
     status = TrainStatus()
     stop = StopRequest()
@@ -314,22 +315,27 @@ def main(args: argparse.Namespace) -> int:
     else:
         trained = f"trained {result.iterations} iterations; checkpoint in {result.run_dir}"
     if args.log_model:  # after the run is FINISHED: a failure here leaves the trained run as it is
-        return log_run_model(args, cfg, recorder, trained)
+        return log_run_model(args, cfg, recorder, trained, late_stop=stop())
     print(trained)
     return 0
 
 
-def log_run_model(args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder, first: str = "") -> int:
-    """``--log-model`` for the trained run (``first``: a line to print before); SIGTERM or Ctrl-C meanwhile ends it
-    with the documented exit code, its temporary files gone, and the command that logs the model later
+def log_run_model(
+    args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder, first: str = "", late_stop: str | None = None
+) -> int:
+    """``--log-model`` for the trained run (``first``: a line to print before); SIGTERM or Ctrl-C meanwhile, or
+    ``late_stop`` (a signal that came after training's last look at its stop request), ends it with the
+    documented exit code, its temporary files gone, and the command that logs the model later
     (:func:`log_model_of_trained_run`)."""
-    from mbu.train.stop import finish_or_stop
+    from mbu.train.stop import StopSignal, finish_or_stop
 
     device = str(resolve_device(cfg.device, cfg.gpu))
 
     def log() -> int:
         if first:
             print(first, flush=True)
+        if late_stop is not None:
+            raise StopSignal(late_stop)
         print(args.model_logger(cfg, recorder, device, not args.no_progress))
         return 0
 
@@ -342,7 +348,7 @@ def log_run_model(args: argparse.Namespace, cfg: TrainConfig, recorder: Recorder
     )
 
 
-def log_model_of_trained_run(args: argparse.Namespace, cfg: TrainConfig) -> int:
+def log_model_of_trained_run(args: argparse.Namespace, cfg: TrainConfig, iteration: int) -> int:
     """``--load DIR --out DIR --log-model`` on a run trained to ``--iters``: its model, into its own MLflow run."""
     from mbu.base.run_files import RUN_FILE
     from mbu.base.urls import check_tracking_uri, missing_sqlite_file, recorded_store
@@ -353,7 +359,7 @@ def log_model_of_trained_run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     if missing_sqlite_file(uri) is not None:
         raise ValueError(f"--load {cfg.load}: its MLflow store {uri} no longer exists; restore it to log the model")
     check_tracking_uri(uri)
-    print(f"{cfg.out} is trained to iteration {cfg.iters}: logging its model into MLflow run {record['run_id']}")
+    print(f"{cfg.out} is trained to iteration {iteration}: logging its model into MLflow run {record['run_id']}")
     return log_run_model(args, cfg, Recorder.of_run(uri, record["run_id"]))
 
 

@@ -7,8 +7,9 @@ Each setting is declared once, here: its default, its help text, its ``mbu train
   A resumed run takes it from its checkpoint, and a typed flag that contradicts the checkpoint is
   refused; a study fingerprints it, so a study file that changes it between launches is refused.
 - ``length``: how long a run trains and where it is judged (``iters``, ``eval_every``). A resume
-  takes the flag, since training further is what a resume is for; a study fingerprints it, since
-  trials trained to other lengths, or judged at other iterations, are not comparable.
+  takes a typed flag (training further is what a resume is for), else the checkpoint's; a study
+  fingerprints it, since trials trained to other lengths, or judged at other iterations, are not
+  comparable.
 - ``run``: how a run executes and logs, not what it learns from the same data (logging intervals,
   memory layout, compilation, ``skip_bad``). A resume takes a typed flag, else the checkpoint's; a
   study may change it between launches.

@@ -40,10 +40,17 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def current_umask() -> int:
-    """The process's umask (read by setting it, then set back at once)."""
+    """The process's umask, read once (reading it means setting it, which no other thread should see)."""
+    return UMASK
+
+
+def _read_umask() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()  # at import, before the command starts any thread
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -117,7 +117,9 @@ def check_store_to_read(uri: str, what: str = "--tracking-uri") -> None:
     if not database.is_file():
         raise ValueError(f"{what} {uri}: no MLflow store at {database}")
     try:
-        with sqlite3.connect(f"file:{database.resolve()}?mode=ro", uri=True) as connection:
+        # as_uri() percent-encodes the path: a "#" or "?" in it would otherwise cut the URI and open (and create)
+        # another file, read-write
+        with sqlite3.connect(database.resolve().as_uri() + "?mode=ro", uri=True) as connection:
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as err:
         raise ValueError(f"{what} {uri}: {database} is not a database ({err})") from err

@@ -33,7 +33,7 @@ def run_worker(job: WorkerJob, stop: StopRequest | None = None) -> int:
         request = stop or StopRequest()
         with signals_stop(request.request, signal.SIGTERM):
             summary = run_study(job.config, job.options, request)
-        return end_launch(summary, job.config, job.options, job.relaunch)
+        return end_launch(summary, job.config, job.options, job.relaunch, late_stop=request())
 
     return run_command(work, "search", interrupted=f"relaunch with: {job.relaunch}")
 

@@ -141,8 +141,11 @@ def has_model(client: mlflow.MlflowClient, run_id: str) -> bool:
     weights, settings = f"{folder}/{WEIGHTS_FILE}", f"{folder}/{SETTINGS_FILE}"
     if weights not in sizes or settings not in sizes:
         return False
-    with tempfile.TemporaryDirectory() as tmp:
-        recorded = json.loads(Path(client.download_artifacts(run_id, settings, tmp)).read_text())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            recorded = json.loads(Path(client.download_artifacts(run_id, settings, tmp)).read_text())
+    except (ValueError, MlflowException):  # a settings file cut short: the model is logged again
+        return False
     expected = recorded.get(WEIGHTS_BYTES)
     return expected is None or sizes[weights] == expected  # None: a model written before sizes were recorded
 

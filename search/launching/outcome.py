@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from mbu.base.command import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, first_line
 from mbu.search.studyfile.study_file import StudyConfig
-from mbu.train.stop import finish_or_stop
+from mbu.train.stop import StopSignal, finish_or_stop
 
 if TYPE_CHECKING:  # Optuna, MLflow and plotting: imported by whoever launched
     from mbu.search.judging.study_report import StudySummary
@@ -73,9 +73,11 @@ def end_launch(
     again: str,
     prog: str = "mbu search",
     launch: str = "the launch",
+    late_stop: str | None = None,
 ) -> int:
     """The end of every launch: its summary printed, how it ended said (:func:`exit_code`), the champion
-    registered (:func:`publish`); the exit code. ``again`` is the command that goes on.
+    registered (:func:`publish`); the exit code. ``again`` is the command that goes on; ``late_stop``, a
+    signal that came after the trials' last look at their stop request (the champion is then not published).
 
     The trials are all recorded by now, so SIGTERM or Ctrl-C here ends the process with the documented exit
     code, the publish's temporary folders removed, and the command that registers the champion later.
@@ -83,7 +85,10 @@ def end_launch(
 
     def end() -> int:
         print(summary.format(), flush=True)
-        return publish(config, options, exit_code(summary, config, launch, again, prog), prog)
+        code = exit_code(summary, config, launch, again, prog)
+        if code == EXIT_OK and late_stop is not None:
+            raise StopSignal(late_stop)
+        return publish(config, options, code, prog)
 
     return finish_or_stop(
         end,

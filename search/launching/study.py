@@ -59,6 +59,8 @@ def open_study(config: StudyConfig) -> optuna.Study:
         load_if_exists=True,
     )
     current, stored = fingerprint(config), study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored is not None:  # a key made free since the study was created (skip_bad) no longer counts
+        stored = {**stored, "train": {k: v for k, v in stored.get("train", {}).items() if k not in FREE_TRAIN_KEYS}}
     if stored is None:
         study.set_user_attr(FINGERPRINT_ATTR, current)
     elif stored != current:
@@ -92,16 +94,18 @@ def queue_presets(study: optuna.Study, points: list[dict[str, float]], max_retry
     """
     trials = study.get_trials(deepcopy=False)
     finished = count_finished(study) >= n_trials
-    for index, point in enumerate(points):
+    new = [(i, point) for i, point in enumerate(points) if not any(runs_point(t, point) for t in trials)]
+    for index, point in new if finished else []:
+        print(
+            f"[[enqueue]] point #{index + 1} ({json.dumps(point)}) is new to study {study.study_name!r}, which "
+            f"has its {n_trials} trials already: not queued; launch it with --n-trials {n_trials + len(new)} to run "
+            f"{'it' if len(new) == 1 else f'the {len(new)} new points'}",
+            flush=True,
+        )
+    for point in [] if finished else points:
         same = [t for t in trials if runs_point(t, point)]
         failures = sum(t.state == optuna.trial.TrialState.FAIL for t in same)
-        if finished and not same:
-            print(
-                f"[[enqueue]] point #{index + 1} ({json.dumps(point)}) is new to study {study.study_name!r}, which "
-                f"has its {n_trials} trials already: not queued; launch it with --n-trials {n_trials + 1} to run it",
-                flush=True,
-            )
-        elif not finished and len(same) == failures and failures <= max_retry:
+        if len(same) == failures and failures <= max_retry:
             study.enqueue_trial(point)
 
 

@@ -185,7 +185,7 @@ def parse_study(raw: dict[str, Any], path: Path) -> StudySettings:
         ("pruner", study.pruner, PRUNERS),
     ):
         if value not in allowed:
-            raise StudyFileError(f"{path}: [study].{key} must be one of {allowed}, got {value!r}")
+            raise StudyFileError(f"{path}: [study].{key} must be one of {tuple(allowed)}, got {value!r}")
     for key in ("n_trials", "heartbeat_interval", "grace_period", "max_failures", "population"):
         value = getattr(study, key)
         if not isinstance(value, int) or value < 1:
