@@ -142,7 +142,10 @@ class BadInput(MlflowException, ValueError):
 def _decode(image: ImageInput, size: int, row: int = 0, role: str = "") -> torch.Tensor:
     """(3, S, S) uint8 of encoded bytes or an RGB array, resized as in training; a bad one names its row and
     column (``role``: "" for the image, "target" for the target)."""
-    column = (f"{role}_pixels" if role else "pixels") if isinstance(image, np.ndarray) else (role or "image")
+    if isinstance(image, np.ndarray):
+        column = f"{role}_pixels" if role else "pixels"
+    else:
+        column = role or "image"
     try:
         return decode_image_array(image, size) if isinstance(image, np.ndarray) else decode_image_bytes(image, size)
     except (DataError, ValueError) as err:

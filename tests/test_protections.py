@@ -284,9 +284,9 @@ def test_a_point_added_to_a_finished_study_is_named_not_left_waiting(tmp_path: P
 
 def test_files_written_atomically_are_readable_as_any_other_tools_files(run: Path) -> None:
     """Checkpoints, configs and reports go through a private temporary file; the result takes the umask's mode."""
-    from mbu.base.files import current_umask
+    from mbu.base.files import UMASK
 
-    expected = 0o666 & ~current_umask()
+    expected = 0o666 & ~UMASK
     for name in ("checkpoint.pt", "config.json", "mlflow_run.json"):
         assert (run / name).stat().st_mode & 0o777 == expected, name
 

@@ -27,7 +27,7 @@ def atomic_write(path: Path, write: Any) -> None:
         raise WriteError(f"cannot write {path}: no file can be created in {path.parent} ({err.strerror})") from err
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; a file as any other tool writes it
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; a file as any other tool writes it
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException as err:
@@ -39,18 +39,14 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def current_umask() -> int:
-    """The process's umask, read once (reading it means setting it, which no other thread should see)."""
-    return UMASK
-
-
-def _read_umask() -> int:
+def _process_umask() -> int:
+    """The process's umask. Reading it means setting it, which no other thread should see: read once, at import."""
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
 
 
-UMASK = _read_umask()  # at import, before the command starts any thread
+UMASK = _process_umask()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -93,7 +93,7 @@ def candidates(study: optuna.Study, config: StudyConfig) -> list[Candidate]:
         if not runs:
             continue  # the preset never completed: the report says so
         first = min(runs, key=lambda t: t.number)
-        label = f"preset #{index + 1} (trial {first.number})"
+        label = preset_label(index, first.number)
         if first.number in chosen:
             label = f"trial {first.number}, preset #{index + 1}"
         chosen[first.number] = _candidate(first, label, index)
@@ -116,6 +116,11 @@ def missing_presets(study: optuna.Study, config: StudyConfig) -> list[str]:
         why += f": {error.splitlines()[0][:200]}" if error else ""
         missing.append(f"preset #{index + 1} has no complete trial in the search ({why})")
     return missing
+
+
+def preset_label(index: int, number: int) -> str:
+    """``preset #2 (trial 5)``: the ``[[enqueue]]`` point ``index`` and the trial that ran it."""
+    return f"preset #{index + 1} (trial {number})"
 
 
 def _candidate(trial: optuna.trial.FrozenTrial, label: str, preset: int | None) -> Candidate:
@@ -274,7 +279,7 @@ def earlier_candidate(search: optuna.Study, config: StudyConfig, number: int) ->
     """A candidate an earlier launch confirmed, labelled as :func:`candidates` labels it."""
     trial = next(t for t in search.get_trials(deepcopy=False) if t.number == number)
     preset = next((i for i, point in enumerate(config.enqueue) if runs_point(trial, point)), None)
-    return _candidate(trial, f"trial {number}" if preset is None else f"preset #{preset + 1} (trial {number})", preset)
+    return _candidate(trial, f"trial {number}" if preset is None else preset_label(preset, number), preset)
 
 
 def check_candidate_folders(config: StudyConfig, search: optuna.Study, chosen: list[Candidate]) -> None:

@@ -38,12 +38,18 @@ def fingerprint(config: StudyConfig) -> dict:
     """What makes two launches' trials comparable: the search space, fixed settings and data."""
     value = {
         "space": {name: [r.low, r.high, r.log] for name, r in sorted(config.space.items())},
-        "train": {k: v for k, v in config.train.items() if k not in FREE_TRAIN_KEYS},
+        "train": config.train,
         "data": config.data_root if config.synthetic is None else vars(config.synthetic),
     }
     if config.race is not None:  # absent for a study without [race], so that its stored fingerprint still matches
         value["race"] = vars(config.race)
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+    return comparable(json.loads(json.dumps(value, sort_keys=True, default=str)))
+
+
+def comparable(stored: dict) -> dict:
+    """A fingerprint without the ``[train]`` keys free to change between launches: applied to the stored one as
+    well, so that a key made free since the study was created (``skip_bad``) no longer counts."""
+    return {**stored, "train": {k: v for k, v in stored.get("train", {}).items() if k not in FREE_TRAIN_KEYS}}
 
 
 def open_study(config: StudyConfig) -> optuna.Study:
@@ -59,8 +65,7 @@ def open_study(config: StudyConfig) -> optuna.Study:
         load_if_exists=True,
     )
     current, stored = fingerprint(config), study.user_attrs.get(FINGERPRINT_ATTR)
-    if stored is not None:  # a key made free since the study was created (skip_bad) no longer counts
-        stored = {**stored, "train": {k: v for k, v in stored.get("train", {}).items() if k not in FREE_TRAIN_KEYS}}
+    stored = None if stored is None else comparable(stored)
     if stored is None:
         study.set_user_attr(FINGERPRINT_ATTR, current)
     elif stored != current:

@@ -131,16 +131,20 @@ class Slot:
             self.stepped += 1
         return self.training.done
 
+    def train_or_collapse(self, iterations: int, stop: StopCheck) -> tuple[bool, RunCollapsed | None]:
+        """:meth:`train_for`, where the collapse guard ([race]) ending the run counts as done: (done, the collapse)."""
+        try:
+            return self.train_for(iterations, stop), None
+        except RunCollapsed as err:  # the run ends here, scored as it is
+            return True, err
+
     def advance(self, iterations: int, annotated: AnnotatedImages, stop: StopCheck) -> Outcome | None:
         """Up to ``iterations`` training steps (fewer once a stop is asked); the outcome once the trial ends."""
         try:
-            collapsed = None
             with self.on_stream():
-                try:
-                    if not self.train_for(iterations, stop):
-                        return None
-                except RunCollapsed as err:  # the collapse guard ([race]) ends the run here, scored as it is
-                    collapsed = err
+                done, collapsed = self.train_or_collapse(iterations, stop)
+                if not done:
+                    return None
                 value = score_trial(self.trial, self.training, annotated, self.run)
             if collapsed is not None:
                 record_collapse(self.trial, self.run, collapsed)
@@ -260,16 +264,14 @@ class RacingSlot(Slot):
 
     def advance(self, iterations: int, annotated: AnnotatedImages, stop: StopCheck) -> Outcome | None:
         try:
-            collapsed = None
             with self.on_stream():
                 try:
-                    if not self.train_for(iterations, stop):
-                        return None
-                except RunCollapsed as err:  # ends this seed run here, scored as it is
-                    collapsed = err
+                    done, collapsed = self.train_or_collapse(iterations, stop)
                 except NonFiniteLossError as err:  # a diverged seed is that seed's (worst) result, not a crash
                     self.end_diverged_seed(err)
                     return self.next_or_finish()
+                if not done:
+                    return None
                 metrics = score_run(self.training, annotated, self.seed_run)
             self.end_seed(metrics, collapsed)
             return self.next_or_finish()
