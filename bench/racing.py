@@ -4,18 +4,22 @@
 
 Each repeated study runs the project's own search code against a simulated objective instead of training:
 the study file's sampler (seeded per trial, as a launch does), its presets queued first, and for racing the
-same decisions a study makes (``mbu.search.judging.race``: next seed, incumbent). ``--objective FILE.py`` defines
-``value(params: dict[str, float], seed: int) -> float``, deterministic in (params, seed); the default is
-``bench/objectives/synthetic_glasses.py``, calibrated on the synthetic-glasses study.
+same decisions a study makes (``mbu.search.judging.race``: next seed, the crown, the incumbent). Repeat r is
+the study file with ``[train].seed`` moved on by 1000 r, so that each repeat trains on seeds of its own: with
+one set of seeds for all, every repeat would race the preset's same few values, one draw rather than a policy.
+``--objective FILE.py`` defines ``value(params: dict[str, float], seed: int) -> float``, deterministic in
+(params, seed); the default is ``bench/objectives/synthetic_glasses.py``, calibrated on the synthetic-glasses
+study.
 
 Policies, each given ``--budget`` seed runs (one training of one seed):
 
 - ``single_seed``: one seed per configuration; the choice is the best value (the search without ``[race]``);
 - ``single_seed_confirmed``: the same search on fewer runs, then its best trial and the first preset trained
   on ``--seeds`` fresh seeds each (as ``mbu confirm`` does); the choice is the higher fresh-seed mean;
-- ``racing``: configurations raced over ``--seeds`` paired seeds; the choice is the incumbent.
+- ``racing``: configurations raced over ``--seeds`` paired seeds, then ``--crown-seeds`` for the crown at
+  ``--crown-confidence`` (defaults: the study's ``[race]``); the choice is the incumbent.
 
-The true value of a configuration is its mean ``value`` over 256 seeds from 1,000,000 that no search uses.
+The true value of a configuration is its mean ``value`` over 256 seeds from 10**9 that no search uses.
 Printed and written to ``--json``: per policy, the mean true value of the choice, the share of studies whose
 choice is truly worse than the first preset, and the seed runs used.
 """
@@ -37,6 +41,7 @@ import optuna
 
 from mbu.search.judging.confirm import candidates, fresh_seeds
 from mbu.search.judging.race import (
+    CROWN_SEEDS_ATTR,
     RACE_SEEDS_ATTR,
     finish_configuration,
     incumbent,
@@ -48,11 +53,12 @@ from mbu.search.launching.sampler import make_sampler
 from mbu.search.launching.study import queue_presets
 from mbu.search.running.trial import suggest_params
 from mbu.search.studyfile.confirm_settings import ConfirmSettings
-from mbu.search.studyfile.race_settings import RaceSettings
+from mbu.search.studyfile.race_settings import RaceSettings, race_problem
 from mbu.search.studyfile.study_file import StudyConfig, load_study_file
 
 Objective = Callable[[dict[str, float], int], float]
-TRUE_SEEDS = range(1_000_000, 1_000_256)  # never used by any search
+TRUE_SEEDS = range(10**9, 10**9 + 256)  # never used by any search
+REPEAT_STRIDE = 1000  # repeat r trains from seed [train].seed + 1000 r
 DEFAULT_OBJECTIVE = Path(__file__).with_name("objectives") / "synthetic_glasses.py"
 POLICIES = ("single_seed", "single_seed_confirmed", "racing")
 
@@ -75,6 +81,12 @@ def new_study(config: StudyConfig, repeat: int, seeds: int) -> optuna.Study:
         study.set_user_attr(RACE_SEEDS_ATTR, seeds)
     queue_presets(study, config.enqueue, max_retry=0, n_trials=config.study.n_trials)
     return study
+
+
+def for_repeat(config: StudyConfig, repeat: int) -> StudyConfig:
+    """The study file as repeat ``repeat`` runs it: its training seeds moved on, so that no two repeats share any."""
+    base = int(config.train.get("seed", 0)) + REPEAT_STRIDE * repeat
+    return replace(config, train={**config.train, "seed": base})
 
 
 def single_seed(config: StudyConfig, objective: Objective, budget: int, repeat: int) -> tuple[dict, int]:
@@ -109,6 +121,7 @@ def single_seed_confirmed(
 def racing(config: StudyConfig, objective: Objective, budget: int, repeat: int) -> tuple[dict, int]:
     """Configurations raced over paired seeds with the study's own race decisions; the incumbent wins."""
     study = new_study(config, repeat, config.race.seeds)
+    study.set_user_attr(CROWN_SEEDS_ATTR, config.race.crown_seeds)
     used = 0
     while used < budget:
         trial = study.ask()
@@ -119,7 +132,7 @@ def racing(config: StudyConfig, objective: Objective, budget: int, repeat: int) 
         if seed is not None:  # out of budget mid-race: this configuration never finished
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             break
-        study.tell(trial, finish_configuration(trial, config).value)
+        study.tell(trial, finish_configuration(study, trial, config).value)
     best = incumbent(study)
     if best is None:  # the budget ran out before any configuration ran all k seeds
         return dict(config.enqueue[0]), used
@@ -139,9 +152,9 @@ def simulate(config: StudyConfig, objective: Objective, budget: int, repeats: in
     cache: dict = {}
     preset_value = true_value(objective, preset, cache)
     runners = {
-        "single_seed": lambda r: single_seed(config, objective, budget, r),
-        "single_seed_confirmed": lambda r: single_seed_confirmed(config, objective, budget, r, seeds),
-        "racing": lambda r: racing(config, objective, budget, r),
+        "single_seed": lambda r: single_seed(for_repeat(config, r), objective, budget, r),
+        "single_seed_confirmed": lambda r: single_seed_confirmed(for_repeat(config, r), objective, budget, r, seeds),
+        "racing": lambda r: racing(for_repeat(config, r), objective, budget, r),
     }
     policies = {}
     for name in POLICIES:
@@ -159,10 +172,11 @@ def simulate(config: StudyConfig, objective: Objective, budget: int, repeats: in
     return {"preset_true_value": preset_value, "budget": budget, "repeats": repeats, "policies": policies}
 
 
-def table(result: dict, seeds: int, margin: float) -> str:
+def table(result: dict, race: RaceSettings) -> str:
     lines = [
-        f"budget {result['budget']} seed runs, {result['repeats']} studies per policy, {seeds} seeds, "
-        f"margin {margin}; preset's true value {result['preset_true_value']:.4f}",
+        f"budget {result['budget']} seed runs, {result['repeats']} studies per policy, {race.seeds} seeds, "
+        f"margin {race.margin}, {race.crown_seeds} crown seeds at confidence {race.crown_confidence}; "
+        f"preset's true value {result['preset_true_value']:.4f}",
         f"{'policy':<24}{'mean true value':>16}{'worse than preset':>19}{'runs used':>11}",
     ]
     for name, row in result["policies"].items():
@@ -201,6 +215,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="the race's forgiving margin (default: the study's [race].margin, else 0)",
     )
+    parser.add_argument(
+        "--crown-seeds",
+        type=int,
+        default=None,
+        help="seeds after the race's that judge a challenger's crown (default: the study's [race].crown_seeds)",
+    )
+    parser.add_argument(
+        "--crown-confidence",
+        type=float,
+        default=None,
+        help="the crown's one-sided Welch t-test level, 0 for a better mean (default: the study's [race])",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     return parser.parse_args(argv)  # fmt: skip
 
@@ -211,15 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     if not config.enqueue:
         raise SystemExit(f"{args.study}: needs an [[enqueue]] point: the preset every policy is compared with")
     race = config.race or RaceSettings()
-    race = replace(race, **{k: v for k, v in (("seeds", args.seeds), ("margin", args.margin)) if v is not None})
+    flags = {"seeds": args.seeds, "margin": args.margin}
+    flags |= {"crown_seeds": args.crown_seeds, "crown_confidence": args.crown_confidence}
+    race = replace(race, **{key: value for key, value in flags.items() if value is not None})
+    problem = race_problem(race)
+    if problem is not None:
+        raise SystemExit(f"--{problem[0].replace('_', '-')} {problem[1]}")
     if race.seeds < 2 or args.budget < 2 * race.seeds + 1:
         raise SystemExit("--seeds must be at least 2 and --budget more than twice --seeds")
     config = replace(config, race=race)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     result = simulate(config, load_objective(args.objective), args.budget, args.repeats, race.seeds)
-    result |= {"seeds": race.seeds, "margin": race.margin, "objective": str(args.objective), "study": str(args.study)}
-    print(table(result, race.seeds, race.margin))
+    result |= {key: getattr(race, key) for key in ("seeds", "margin", "crown_seeds", "crown_confidence")}
+    result |= {"objective": str(args.objective), "study": str(args.study)}
+    print(table(result, race))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -672,6 +672,25 @@ MISTAKES = [
         _changed({"race": {"margin": -0.1}, "enqueue": [{"lr": 2e-4}]}),
     ),  # fmt: skip
     Mistake(
+        "race crown seeds below zero",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race].crown_seeds must be a non-negative integer, got -1",
+        _changed({"race": {"crown_seeds": -1}, "enqueue": [{"lr": 2e-4}]}),
+    ),  # fmt: skip
+    Mistake(
+        "race one crown seed with a confidence",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race].crown_seeds must be 0 or at least 2 with a crown_confidence (a t-test needs two "
+        "values a side)",
+        _changed({"race": {"crown_seeds": 1}, "enqueue": [{"lr": 2e-4}]}),
+    ),  # fmt: skip
+    Mistake(
+        "race crown confidence of one",
+        lambda s: ["search", "study.toml"],
+        "study.toml: [race].crown_confidence must be in [0, 1), got 1",
+        _changed({"race": {"crown_confidence": 1}, "enqueue": [{"lr": 2e-4}]}),
+    ),  # fmt: skip
+    Mistake(
         "race without a preset",
         lambda s: ["search", "study.toml"],
         "study.toml: [race] needs an [[enqueue]] point: the first one (e.g. the published preset) is the first "

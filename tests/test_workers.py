@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,8 +59,14 @@ def assert_one_champion(tmp_path: Path, name: str) -> None:
 @pytest.mark.slow
 def test_two_workers_finish_a_six_trial_study_recording_each_trial_once(tmp_path: Path, capsys) -> None:
     (tmp_path / "study.toml").write_text(tiny_study("pair", 6, study={"seed": 2, "registered_model": DROP}))
+    # What a SIGKILLed launcher leaves behind: its job file, named after a process that is gone.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "runs/pair/workers" / f"job-{socket.gethostname()}-{gone.stdout.strip()}.pickle"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a killed launcher")
     assert main(["search", "study.toml", "--workers", "2", "--no-progress"]) == 0
     assert "study pair: 6 COMPLETE" in capsys.readouterr().out
+    assert not stale.exists() and not list(stale.parent.glob("job-*.pickle"))
     trials = assert_recorded_once(tmp_path, "pair", 6)
     assert_distinct_points(trials)  # a sampler seeded once per process gave 3 points, each twice
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials

@@ -161,6 +161,12 @@ class Recorder:
             return
         self.call(f"image {key} at step {step}", self.client.log_image, self.run_id, image, key=key, step=step)
 
+    def delete(self) -> None:
+        """Mark the run deleted (hidden from the UI and from searches): work that never counted, e.g. a seed run
+        a race trained ahead and then did not grant."""
+        if self.active:
+            self.call(f"the deletion of run {self.run_id}", self.client.delete_run, self.run_id)
+
     def end(self, status: str = "FINISHED") -> list[str]:
         """Close the run (FINISHED, FAILED or KILLED) and flush; returns what was never logged."""
         if self.active:

@@ -13,6 +13,7 @@ import fcntl
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -53,6 +54,24 @@ class WorkersEnded:
     stopped_by: str | None = None  # the signal that the launcher passed on to its workers, if any
 
 
+def remove_stale_jobs(logs: Path) -> list[Path]:
+    """Delete the job files that launchers on this host left when they died (a SIGKILLed launcher cannot delete
+    its own); the ones removed. A live launcher's (a concurrent launch of the same study), and any other
+    host's, is left alone."""
+    removed = []
+    for path in logs.glob(f"job-{socket.gethostname()}-*.pickle"):
+        try:
+            os.kill(int(path.stem.rsplit("-", 1)[1]), 0)
+        except ValueError:
+            continue  # not a name this module writes
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except PermissionError:
+            pass  # a live process of another user
+    return removed
+
+
 def start_workers(job: object, study_dir: Path, workers: int, gpus: list[str] | None) -> WorkersEnded:
     """Run ``workers`` worker processes on the (prepared) study and wait for them.
 
@@ -68,8 +87,9 @@ def start_workers(job: object, study_dir: Path, workers: int, gpus: list[str] | 
     """
     logs = study_dir / WORKER_LOGS
     logs.mkdir(parents=True, exist_ok=True)
+    remove_stale_jobs(logs)
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    job_file = logs / f"job-{os.getpid()}.pickle"  # this launch's own: two launches of one study do not mix
+    job_file = logs / f"job-{socket.gethostname()}-{os.getpid()}.pickle"  # this launch's own: launches do not mix
     job_file.write_bytes(pickle.dumps(job))
     command = [sys.executable, "-m", "mbu.search.cluster.worker_main", str(job_file)]
     processes: list[subprocess.Popen] = []

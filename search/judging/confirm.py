@@ -31,7 +31,7 @@ from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.data.images import AnnotatedImages
 from mbu.search.cluster.workers import launch_lock
 from mbu.search.judging.confirm_report import CANDIDATE_ATTR, parent_figures, write_confirm_report
-from mbu.search.judging.race import best_run_folder, race_seeds, seed_count, seed_values
+from mbu.search.judging.race import best_run_folder, incumbent, search_seeds, seed_count, seed_values
 from mbu.search.judging.registry import registered_name
 from mbu.search.launching.storage import count_finished, count_taken
 from mbu.search.launching.study import check_study_folder, open_study, runs_point
@@ -62,16 +62,17 @@ def stage_name(study_name: str) -> str:
 
 
 def fresh_seeds(config: StudyConfig, count: int) -> list[int]:
-    """``count`` training seeds that the search never trained with: the ones after the race's seeds.
+    """``count`` training seeds that the search never trained with: the ones after the race's and crown's seeds.
 
     Without a race the search trains on [train].seed alone, so these are [train].seed + 1, ..., + count.
     """
-    last = race_seeds(config)[-1]
+    last = search_seeds(config)[-1]
     return [last + i for i in range(1, count + 1)]
 
 
 def candidates(study: optuna.Study, config: StudyConfig) -> list[Candidate]:
-    """The top-k complete trials by the objective, then the presets' trials; one line if there are too few."""
+    """The top-k complete trials by the objective (a race's incumbent first), then the presets' trials; one line
+    if there are too few."""
     settings, name = config.confirm, config.study.name
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     top_k, eligible = settings.top_k, complete
@@ -87,6 +88,9 @@ def candidates(study: optuna.Study, config: StudyConfig) -> list[Candidate]:
         )
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked = sorted(eligible, key=lambda t: -t.value if maximize else t.value)  # stable: ties by number
+    holder = incumbent(study) if seed_count(study) > 1 else None
+    if holder is not None:  # the crown, not the mean over every seed, decides a race's best
+        ranked.sort(key=lambda t: t.number != holder.number)
     chosen = {t.number: _candidate(t, f"trial {t.number}", None) for t in ranked[:top_k]}
     for index, point in enumerate(config.enqueue if settings.presets else []):
         runs = [t for t in complete if runs_point(t, point)]  # a raced-out preset too: the baseline to beat
@@ -250,7 +254,7 @@ def published_scope(config: StudyConfig, search: optuna.Study) -> tuple[list[Can
     seeds = fresh_seeds(config, config.confirm.seeds)
     before = confirmed_before(config)
     kept = []
-    widest = max((seed for done in before.values() for seed in done), default=0) - race_seeds(config)[-1]
+    widest = max((seed for done in before.values() for seed in done), default=0) - search_seeds(config)[-1]
     if widest > len(seeds):
         seeds = fresh_seeds(config, widest)
         kept.append(f"all {widest} seeds")

@@ -13,7 +13,15 @@ from typing import Any
 import optuna
 
 from mbu.search.judging.confirm_report import Interval, t_interval
-from mbu.search.judging.race import OUTCOME_ATTR, configuration_number, incumbent, seed_count, seed_runs
+from mbu.search.judging.race import (
+    CROWNED_ATTR,
+    OUTCOME_ATTR,
+    configuration_number,
+    crown_count,
+    incumbent,
+    seed_count,
+    seed_runs,
+)
 
 
 @dataclass
@@ -30,6 +38,7 @@ class RacedConfiguration:
     test_interval: Interval
     collapsed: dict[int, str]  # seed -> why that run was ended early
     outcome: str  # in words
+    crowned: bool  # it took the crown when its race ended
 
     @property
     def complete_race(self) -> bool:
@@ -38,6 +47,7 @@ class RacedConfiguration:
 
 def raced_configurations(study: optuna.Study) -> list[RacedConfiguration]:
     """Every complete configuration, best paired mean first (those with all k seeds before the raced-out ones)."""
+    k = seed_count(study)
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         runs = seed_runs(trial)
@@ -56,6 +66,7 @@ def raced_configurations(study: optuna.Study) -> list[RacedConfiguration]:
                 t_interval(test),
                 {s: runs[s]["collapsed"] for s in seeds if runs[s].get("collapsed")},
                 str(trial.user_attrs.get(OUTCOME_ATTR, "")),
+                bool(trial.user_attrs.get(CROWNED_ATTR, len(seeds) >= k)),  # before the crown was kept: all k
             )
         )
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
@@ -67,10 +78,11 @@ class RaceSummary:
     """The race at a glance: who leads, what it cost, what it saved."""
 
     seeds: int  # k
+    crown_seeds: int  # after the race's, for a challenger that kept up
     incumbent: RacedConfiguration | None
     ranked: list[RacedConfiguration]
     seed_runs: int  # seed runs the complete configurations spent
-    full_cost: int  # what training every one of them on k seeds would have spent
+    full_cost: int  # what training every one of them on every seed would have spent
 
     @property
     def raced_out(self) -> list[RacedConfiguration]:
@@ -86,8 +98,10 @@ def race_summary(study: optuna.Study) -> RaceSummary:
     ranked = raced_configurations(study)
     best = incumbent(study)
     leader = next((r for r in ranked if best is not None and r.trial == best.number), None)
-    k = seed_count(study)
-    return RaceSummary(k, leader, ranked, sum(len(r.seeds) for r in ranked), k * len(ranked))
+    k, crown = seed_count(study), crown_count(study)
+    # Every seed each could earn: a crown held without crown seeds (the first incumbent's) had only the race's.
+    full = sum(k if r.crowned and len(r.seeds) <= k else k + crown for r in ranked)
+    return RaceSummary(k, crown, leader, ranked, sum(len(r.seeds) for r in ranked), full)
 
 
 def _interval(interval: Interval) -> str:
@@ -100,7 +114,7 @@ def incumbent_lines(race: RaceSummary) -> list[str]:
     """``best configuration: ...`` with its per-seed figures, for the end of ``mbu search`` and ``--summary``."""
     best = race.incumbent
     if best is None:
-        return [f"no configuration has finished all {race.seeds} seeds yet"]
+        return [f"no configuration has finished its race yet ({race.seeds} seeds)"]
     seeds = ", ".join(f"{v:.4f}" for v in best.test_iou)
     return [
         f"best configuration: trial {best.trial}, mean test IoU over {len(best.seeds)} seeds "
@@ -112,9 +126,10 @@ def incumbent_lines(race: RaceSummary) -> list[str]:
 def cost_line(race: RaceSummary) -> str:
     saved = race.full_cost - race.seed_runs
     out = len(race.raced_out)
+    each = f"{race.seeds} + {race.crown_seeds} crown" if race.crown_seeds else f"{race.seeds}"
     return (
         f"race: {race.seed_runs} seed runs for {len(race.ranked)} configurations ({saved} saved against "
-        f"{race.seeds} seeds each); {out} raced out"
+        f"{each} seeds each); {out} raced out"
     )
 
 

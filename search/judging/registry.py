@@ -76,7 +76,7 @@ def choose_champion(study: optuna.Study, config: StudyConfig) -> Champion | None
     if confirmation == PARTIAL:
         return None
     if confirmation is None:
-        best = incumbent(study)  # a racing study's: the best mean over all its seeds
+        best = incumbent(study)  # a racing study's: the configuration holding the crown
         if best is None:
             return None
         number = best.number
@@ -104,7 +104,7 @@ def choose_champion(study: optuna.Study, config: StudyConfig) -> Champion | None
     if confirmation is None and raced is not None:
         tags["unconfirmed"] = "true"
         figure = (
-            f"mean test IoU over race seeds {tags['race_seeds']}: {tags['race_test_iou']} (95% interval); "
+            f"mean test IoU over its race's seeds {tags['race_seeds']}: {tags['race_test_iou']} (95% interval); "
             f"this seed's {test_iou:.4f}; not confirmed on fresh seeds: mbu confirm {config.path}"
         )
     elif confirmation is None:

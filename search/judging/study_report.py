@@ -66,7 +66,7 @@ class StudySummary:
     def of(cls, study: optuna.Study, storage: str, tracking_uri: str) -> StudySummary:
         summary = cls(study.study_name, storage, tracking_uri, count_states(study))
         summary.race = race_summary(study) if seed_count(study) > 1 else None
-        best = incumbent(study)  # a racing study's: the best mean over all k seeds
+        best = incumbent(study)  # a racing study's: the configuration holding the crown
         if best is not None:
             summary.best_number = best.number
             summary.best_params = dict(best.params)

@@ -18,7 +18,7 @@ import optuna
 
 from mbu.base.files import write_json
 from mbu.base.urls import missing_sqlite_file, storage_identity
-from mbu.search.judging.race import RACE_SEEDS_ATTR, is_racing
+from mbu.search.judging.race import CROWN_SEEDS_ATTR, RACE_SEEDS_ATTR, is_racing
 from mbu.search.launching.sampler import make_pruner, make_sampler
 from mbu.search.launching.storage import count_finished, make_storage
 from mbu.search.running.tracking import RetryLostTrial
@@ -48,8 +48,16 @@ def fingerprint(config: StudyConfig) -> dict:
 
 def comparable(stored: dict) -> dict:
     """A fingerprint without the ``[train]`` keys free to change between launches: applied to the stored one as
-    well, so that a key made free since the study was created (``skip_bad``) no longer counts."""
-    return {**stored, "train": {k: v for k, v in stored.get("train", {}).items() if k not in FREE_TRAIN_KEYS}}
+    well, so that a key made free since the study was created (``skip_bad``) no longer counts. A race stored
+    before the crown stage existed raced without one: its crown keys read as 0, so the refusal names them."""
+    value = {**stored, "train": {k: v for k, v in stored.get("train", {}).items() if k not in FREE_TRAIN_KEYS}}
+    if "race" in value:
+        race = {"crown_seeds": 0, "crown_confidence": 0.0} | value["race"]
+        free = {"side_by_side"}  # where seeds train, not what they learn
+        if int(race.get("seeds", 1)) <= 1:
+            free |= {"crown_seeds", "crown_confidence"}  # no race, no crown
+        value["race"] = {key: v for key, v in race.items() if key not in free}
+    return value
 
 
 def open_study(config: StudyConfig) -> optuna.Study:
@@ -81,6 +89,7 @@ def open_study(config: StudyConfig) -> optuna.Study:
             study.set_metric_names([OBJECTIVE_KEY])
     if is_racing(config) and RACE_SEEDS_ATTR not in study.user_attrs:
         study.set_user_attr(RACE_SEEDS_ATTR, config.race.seeds)
+        study.set_user_attr(CROWN_SEEDS_ATTR, config.race.crown_seeds)
     if STUDY_UID_ATTR not in study.user_attrs:
         study.set_user_attr(STUDY_UID_ATTR, uuid.uuid4().hex)
     if TRACKING_ATTR not in study.user_attrs:

@@ -16,7 +16,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from mbu.base.run_files import CHECKPOINT_FILE
-from mbu.search.judging.race import configuration_number, seed_count, seed_values
+from mbu.search.judging.race import configuration_number, incumbent, seed_count, seed_values
 from mbu.search.running.trial import trial_dir
 from mbu.search.studyfile.study_file import StudyConfig
 from mbu.train.checkpoint import CheckpointError, keep_weights_only
@@ -30,8 +30,9 @@ def folders_to_thin(study: optuna.Study, keep: int) -> list[int]:
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     complete.sort(key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
     k = seed_count(study)
-    if k > 1:  # a race: configurations with all k seeds first; each one's seed folders are under its first try's
-        complete.sort(key=lambda t: len(seed_values(t)) < k)
+    if k > 1:  # a race: the incumbent, then configurations with all k seeds; seed folders are under the first try's
+        holder = incumbent(study)
+        complete.sort(key=lambda t: (holder is None or t.number != holder.number, len(seed_values(t)) < k))
     kept = {t.number for t in complete[:keep]} | {configuration_number(t) for t in complete[:keep] if k > 1}
     done: set[int] = set()
     with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):

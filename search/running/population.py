@@ -20,6 +20,7 @@ How the slots share the device:
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,9 +32,11 @@ from tqdm import tqdm
 from mbu.base.run_files import CHECKPOINT_FILE
 from mbu.data.images import AnnotatedImages
 from mbu.search.judging.race import (
+    CROWNED_ATTR,
     OUTCOME_ATTR,
     SEED_FIGURES,
     configuration_number,
+    crown_seeds,
     finish_configuration,
     is_racing,
     next_seed,
@@ -41,14 +44,18 @@ from mbu.search.judging.race import (
     record_seed,
     report_carried,
     seed_folder,
+    seed_plan,
     seed_runs,
 )
 from mbu.search.running.tracking import (
     OPEN_SEED_RUN_ATTR,
+    PENDING_SEEDS_ATTR,
     RUN_ID_ATTR,
     STOPS_ATTR,
     close_trial_run,
+    open_seed_runs,
     open_trial_run,
+    pending_results,
     queue_retry,
 )
 from mbu.search.running.trial import (
@@ -122,19 +129,32 @@ class Slot:
             return self.fail(err)
         return None
 
-    def train_for(self, iterations: int, stop: StopCheck) -> bool:
-        """Up to ``iterations`` training steps (fewer once a stop is asked); whether the training is done."""
-        for _ in range(iterations):
-            if self.training.done or stop() is not None:
-                break
-            self.training.step()
-            self.stepped += 1
-        return self.training.done
+    @property
+    def width(self) -> int:
+        """Places of the population this slot holds."""
+        return 1
 
-    def train_or_collapse(self, iterations: int, stop: StopCheck) -> tuple[bool, RunCollapsed | None]:
+    def chunk(self, cuda: bool) -> int:
+        """Iterations per turn: one on CUDA (the slots' steps overlap), up to the next loss log on CPU."""
+        return 1 if cuda else self.training.iterations_to_next_log()
+
+    def train_for(self, iterations: int, stop: StopCheck, training: Training | None = None) -> bool:
+        """Up to ``iterations`` steps of ``training`` (the slot's by default; fewer once a stop is asked);
+        whether it is done."""
+        training = training or self.training
+        for _ in range(iterations):
+            if training.done or stop() is not None:
+                break
+            training.step()
+            self.stepped += 1
+        return training.done
+
+    def train_or_collapse(
+        self, iterations: int, stop: StopCheck, training: Training | None = None
+    ) -> tuple[bool, RunCollapsed | None]:
         """:meth:`train_for`, where the collapse guard ([race]) ending the run counts as done: (done, the collapse)."""
         try:
-            return self.train_for(iterations, stop), None
+            return self.train_for(iterations, stop, training), None
         except RunCollapsed as err:  # the run ends here, scored as it is
             return True, err
 
@@ -175,38 +195,68 @@ class Slot:
             raise err
         return Outcome(self.trial, optuna.trial.TrialState.FAIL, error)
 
+    def save(self) -> int:
+        """Checkpoint the training now; the iteration saved."""
+        if self.training is None:
+            return 0
+        with self.on_stream():
+            self.training.save()
+        return self.training.iteration
+
     def stop(self, reason: str) -> Outcome:
         """Checkpoint now, record the trial FAIL and queue its retry, which resumes from that checkpoint.
 
         A stop from outside (SIGTERM, a time limit, preemption) is no fault of the trial: its retry is
         queued whatever ``max_retry`` says, so a long trial survives any number of scheduler slots.
         """
-        iteration = 0
-        if self.training is not None:
-            with self.on_stream():
-                self.training.save()
-            iteration = self.training.iteration
+        iteration = self.save()
         self.trial.set_user_attr(STOPS_ATTR, int(self.trial.user_attrs.get(STOPS_ATTR, 0)) + 1)
         outcome = self.record_failure(f"stopped: {reason}; checkpoint at iteration {iteration}, queued to resume")
         queue_retry(self.study, frozen_trial(self.trial))
         return outcome
 
 
+@dataclass
+class SeedLane:
+    """One seed run of a raced configuration: its MLflow run and training, on its own CUDA stream."""
+
+    seed: int
+    run: Recorder
+    training: Training | None  # None until it is built, and once its result is in
+    stream: torch.cuda.Stream | None
+    borrowed: bool  # it holds a place of the population beyond its slot's own (and that place's stream)
+    result: dict | None = None  # its figures once trained, kept until the race grants this seed
+
+    def on_stream(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
 class RacingSlot(Slot):
-    """One configuration of a race (``search.judging.race``): its seeds trained in turn in this slot, each its own run.
+    """One configuration of a race (``search.judging.race``): its seeds trained in this slot, each its own run.
 
     The configuration's MLflow run (``trial-<c>``) holds its parameters and race figures; each seed run
     (``trial-<c> seed-<s>``, folder ``trial-<c>/seed-<s>/``) is nested under it. ``c`` is the first try
     of the trial's chain of retries, so a retry continues the same folders and reopens the same runs.
+
+    Each seed in training is a lane. With ``[race] side_by_side`` the slot widens into the population's
+    free places and trains the next seeds of its plan ahead of the race's decisions, side by side (on a
+    GPU, at about the time of one); a finished seed waits until the race grants it, in seed order, and a
+    seed the race does not grant (the configuration was raced out first) is cancelled: its MLflow run
+    deleted and its folder removed, so each granted seed is recorded once. Without it there is one lane,
+    always the seed the race granted.
     """
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, stream: torch.cuda.Stream | None) -> None:
         super().__init__(study, trial, stream)
-        self.seed: int | None = None  # the seed in training
-        self.seed_run: Recorder | None = None
+        self.lanes: list[SeedLane] = []
         self.population: Population | None = None
         self.number = trial.number  # the configuration: the first try of the trial's chain of retries
         self.folder = Path()  # runs/<study>/trial-<c>/
+
+    @property
+    def width(self) -> int:
+        """Places of the population this slot holds: its own, and one per lane on a borrowed place."""
+        return 1 + sum(lane.borrowed for lane in self.lanes)
 
     def start(self, population: Population) -> Outcome | None:
         self.population = population
@@ -216,7 +266,7 @@ class RacingSlot(Slot):
             self.folder = trial_dir(config, number)
             cfg = replace(sampled_config(self.trial, config), load=None, out=str(self.folder.resolve()))
             self.base_cfg = cfg
-            tags = {"configuration": number, "race_seeds": len(population.seeds)}
+            tags = {"configuration": number, "race_seeds": len(population.seeds), "crown_seeds": len(population.crown)}
             with interrupts_held():  # a Ctrl-C here would leave the new run RUNNING, its id lost
                 self.run = open_trial_run(
                     self.trial, config, cfg, population.parent, reopen=self.trial.user_attrs.get(RUN_ID_ATTR), tags=tags
@@ -226,15 +276,32 @@ class RacingSlot(Slot):
         except (Exception, KeyboardInterrupt) as err:
             return self.fail(err)
 
-    def next_or_finish(self) -> Outcome | None:
-        """Train the next seed the race grants, or end the configuration's race."""
-        seed = next_seed(self.study, self.population.config, self.trial)
+    def next_or_finish(self, widen: bool = True) -> Outcome | None:
+        """Record the finished seeds the race grants, in seed order; then end the race, or (``widen``) start
+        the lanes the slot may hold: the granted seed if it has none, and with side_by_side the next of its plan.
+        """
+        config = self.population.config
+        while (seed := next_seed(self.study, config, self.trial)) is not None:
+            pending = pending_results(self.trial).get(seed)
+            if pending is None:
+                break
+            self.keep_seed(seed, pending)
         if seed is None:
             return self.finish()
-        self.start_seed(seed)
+        if not widen:
+            return None
+        running = {lane.seed for lane in self.lanes}
+        want = self.population.lanes_for(self) - len(self.lanes)
+        starts = [] if seed in running or want < 1 else [seed]
+        if want > len(starts):  # side_by_side with places free: the plan's next seeds, ahead of the race
+            done = seed_runs(self.trial)
+            later = [s for s in seed_plan(self.study, config, self.trial) if s > seed]
+            starts += [s for s in later if s not in done and s not in running][: want - len(starts)]
+        for next_up in starts:
+            self.start_lane(next_up)
         return None
 
-    def start_seed(self, seed: int) -> None:
+    def start_lane(self, seed: int) -> None:
         population, number = self.population, self.number
         folder = self.folder / f"seed-{seed}"
         resume = resumable(folder)
@@ -242,90 +309,164 @@ class RacingSlot(Slot):
         cfg = replace(self.base_cfg, seed=seed, out=out, load=out if resume is not None else None)
         # The run of an earlier try of this seed continues where its checkpoint does; with no checkpoint to
         # resume, the seed starts again in a new run (the earlier one stays FAILED, its steps not overwritten).
-        carried = self.trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
-        reopen = carried.get("run_id") if carried.get("seed") == seed and resume is not None else None
+        reopen = open_seed_runs(self.trial).get(seed) if resume is not None else None
 
         def remember(run_id: str) -> None:
-            self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, {"seed": seed, "run_id": run_id})
+            runs = {str(s): r for s, r in open_seed_runs(self.trial).items()}
+            self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, runs | {str(seed): run_id})
 
-        tags = {"configuration": number, "seed": seed, "stage": "race"}
+        stage = "crown" if seed in population.crown else "race"
+        tags = {"configuration": number, "seed": seed, "stage": stage}
         name = f"{trial_name(number)} seed-{seed}"
-        with interrupts_held():
-            self.seed_run = open_trial_run(self.trial, population.config, cfg, self.run, name, reopen, tags, remember)
-        self.seed = seed
+        # On the slot's own place while no lane holds it, else on a free place of the population (its stream).
+        borrowed = any(not lane.borrowed for lane in self.lanes)
+        stream = population.take_stream() if borrowed else self.stream
+        try:
+            with interrupts_held():
+                run = open_trial_run(self.trial, population.config, cfg, self.run, name, reopen, tags, remember)
+        except BaseException:
+            if borrowed and stream is not None:
+                population.give_stream(stream)
+            raise
+        lane = SeedLane(seed, run, None, stream, borrowed)
+        self.lanes.append(lane)
         if resume is not None:
-            self.seed_run.set_tags({"resumed_from_iteration": resume})
-        with self.on_stream():
+            run.set_tags({"resumed_from_iteration": resume})
+        with lane.on_stream():
             data = population.data_for(cfg)
-            self.training = start_training(
-                self.trial, cfg, population.annotated, self.seed_run, population.bar_per_trial, data,
+            lane.training = start_training(
+                self.trial, cfg, population.annotated, run, population.bar_per_trial, data,
                 guard=population.config.race, report=False,
             )  # fmt: skip
 
+    def chunk(self, cuda: bool) -> int:
+        """Ignored by :meth:`advance`: each lane steps up to its own next loss log (CPU) or one iteration (CUDA)."""
+        return 1
+
     def advance(self, iterations: int, annotated: AnnotatedImages, stop: StopCheck) -> Outcome | None:
         try:
-            with self.on_stream():
-                try:
-                    done, collapsed = self.train_or_collapse(iterations, stop)
-                except NonFiniteLossError as err:  # a diverged seed is that seed's (worst) result, not a crash
-                    self.end_diverged_seed(err)
-                    return self.next_or_finish()
-                if not done:
-                    return None
-                metrics = score_run(self.training, annotated, self.seed_run)
-            self.end_seed(metrics, collapsed)
-            return self.next_or_finish()
+            training = [lane for lane in self.lanes if lane.result is None]
+            for lane in training:
+                self.advance_lane(lane, annotated, stop)
+            finished = any(lane.result is not None for lane in training)
+            # The race is asked again when a seed finished, or when side_by_side has places to fill: not on
+            # every round (each asking reads the study's trials from storage).
+            if finished or (self.population.side_by_side and not self.population.full):
+                return self.next_or_finish(widen=stop() is None)
+            return None
         except (Exception, KeyboardInterrupt) as err:
             return self.fail(err)
 
-    def end_seed(self, metrics: dict[str, float], collapsed: RunCollapsed | None) -> None:
-        """The seed's figures kept on the trial and on the configuration's run; its own run closed."""
+    def advance_lane(self, lane: SeedLane, annotated: AnnotatedImages, stop: StopCheck) -> None:
+        """Train one lane up to its next loss log (CPU) or one iteration (CUDA); its result once it is done."""
+        steps = 1 if lane.stream is not None else lane.training.iterations_to_next_log()
+        with lane.on_stream():
+            try:
+                done, collapsed = self.train_or_collapse(steps, stop, lane.training)
+            except NonFiniteLossError as err:  # a diverged seed is that seed's (worst) result, not a crash
+                self.end_diverged_lane(lane, err)
+                return
+            if not done:
+                return
+            metrics = score_run(lane.training, annotated, lane.run)
         value = metrics[OBJECTIVE_KEY]
-        run = {key: metrics.get(key) for key in SEED_FIGURES}
-        run |= {
+        result = {key: metrics.get(key) for key in SEED_FIGURES}
+        result |= {
             "value": value,
             "collapsed": str(collapsed) if collapsed else None,
-            "iteration": self.training.iteration,
+            "iteration": lane.training.iteration,
         }
-        run |= {"dir": seed_folder(self.number, self.seed), "run_id": self.seed_run.run_id}
-        self.keep_seed(run)
         if collapsed is not None:
-            self.seed_run.set_tags({"collapsed": str(collapsed)})
-        self.close_seed("COMPLETE")
+            lane.run.set_tags({"collapsed": str(collapsed)})
+        self.end_lane(lane, result, "COMPLETE")
 
-    def end_diverged_seed(self, err: NonFiniteLossError) -> None:
+    def end_diverged_lane(self, lane: SeedLane, err: NonFiniteLossError) -> None:
         """A seed whose loss went NaN or infinite: the worst value, so the race and the sampler count it."""
         worst = 0.0 if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         reason = f"diverged: {err}"
-        run = {"value": worst, "collapsed": reason, "iteration": self.training.iteration}
-        self.keep_seed(run | {"dir": seed_folder(self.number, self.seed), "run_id": self.seed_run.run_id})
-        self.close_seed("FAIL", reason)
+        result = {"value": worst, "collapsed": reason, "iteration": lane.training.iteration}
+        self.end_lane(lane, result, "FAIL", reason)
 
-    def keep_seed(self, run: dict) -> None:
-        """The finished seed on the trial, and no longer the seed run in flight (a lost worker's retry skips it)."""
-        record_seed(self.trial, self.seed, run)
+    def end_lane(self, lane: SeedLane, result: dict, state: str, error: str = "") -> None:
+        """The lane's seed run is over: its result kept on the trial until the race grants it (a stop keeps it)."""
+        lane.result = result | {"dir": seed_folder(self.number, lane.seed), "run_id": lane.run.run_id}
+        self.close_lane(lane, state, error)
+        pending = {str(s): r for s, r in pending_results(self.trial).items()}
+        self.trial.set_user_attr(PENDING_SEEDS_ATTR, pending | {str(lane.seed): lane.result})
+        self.forget_open(lane.seed)
+
+    def close_lane(self, lane: SeedLane, state: str, error: str = "") -> None:
+        if lane.training is not None:
+            lane.training.close()
+            lane.training = None  # its model and optimizers freed while the result waits
+        close_trial_run(lane.run, self.trial, state, error)
+
+    def forget_open(self, seed: int) -> None:
+        """The seed's run is no longer in flight (a lost worker's retry leaves it be)."""
+        runs = {str(s): r for s, r in open_seed_runs(self.trial).items() if s != seed}
+        self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, runs)
+
+    def keep_seed(self, seed: int, result: dict) -> None:
+        """The granted seed on the trial (from a lane of this try, or kept pending by an earlier one)."""
+        record_seed(self.trial, seed, result)
+        pending = {str(s): r for s, r in pending_results(self.trial).items() if s != seed}
+        self.trial.set_user_attr(PENDING_SEEDS_ATTR, pending)
+        self.run.log_metrics({"race/seed_value": result["value"]}, step=seed)
+        for lane in [lane for lane in self.lanes if lane.seed == seed]:
+            self.drop_lane(lane)
+
+    def cancel_lane(self, lane: SeedLane) -> None:
+        """A seed trained ahead that the race did not grant: its training stopped, its run deleted, its folder gone."""
+        if lane.result is None:
+            self.close_lane(lane, "FAIL", "cancelled: the race did not grant this seed")
+        self.drop_lane(lane)
+
+    def drop_lane(self, lane: SeedLane) -> None:
+        self.lanes.remove(lane)
+        if lane.borrowed and lane.stream is not None:
+            self.population.give_stream(lane.stream)
+
+    def cancel_ungranted(self) -> None:
+        """Every seed run of this configuration the race did not grant, whichever try started it: deleted
+        from MLflow (hidden from the UI and searches) and its folder removed."""
+        for lane in list(self.lanes):
+            self.cancel_lane(lane)
+        granted = seed_runs(self.trial)
+        started = {**open_seed_runs(self.trial), **{s: r["run_id"] for s, r in pending_results(self.trial).items()}}
+        for seed, run_id in started.items():
+            if seed in granted:
+                continue
+            Recorder.of_run(self.population.config.study.tracking_uri, run_id).delete()
+            shutil.rmtree(self.folder / f"seed-{seed}", ignore_errors=True)
         self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, None)
-        self.run.log_metrics({"race/seed_value": run["value"]}, step=self.seed)
-
-    def close_seed(self, state: str, error: str = "") -> None:
-        self.training.close()
-        close_trial_run(self.seed_run, self.trial, state, error)
-        self.training, self.seed_run, self.seed = None, None, None
+        self.trial.set_user_attr(PENDING_SEEDS_ATTR, None)
 
     def finish(self) -> Outcome:
-        """The race of this configuration is over: its mean told to Optuna."""
-        result = finish_configuration(self.trial, self.population.config)
-        self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, None)  # e.g. a retry raced out before its carried seed
+        """The race of this configuration is over: seeds trained ahead and not granted cancelled, its mean told."""
+        self.cancel_ungranted()
+        result = finish_configuration(self.study, self.trial, self.population.config)
         seeds = len(seed_runs(self.trial))
         self.run.log_metrics({**result.figures, "race/seeds_run": float(seeds)}, step=0)
-        self.run.set_tags({OUTCOME_ATTR: result.outcome})
+        self.run.set_tags({OUTCOME_ATTR: result.outcome, CROWNED_ATTR: str(result.crowned).lower()})
         close_trial_run(self.run, self.trial, "COMPLETE")
         self.tell(optuna.trial.TrialState.COMPLETE, result.value)
         return Outcome(self.trial, optuna.trial.TrialState.COMPLETE)
 
+    def save(self) -> int:
+        """Checkpoint every lane still training; the lowest iteration saved."""
+        saved = []
+        for lane in self.lanes:
+            if lane.result is None:
+                with lane.on_stream():
+                    lane.training.save()
+                saved.append(lane.training.iteration)
+        return min(saved, default=0)
+
     def record_failure(self, error: str, err: BaseException | None = None) -> Outcome:
-        if self.seed_run is not None:  # the seed run in flight: its retry reopens and resumes it
-            close_trial_run(self.seed_run, self.trial, "FAIL", error)
+        for lane in list(self.lanes):  # the seed runs in flight: the retry reopens and resumes each
+            if lane.result is None:
+                self.close_lane(lane, "FAIL", error)
+            self.drop_lane(lane)
         return super().record_failure(error, err)
 
 
@@ -361,6 +502,8 @@ class Population:
         self._data: dict[tuple, TrainingData] = {}
         self.slot_type = RacingSlot if is_racing(config) else Slot
         self.seeds = race_seeds(config)
+        self.crown = crown_seeds(config)
+        self.side_by_side = is_racing(config) and config.race.side_by_side
 
     @property
     def _cuda(self) -> bool:
@@ -375,7 +518,20 @@ class Population:
 
     @property
     def full(self) -> bool:
-        return len(self.slots) >= self.size
+        return sum(slot.width for slot in self.slots) >= self.size
+
+    def lanes_for(self, slot: RacingSlot) -> int:
+        """Seeds a raced configuration may train at once: one, or with side_by_side its own and every free place."""
+        if not self.side_by_side:
+            return 1
+        return slot.width + self.size - sum(s.width for s in self.slots)
+
+    def take_stream(self) -> torch.cuda.Stream | None:
+        """A CUDA stream for one more lane (there is one per place of the population); None on CPU."""
+        return self.free_streams.pop() if self._cuda else None
+
+    def give_stream(self, stream: torch.cuda.Stream) -> None:
+        self.free_streams.append(stream)
 
     def start(self, trial: optuna.Trial) -> Outcome | None:
         """The trial in a free slot; its outcome if it failed before training."""
@@ -391,8 +547,7 @@ class Population:
         ended = []
         for slot in list(self.slots):
             before = slot.stepped
-            chunk = 1 if self._cuda else slot.training.iterations_to_next_log()
-            outcome = slot.advance(chunk, self.annotated, stop)
+            outcome = slot.advance(slot.chunk(self._cuda), self.annotated, stop)
             if outcome is not None:
                 self._release(slot)
                 ended.append(outcome)

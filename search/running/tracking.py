@@ -35,7 +35,8 @@ from mbu.train.stop import interrupts_held
 from mbu.train.tracking import Recorder, train_params
 
 RUN_ID_ATTR = "mlflow_run_id"  # Optuna trial attribute: the trial's MLflow run
-OPEN_SEED_RUN_ATTR = "seed_run_open"  # Optuna trial attribute: {"seed", "run_id"} of a raced seed run in flight
+OPEN_SEED_RUN_ATTR = "seed_run_open"  # Optuna trial attribute: {seed: run_id} of the seed runs in flight
+PENDING_SEEDS_ATTR = "seed_runs_pending"  # Optuna trial attribute: {seed: run} trained, not yet granted by the race
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study attribute: the study's parent MLflow run
 PARENT_ROLE = "study-parent"  # value of the parent run's ``role`` tag
 # Optuna trial attributes a queued trial may carry: its MLflow run's name (else trial-<n>) and extra tags.
@@ -126,6 +127,19 @@ def open_trial_run(
     return run
 
 
+def open_seed_runs(trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[int, str]:
+    """The MLflow runs of the trial's seed runs in flight, by seed (the form that held one seed is read too)."""
+    carried = trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
+    if "seed" in carried:
+        return {int(carried["seed"]): carried["run_id"]} if carried.get("run_id") else {}
+    return {int(seed): run_id for seed, run_id in carried.items()}
+
+
+def pending_results(trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[int, dict]:
+    """A raced configuration's seed runs trained ahead (side_by_side) and waiting for the race to grant them."""
+    return {int(seed): run for seed, run in (trial.user_attrs.get(PENDING_SEEDS_ATTR) or {}).items()}
+
+
 def close_trial_run(run: Recorder, trial: optuna.Trial, state: str, error: str = "") -> None:
     """Tag the outcome, end the run; what the tracking server never took is counted on the Optuna trial."""
     run.set_tags({"state": state, **({"error": error[:5000]} if error else {})})
@@ -172,11 +186,10 @@ class RetryLostTrial:
             queue_retry(study, trial)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # The trial's run, and the seed run a raced configuration had in flight (its retry reopens both).
-        open_seed = trial.user_attrs.get(OPEN_SEED_RUN_ATTR) or {}
-        if str(open_seed.get("seed")) in trial.user_attrs.get(SEED_RUNS_ATTR, {}):
-            open_seed = {}  # that seed had finished (its run closed) before the worker died
-        for run_id in (open_seed.get("run_id"), trial.user_attrs.get(RUN_ID_ATTR)):
+        # The trial's run, and the seed runs a raced configuration had in flight (its retry reopens them).
+        finished = trial.user_attrs.get(SEED_RUNS_ATTR, {})  # those seeds' runs were closed before the worker died
+        in_flight = [run_id for seed, run_id in open_seed_runs(trial).items() if str(seed) not in finished]
+        for run_id in (*in_flight, trial.user_attrs.get(RUN_ID_ATTR)):
             if run_id is None:
                 continue
             recorder = Recorder.of_run(self.tracking_uri, run_id)
