@@ -442,7 +442,8 @@ def test_side_by_side_trains_seeds_ahead_together_and_cancels_those_the_race_doe
     (tmp_path / "s.toml").write_text(tiny_study("ahead", 2, **tables))
     plant_incumbent("ahead", 0.99, seeds=3)  # trial 0: the preset (trial 1) loses its first seed to it
 
-    assert main(["search", "s.toml", "--no-progress"]) == 0
+    with pytest.warns(UserWarning, match=r"side_by_side gains nothing here \(on CPU the lanes take turns\)"):
+        assert main(["search", "s.toml", "--no-progress"]) == 0
 
     challenger = trials("ahead")[1]
     assert sorted(seed_runs(challenger)) == [0]
@@ -542,3 +543,20 @@ def test_a_slot_counts_every_place_its_lanes_hold(tmp_path: Path) -> None:
     assert slot.width == 3 and population.full and population.lanes_for(slot) == 3
     population.side_by_side = False
     assert population.lanes_for(slot) == 1
+
+
+def test_a_challenger_that_finishes_before_the_first_preset_has_a_seed_is_not_crowned(tmp_path: Path) -> None:
+    study, config = _racing_study(tmp_path)
+    preset = study.ask()  # another worker's: trains its first seed while the challenger races
+    suggest_params(preset, config)
+    _, granted, result = _race(study, config, [0.45, 0.44, 0.43, 0.45, 0.44, 0.46])
+    assert granted == [0, 1, 2, 3, 4, 5] and not result.crowned  # no evidence against it, none for it
+    assert "no seed of trial 0 (the first preset) to judge it against yet: not crowned" in result.outcome
+    assert incumbent(study) is None
+    for seed, value in zip((0, 1, 2), (0.37, 0.36, 0.38), strict=True):
+        assert next_seed(study, config, preset) == seed
+        record_seed(preset, seed, {"value": value})
+    assert next_seed(study, config, preset) is None
+    verdict = finish_configuration(study, preset, config)
+    study.tell(preset, verdict.value)
+    assert verdict.crowned and incumbent(study).number == preset.number

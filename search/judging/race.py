@@ -226,10 +226,12 @@ def crown_verdict(study: optuna.Study, trial: optuna.Trial, config: StudyConfig)
     done = seed_values(trial)
     rival = reference(study, config)
     k = len(race_seeds(config))
-    if _is_first(rival, trial) or not seed_values(rival):
+    if _is_first(rival, trial):
         return True, "the first incumbent"
     if any(seed not in done for seed in search_seeds(config)):
         return False, ""
+    if not seed_values(rival):  # the first preset, training elsewhere, has no seed yet: nothing to judge against
+        return False, f"no seed of trial {rival.number} (the first preset) to judge it against yet: not crowned"
     mine, held = judged_values(trial, k), judged_values(rival, k)
     confidence = config.race.crown_confidence
     crowned, p = takes_crown(list(mine.values()), list(held.values()), confidence, _sign(study))

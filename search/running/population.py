@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -504,6 +505,13 @@ class Population:
         self.seeds = race_seeds(config)
         self.crown = crown_seeds(config)
         self.side_by_side = is_racing(config) and config.race.side_by_side
+        if self.side_by_side and (self.size == 1 or not self._cuda):
+            why = "a population of 1 has no free place" if self.size == 1 else "on CPU the lanes take turns"
+            warnings.warn(
+                f"[race] side_by_side gains nothing here ({why}); seeds it trains ahead and the race then "
+                "does not grant are wasted work",
+                stacklevel=2,
+            )
 
     @property
     def _cuda(self) -> bool:
