@@ -560,3 +560,36 @@ def test_a_challenger_that_finishes_before_the_first_preset_has_a_seed_is_not_cr
     verdict = finish_configuration(study, preset, config)
     study.tell(preset, verdict.value)
     assert verdict.crowned and incumbent(study).number == preset.number
+
+
+@pytest.mark.slow
+def test_a_killed_worker_with_two_lanes_in_flight_has_both_resumed_once(tmp_path: Path) -> None:
+    tables = {
+        "race": {**SIDE, "seeds": 2},
+        "enqueue": [PRESET],
+        "study": {"population": 2, "heartbeat_interval": 1, "grace_period": 2},
+        "train": {"iters": 40, "save_iter": 2, "eval_every": 40},
+    }
+    (tmp_path / "s.toml").write_text(tiny_study("lost", 1, **tables))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(mbu_command("search", "s.toml", "--no-progress"), env=env, stderr=subprocess.PIPE)
+    both = [tmp_path / f"runs/lost/trial-0/seed-{seed}/checkpoint.pt" for seed in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(p.is_file() for p in both) and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    killed = trials("lost")[0]
+    assert killed.state == optuna.trial.TrialState.RUNNING and sorted(open_seed_runs(killed)) == [0, 1]
+    time.sleep(3)  # past the grace period: the next worker finds the trial lost
+
+    assert main(["search", "s.toml", "--no-progress"]) == 0
+
+    lost, retry = trials("lost")
+    assert lost.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(seed_runs(retry)) == [0, 1]
+    runs = _seed_runs_by_name("lost", ViewType.ALL)
+    assert sorted(runs) == ["trial-0 seed-0", "trial-0 seed-1"]  # each lane's run reopened, none started anew
+    for seed, run in ((s, runs[f"trial-0 seed-{s}"]) for s in (0, 1)):
+        assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_iteration"]) >= 2
+        assert seed_runs(retry)[seed]["run_id"] == run.info.run_id
