@@ -66,6 +66,17 @@ def plant_incumbent(name: str, value: float, seeds: int = 2) -> None:
     )
 
 
+def search_until(checkpoints: list[Path]) -> subprocess.Popen:
+    """``mbu search s.toml`` in a process of its own, returned once every one of ``checkpoints`` exists (or it
+    ended, or 300 s passed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(mbu_command("search", "s.toml", "--no-progress"), env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not all(p.is_file() for p in checkpoints) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process
+
+
 def saved_iteration(folder: Path) -> int:
     return int(torch.load(folder / "checkpoint.pt", weights_only=False)["iteration"])
 
@@ -202,12 +213,7 @@ def test_a_collapsed_run_ends_at_its_first_evaluation_and_a_seeds_edit_is_refuse
 def test_a_stopped_seed_run_resumes_once_in_optuna_and_mlflow(tmp_path: Path) -> None:
     tables = {"race": RACE2, "enqueue": [PRESET], "train": {"iters": 8, "save_iter": 2, "eval_every": 8}}
     (tmp_path / "s.toml").write_text(tiny_study("stop", 1, **tables))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(mbu_command("search", "s.toml", "--no-progress"), env=env, stderr=subprocess.PIPE)
-    second = tmp_path / "runs/stop/trial-0/seed-1/checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not second.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    process = search_until([tmp_path / "runs/stop/trial-0/seed-1/checkpoint.pt"])
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 75, err.decode()
@@ -466,12 +472,7 @@ def test_side_by_side_records_each_granted_seed_once_and_a_stop_resumes_every_la
         "train": {"iters": 40, "save_iter": 2, "eval_every": 40},  # both seeds in flight when the stop comes
     }
     (tmp_path / "s.toml").write_text(tiny_study("lanes", 1, **tables))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(mbu_command("search", "s.toml", "--no-progress"), env=env, stderr=subprocess.PIPE)
-    both = [tmp_path / f"runs/lanes/trial-0/seed-{seed}/checkpoint.pt" for seed in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not all(p.is_file() for p in both) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    process = search_until([tmp_path / f"runs/lanes/trial-0/seed-{seed}/checkpoint.pt" for seed in (0, 1)])
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 75, err.decode()
@@ -571,12 +572,7 @@ def test_a_killed_worker_with_two_lanes_in_flight_has_both_resumed_once(tmp_path
         "train": {"iters": 40, "save_iter": 2, "eval_every": 40},
     }
     (tmp_path / "s.toml").write_text(tiny_study("lost", 1, **tables))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen(mbu_command("search", "s.toml", "--no-progress"), env=env, stderr=subprocess.PIPE)
-    both = [tmp_path / f"runs/lost/trial-0/seed-{seed}/checkpoint.pt" for seed in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not all(p.is_file() for p in both) and worker.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    worker = search_until([tmp_path / f"runs/lost/trial-0/seed-{seed}/checkpoint.pt" for seed in (0, 1)])
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
     killed = trials("lost")[0]

@@ -39,7 +39,7 @@ import optuna
 from scipy import stats
 
 from mbu.search.studyfile.race_settings import RaceSettings
-from mbu.search.studyfile.study_file import StudyConfig, runs_point
+from mbu.search.studyfile.study_file import StudyConfig, runs_point, trial_name
 from mbu.train.config import TrainConfig
 
 SEED_RUNS_ATTR = "seed_runs"  # Optuna trial attribute: {seed: {"value", figures, "collapsed", "dir", "run_id"}}
@@ -130,6 +130,12 @@ def judged_values(trial: optuna.trial.FrozenTrial | optuna.Trial, k: int) -> dic
     return crown or values
 
 
+def took_crown(trial: optuna.trial.FrozenTrial, k: int) -> bool:
+    """Whether the complete configuration took the crown when its race ended; one from before the crown was
+    kept (no attribute) took it if it ran all k race seeds."""
+    return bool(trial.user_attrs.get(CROWNED_ATTR, len(seed_values(trial)) >= k))
+
+
 def incumbent(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The configuration holding the crown, or None yet: of the complete ones that took it when their race
     ended, the one with the best judged mean (ties: the earlier). That is the last to take it, since each
@@ -142,7 +148,7 @@ def incumbent(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if k <= 1:
         return max(complete, key=lambda t: (sign * t.value, -t.number), default=None)
-    crowned = [t for t in complete if t.user_attrs.get(CROWNED_ATTR, len(seed_values(t)) >= k)]
+    crowned = [t for t in complete if took_crown(t, k)]
     return max(crowned, key=lambda t: (sign * statistics.fmean(judged_values(t, k).values()), -t.number), default=None)
 
 
@@ -176,17 +182,24 @@ def _is_first(rival: optuna.trial.FrozenTrial | None, trial: optuna.Trial) -> bo
     return rival is None or rival.number == trial.number
 
 
+def _rival_and_plan(
+    study: optuna.Study, config: StudyConfig, trial: optuna.Trial
+) -> tuple[optuna.trial.FrozenTrial | None, bool, list[int]]:
+    """What the configuration races (its reference), whether it races nobody, and its seed plan."""
+    rival = reference(study, config)
+    first = _is_first(rival, trial)
+    return rival, first, race_seeds(config) if first else search_seeds(config)
+
+
 def seed_plan(study: optuna.Study, config: StudyConfig, trial: optuna.Trial) -> list[int]:
     """Every seed the configuration trains if it keeps up: the race's, then (a challenger's) the crown's."""
-    return race_seeds(config) if _is_first(reference(study, config), trial) else search_seeds(config)
+    return _rival_and_plan(study, config, trial)[2]
 
 
 def next_seed(study: optuna.Study, config: StudyConfig, trial: optuna.Trial) -> int | None:
     """The seed this configuration trains next, or None once its race is over (every seed, or raced out)."""
     done = seed_values(trial)
-    rival = reference(study, config)
-    first = _is_first(rival, trial)
-    plan = race_seeds(config) if first else search_seeds(config)
+    rival, first, plan = _rival_and_plan(study, config, trial)
     remaining = [seed for seed in plan if seed not in done]
     if not remaining:
         return None
@@ -306,7 +319,7 @@ def finish_configuration(study: optuna.Study, trial: optuna.Trial, config: Study
 
 def seed_folder(configuration: int, seed: int) -> str:
     """A seed run's folder, relative to the study's folder ``runs/<study>/``."""
-    return f"trial-{configuration}/seed-{seed}"
+    return f"{trial_name(configuration)}/seed-{seed}"
 
 
 def best_run_folder(study: optuna.Study, number: int, study_dir: Path) -> Path | None:

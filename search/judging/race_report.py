@@ -14,13 +14,13 @@ import optuna
 
 from mbu.search.judging.confirm_report import Interval, t_interval
 from mbu.search.judging.race import (
-    CROWNED_ATTR,
     OUTCOME_ATTR,
     configuration_number,
     crown_count,
     incumbent,
     seed_count,
     seed_runs,
+    took_crown,
 )
 
 
@@ -66,7 +66,7 @@ def raced_configurations(study: optuna.Study) -> list[RacedConfiguration]:
                 t_interval(test),
                 {s: runs[s]["collapsed"] for s in seeds if runs[s].get("collapsed")},
                 str(trial.user_attrs.get(OUTCOME_ATTR, "")),
-                bool(trial.user_attrs.get(CROWNED_ATTR, len(seeds) >= k)),  # before the crown was kept: all k
+                took_crown(trial, k),
             )
         )
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0

@@ -58,6 +58,7 @@ from mbu.search.running.tracking import (
     open_trial_run,
     pending_results,
     queue_retry,
+    set_seed_entry,
 )
 from mbu.search.running.trial import (
     OBJECTIVE_KEY,
@@ -254,6 +255,14 @@ class RacingSlot(Slot):
         self.number = trial.number  # the configuration: the first try of the trial's chain of retries
         self.folder = Path()  # runs/<study>/trial-<c>/
 
+    def seed_folder(self, seed: int) -> str:
+        """The seed run's folder relative to ``runs/<study>/`` (as kept on the trial)."""
+        return seed_folder(self.number, seed)
+
+    def seed_dir(self, seed: int) -> Path:
+        """The seed run's folder: ``runs/<study>/trial-<c>/seed-<s>/``."""
+        return self.folder.parent / self.seed_folder(seed)
+
     @property
     def width(self) -> int:
         """Places of the population this slot holds: its own, and one per lane on a borrowed place."""
@@ -304,7 +313,7 @@ class RacingSlot(Slot):
 
     def start_lane(self, seed: int) -> None:
         population, number = self.population, self.number
-        folder = self.folder / f"seed-{seed}"
+        folder = self.seed_dir(seed)
         resume = resumable(folder)
         out = str(folder.resolve())
         cfg = replace(self.base_cfg, seed=seed, out=out, load=out if resume is not None else None)
@@ -313,8 +322,7 @@ class RacingSlot(Slot):
         reopen = open_seed_runs(self.trial).get(seed) if resume is not None else None
 
         def remember(run_id: str) -> None:
-            runs = {str(s): r for s, r in open_seed_runs(self.trial).items()}
-            self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, runs | {str(seed): run_id})
+            set_seed_entry(self.trial, OPEN_SEED_RUN_ATTR, seed, run_id)
 
         stage = "crown" if seed in population.crown else "race"
         tags = {"configuration": number, "seed": seed, "stage": stage}
@@ -390,11 +398,10 @@ class RacingSlot(Slot):
 
     def end_lane(self, lane: SeedLane, result: dict, state: str, error: str = "") -> None:
         """The lane's seed run is over: its result kept on the trial until the race grants it (a stop keeps it)."""
-        lane.result = result | {"dir": seed_folder(self.number, lane.seed), "run_id": lane.run.run_id}
+        lane.result = result | {"dir": self.seed_folder(lane.seed), "run_id": lane.run.run_id}
         self.close_lane(lane, state, error)
-        pending = {str(s): r for s, r in pending_results(self.trial).items()}
-        self.trial.set_user_attr(PENDING_SEEDS_ATTR, pending | {str(lane.seed): lane.result})
-        self.forget_open(lane.seed)
+        set_seed_entry(self.trial, PENDING_SEEDS_ATTR, lane.seed, lane.result)
+        set_seed_entry(self.trial, OPEN_SEED_RUN_ATTR, lane.seed, None)  # not in flight: a lost worker leaves it
 
     def close_lane(self, lane: SeedLane, state: str, error: str = "") -> None:
         if lane.training is not None:
@@ -402,16 +409,10 @@ class RacingSlot(Slot):
             lane.training = None  # its model and optimizers freed while the result waits
         close_trial_run(lane.run, self.trial, state, error)
 
-    def forget_open(self, seed: int) -> None:
-        """The seed's run is no longer in flight (a lost worker's retry leaves it be)."""
-        runs = {str(s): r for s, r in open_seed_runs(self.trial).items() if s != seed}
-        self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, runs)
-
     def keep_seed(self, seed: int, result: dict) -> None:
         """The granted seed on the trial (from a lane of this try, or kept pending by an earlier one)."""
         record_seed(self.trial, seed, result)
-        pending = {str(s): r for s, r in pending_results(self.trial).items() if s != seed}
-        self.trial.set_user_attr(PENDING_SEEDS_ATTR, pending)
+        set_seed_entry(self.trial, PENDING_SEEDS_ATTR, seed, None)
         self.run.log_metrics({"race/seed_value": result["value"]}, step=seed)
         for lane in [lane for lane in self.lanes if lane.seed == seed]:
             self.drop_lane(lane)
@@ -438,7 +439,7 @@ class RacingSlot(Slot):
             if seed in granted:
                 continue
             Recorder.of_run(self.population.config.study.tracking_uri, run_id).delete()
-            shutil.rmtree(self.folder / f"seed-{seed}", ignore_errors=True)
+            shutil.rmtree(self.seed_dir(seed), ignore_errors=True)
         self.trial.set_user_attr(OPEN_SEED_RUN_ATTR, None)
         self.trial.set_user_attr(PENDING_SEEDS_ATTR, None)
 

@@ -140,6 +140,16 @@ def pending_results(trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[int,
     return {int(seed): run for seed, run in (trial.user_attrs.get(PENDING_SEEDS_ATTR) or {}).items()}
 
 
+def set_seed_entry(trial: optuna.Trial, attr: str, seed: int, value: Any | None) -> None:
+    """Put ``value`` for ``seed`` into the trial's ``{seed: ...}`` attribute ``attr`` (one of the two above),
+    or with None take the seed out."""
+    read = open_seed_runs if attr == OPEN_SEED_RUN_ATTR else pending_results
+    entries = {str(s): v for s, v in read(trial).items() if s != seed}
+    if value is not None:
+        entries[str(seed)] = value
+    trial.set_user_attr(attr, entries)
+
+
 def close_trial_run(run: Recorder, trial: optuna.Trial, state: str, error: str = "") -> None:
     """Tag the outcome, end the run; what the tracking server never took is counted on the Optuna trial."""
     run.set_tags({"state": state, **({"error": error[:5000]} if error else {})})
